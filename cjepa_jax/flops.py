@@ -1,0 +1,93 @@
+"""Analytic FLOP count of one I-JEPA / C-JEPA train step, and device peak FLOP/s for MFU.
+
+Counts matmul FLOPs only (2 per multiply-add), the convention of PaLM's MFU: norms, softmax, GELU
+and the optimizer are a few percent and are left out, so MFU is slightly understated. Per
+transformer block on K tokens of width D with MLP hidden F:
+  qkv 6KD^2 + attention scores and values 4K^2 D + output projection 2KD^2 + MLP 4KDF.
+A backward pass costs twice its forward pass. The step runs
+  target encoder forward on all N patches (no gradient),
+  context encoder forward + backward on Kc context tokens,
+  predictor forward + backward on M passes of Kc + Kt tokens.
+Padded mask slots are computed like real ones (static shapes), so they count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+# Dense bf16 peak TFLOP/s per device (no sparsity), from the vendors' data sheets.
+PEAK_TFLOPS = {
+    'NVIDIA H200': 989.0,
+    'NVIDIA H100 80GB HBM3': 989.0,
+    'NVIDIA H100': 989.0,
+    'NVIDIA A100-SXM4-80GB': 312.0,
+    'NVIDIA A100-SXM4-40GB': 312.0,
+    'NVIDIA A100': 312.0,
+    'TPU v4': 275.0,
+    'TPU v5 lite': 197.0,
+    'TPU v5e': 197.0,
+    'TPU v5p': 459.0,
+    'TPU v6 lite': 918.0,
+    'TPU v6e': 918.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+  """What the FLOP count depends on. Widths in channels, counts in tokens."""
+  width: int          # Encoder width D.
+  depth: int
+  mlp_hidden: int
+  num_patches: int    # N.
+  patch_size: int
+  context_tokens: int  # Kc (fixed budget, padding included).
+  target_tokens: int   # Kt per block (padding included).
+  num_targets: int     # M.
+  pred_width: int
+  pred_depth: int
+  projector: tuple[int, ...] = ()  # 'blocks'-mode projector widths, () when unused.
+
+
+def block_flops(tokens: int, width: int, mlp_hidden: int) -> float:
+  """Forward FLOPs of one transformer block on `tokens` tokens."""
+  k, d = tokens, width
+  return 8 * k * d * d + 4 * k * k * d + 4 * k * d * mlp_hidden
+
+
+def encoder_forward_flops(tokens: int, s: StepShape, embed_tokens: int) -> float:
+  """Patch embedding on `embed_tokens` patches plus `depth` blocks on `tokens` tokens."""
+  embed = 2 * embed_tokens * (s.patch_size**2 * 3) * s.width
+  return embed + s.depth * block_flops(tokens, s.width, s.mlp_hidden)
+
+
+def step_flops(s: StepShape) -> float:
+  """Matmul FLOPs of one train step per example (multiply by the batch size)."""
+  target = encoder_forward_flops(s.num_patches, s, s.num_patches)
+  # The context encoder embeds all N patches, then gathers: the embedding is on N.
+  context = 3 * encoder_forward_flops(s.context_tokens, s, s.num_patches)
+  k = s.context_tokens + s.target_tokens
+  pred_fwd = s.num_targets * (
+      2 * k * s.width * s.pred_width                        # Dense in (context is repeated).
+      + s.pred_depth * block_flops(k, s.pred_width, 4 * s.pred_width)
+      + 2 * s.target_tokens * s.pred_width * s.width)        # Dense out on target tokens.
+  proj = 0.0
+  if s.projector:
+    widths = (s.width,) + tuple(s.projector)
+    proj = s.num_targets * sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))
+  return target + context + 3 * (pred_fwd + proj)
+
+
+def peak_tflops(device: jax.Device | None = None, override: float = 0.0) -> float:
+  """Per-device peak TFLOP/s: `override` when > 0, else the table entry, else 0 (MFU unknown)."""
+  if override > 0:
+    return float(override)
+  device = device or jax.devices()[0]
+  kind = getattr(device, 'device_kind', '')
+  if kind in PEAK_TFLOPS:
+    return PEAK_TFLOPS[kind]
+  for name, value in PEAK_TFLOPS.items():  # e.g. 'NVIDIA H100 PCIe' -> 'NVIDIA H100'.
+    if kind.startswith(name):
+      return value
+  return 0.0

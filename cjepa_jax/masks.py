@@ -1,0 +1,573 @@
+"""I-JEPA multi-block masks with static shapes, sampled on the accelerator.
+
+Semantics follow the reference collator (facebookresearch/ijepa, src/masks/multiblock.py):
+
+* Once per call (= per batch) one target block size and one context block size are drawn. A size
+  comes from (scale, aspect): keep = int(H*W*scale); h = round(sqrt(keep*aspect));
+  w = round(sqrt(keep/aspect)); h (resp. w) is shrunk while >= H (resp. W), i.e. capped at H-1.
+* Per image: `npred` target rectangles placed independently and uniformly; one context rectangle
+  from which every patch of every target is removed (unless `allow_overlap`).
+* A context is accepted only with more than `min_keep` patches. The reference retries a placement
+  20 times, then drops the constraint of the last target and retries 20 more, and so on. Here the
+  same intent is a fixed number of vectorised tries: `_CONTEXT_TRIES` (20) candidate placements per
+  image are scored against every relaxation level (all targets, all but the last, ..., none) at
+  once; the image takes the strictest level that has an acceptable candidate, and the first
+  acceptable candidate at that level. The unconstrained level always accepts (validated), so there
+  is always an answer and no data-dependent loop.
+* Targets need no retries: a target is unconstrained, so it has h*w patches, and h*w > min_keep is
+  checked once in `MaskSpec` (the reference would loop forever otherwise).
+
+Where we differ from the reference on purpose (`reference_quirks=False`, the default): scale and
+aspect are drawn independently (the reference uses one uniform number for both, so they are
+perfectly correlated), and the top-left corner is drawn with an inclusive upper bound so that the
+last row and column can be covered (the reference's exclusive bound never covers them). Both
+fixes are the later V-JEPA code's. `reference_quirks=True` restores both for exact parity.
+
+Static shapes. The reference truncates every context in a batch to the batch's shortest one,
+dropping its bottom-most indices, so that the batch stacks. Here every image gets a fixed budget of
+Kc = `MaskSpec.num_context` context slots and every target block Kt = `MaskSpec.max_target` slots,
+with validity masks:
+* An image with more than Kc context patches keeps a uniformly random subset of Kc of them
+  (`reference_quirks=False`), which avoids the reference's bias against the bottom rows; with
+  `reference_quirks=True` it keeps the first Kc in raster order, as the reference's truncation
+  does. Kept indices are returned in raster order; an image with fewer patches is padded.
+* The default Kc (`context_tokens=0`) reproduces the context length the reference trains with.
+  The reference's length is the smallest context of each batch, so it depends on the batch size;
+  the rule used here is the 1st percentile of the reference collator's per-image context size
+  (99% of images fill the budget), estimated once per spec by a fixed-seed numpy Monte Carlo of
+  this very sampler with the reference's semantics (`reference_quirks=True`; cached). It gives 68
+  at 224/14 (reference, batch 128: 67.5 on average), 51 at 224/16 (50.6) and 11 at 32/4 with
+  min_keep 4 (batch 256: 10.6); the expected batch minimum itself would give 69 / 50 / 12 at batch
+  128, and 66 / 48 / 11 at 256. Unlike the reference's, the length is fixed, so it does not
+  fluctuate from batch to batch (48 to 90 at 224/14). Explicit `context_tokens` overrides it.
+* Target slot k of a block at (top, left, h, w) is patch (top + k // w, left + k % w), valid iff
+  k < h*w. Kt is the largest h*w the spec's scale / aspect ranges can produce (exact enumeration).
+* Padded slots hold an in-range patch index (targets: 0; context: some patch outside the context)
+  and valid = False, so gathers never go out of bounds.
+
+Design: masks are sampled INSIDE the jitted train step from a JAX key, vectorised over the batch
+(`sample_masks(key, batch_size, spec)`), not in the input pipeline. It is one threefry draw, a
+few hundred elementwise ops on [B, npred+1, H, W]-sized arrays, one small batched matmul
+([B, npred+1, H, W] x [B, W, 20]) and a top-k over the H*W patches of each image: it costs the
+accelerator next to nothing beside a ViT step (a batch of 2048 at 16x16 takes ~0.1 s even on 2
+busy CPU cores) and the host nothing. Masks are a pure function of the step key, so a resumed run
+reproduces them exactly, and the input pipeline stays a plain image stream.
+Calling it with the global batch draws one block size per global batch (as the reference, whose
+per-batch size generator is seeded with the iteration number on every rank).
+
+`python -m cjepa_jax.masks --image_size 224 --patch_size 14 --json` prints the statistics the
+reference's collator was measured with (see REFERENCE.md) and can draw a few masks (`--png`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import sys
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Candidate context placements per image; the reference retries 20 times per relaxation level.
+_CONTEXT_TRIES = 20
+# The default context budget Kc is this quantile of the reference collator's per-image context
+# size: 99% of images fill the budget. It reproduces the context length the reference's batch
+# truncation leaves at its measured settings (REFERENCE.md) to within 4%: 68 vs 67.5 at 224/14 and
+# batch 128, 51 vs 50.6 at 224/16 and batch 128, 11 vs 10.6 at 32/4 and batch 256 (the expected
+# batch minimum itself depends on the batch size: at 32/4 it is 11.5 for 128 images).
+_REFERENCE_QUANTILE = 0.01
+# Images simulated (fixed seed) to estimate it; the standard error is about one token.
+_REFERENCE_SAMPLES = 8192
+# Relative slack when enumerating the achievable block sizes, so that float32 rounding in the
+# sampler can never produce a block larger than the enumerated maximum.
+_SIZE_SLACK = 1e-6
+
+
+def _pair(value: Any, name: str) -> tuple[float, float]:
+  try:
+    lo, hi = (float(v) for v in value)
+  except (TypeError, ValueError):
+    raise ValueError(
+        f'MaskSpec.{name} must be a pair (lo, hi) of numbers, got {value!r}.') from None
+  return lo, hi
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+  """What to sample: the patch grid and the reference collator's knobs (see the module doc).
+
+  Attributes:
+    grid_h, grid_w: patches per column / row (image size // patch size).
+    npred: target blocks per image (M).
+    nenc: context blocks per image; only 1 is supported.
+    pred_scale, pred_aspect: (lo, hi) ranges of a target block's area fraction and h/w ratio.
+    enc_scale, enc_aspect: the same for the context block.
+    min_keep: a context (and a target) must keep more than this many patches.
+    allow_overlap: keep target patches in the context.
+    reference_quirks: correlated scale/aspect, exclusive corner bound and raster-order context
+      truncation, as the reference code; False gives the V-JEPA fixes and a random context subset.
+    context_tokens: the fixed context budget Kc; 0 picks the reference-matching default.
+  """
+  grid_h: int
+  grid_w: int
+  npred: int = 4
+  nenc: int = 1
+  pred_scale: tuple[float, float] = (0.15, 0.2)
+  pred_aspect: tuple[float, float] = (0.75, 1.5)
+  enc_scale: tuple[float, float] = (0.85, 1.0)
+  enc_aspect: tuple[float, float] = (1.0, 1.0)
+  min_keep: int = 10
+  allow_overlap: bool = False
+  reference_quirks: bool = False
+  context_tokens: int = 0
+
+  def __post_init__(self):
+    # Normalise sequences to tuples of floats so that specs are hashable (jit static args).
+    for name in ('pred_scale', 'pred_aspect', 'enc_scale', 'enc_aspect'):
+      object.__setattr__(self, name, _pair(getattr(self, name), name))
+    for name in ('grid_h', 'grid_w', 'npred', 'nenc', 'min_keep', 'context_tokens'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f'MaskSpec.{name} must be an int, got {value!r}.')
+      object.__setattr__(self, name, int(value))
+    object.__setattr__(self, 'allow_overlap', bool(self.allow_overlap))
+    object.__setattr__(self, 'reference_quirks', bool(self.reference_quirks))
+    self._validate()
+
+  def _validate(self):
+    h, w = self.grid_h, self.grid_w
+    if h < 2 or w < 2:
+      raise ValueError(f'The patch grid must be at least 2x2, got {h}x{w}: use a larger image or '
+                       'a smaller patch.')
+    if self.nenc != 1:
+      raise ValueError(f'MaskSpec.nenc={self.nenc} is not supported: only one context block per '
+                       'image is implemented (every reference recipe uses 1); set mask.nenc=1.')
+    if self.npred < 1:
+      raise ValueError(f'MaskSpec.npred must be >= 1, got {self.npred}.')
+    for name in ('pred_scale', 'enc_scale'):
+      lo, hi = getattr(self, name)
+      if not 0 < lo <= hi <= 1:
+        raise ValueError(f'MaskSpec.{name}={(lo, hi)} must satisfy 0 < lo <= hi <= 1 (a fraction '
+                         'of the image area).')
+    for name in ('pred_aspect', 'enc_aspect'):
+      lo, hi = getattr(self, name)
+      if not 0 < lo <= hi:
+        raise ValueError(f'MaskSpec.{name}={(lo, hi)} must satisfy 0 < lo <= hi (height / width).')
+    if self.min_keep < 0:
+      raise ValueError(f'MaskSpec.min_keep must be >= 0, got {self.min_keep}.')
+    if not 0 <= self.context_tokens <= h * w:
+      raise ValueError(f'MaskSpec.context_tokens={self.context_tokens} must be in [0, {h * w}] '
+                       '(the number of patches); 0 picks the reference-matching default.')
+    for what, scale, aspect in (('pred', self.pred_scale, self.pred_aspect),
+                                ('enc', self.enc_scale, self.enc_aspect)):
+      smallest = min(a * b for a, b in self._sizes(scale, aspect))
+      if smallest <= self.min_keep:
+        raise ValueError(
+            f'A {what} block can be as small as {smallest} patches on the {h}x{w} grid, but '
+            f'min_keep={self.min_keep} asks for more than {self.min_keep} (the reference would '
+            f'retry forever): raise {what}_scale or lower min_keep.')
+
+  def _sizes(self, scale, aspect) -> frozenset[tuple[int, int]]:
+    return _achievable_sizes(scale, aspect, self.grid_h, self.grid_w, self.reference_quirks)
+
+  @classmethod
+  def from_config(cls, config) -> MaskSpec:
+    """Builds the spec from `config.data.image_size`, `config.model.variant` and `config.mask.*`."""
+    image_size = config.data.image_size
+    sizes = tuple(image_size) if isinstance(image_size, (tuple, list)) else (image_size,) * 2
+    variant = str(config.model.variant)
+    _, sep, patch = variant.partition('/')
+    if not sep or not patch.isdigit() or int(patch) < 1:
+      raise ValueError(f"config.model.variant={variant!r} must look like '<size>/<patch>', e.g. "
+                       "'H/14'.")
+    patch = int(patch)
+    if len(sizes) != 2 or any(int(s) % patch for s in sizes):
+      raise ValueError(f'config.data.image_size={image_size} is not divisible by the patch size '
+                       f'{patch} of config.model.variant={variant!r}: pick an image size that is a '
+                       'multiple of the patch.')
+    m = config.mask
+    return cls(
+        grid_h=int(sizes[0]) // patch, grid_w=int(sizes[1]) // patch,
+        npred=m.npred, nenc=m.nenc,
+        pred_scale=tuple(m.pred_scale), pred_aspect=tuple(m.pred_aspect),
+        enc_scale=tuple(m.enc_scale), enc_aspect=tuple(m.enc_aspect),
+        min_keep=m.min_keep, allow_overlap=m.allow_overlap,
+        reference_quirks=m.reference_quirks,
+        context_tokens=m.get('context_tokens', 0))
+
+  @property
+  def num_patches(self) -> int:
+    return self.grid_h * self.grid_w
+
+  @property
+  def num_context(self) -> int:
+    """Kc: the fixed context budget (`context_tokens`, or the reference-matching default)."""
+    if self.context_tokens:
+      return self.context_tokens
+    # Keyed on the reference-semantics spec, so both quirk settings share one estimate.
+    return _reference_context_tokens(
+        dataclasses.replace(self, reference_quirks=True, context_tokens=0))
+
+  @property
+  def max_target(self) -> int:
+    """Kt: the largest target block (h*w) the scale / aspect ranges can produce."""
+    return max(a * b for a, b in self._sizes(self.pred_scale, self.pred_aspect))
+
+
+class Masks(NamedTuple):
+  """Patch indices (raster order, row * grid_w + col) and validity of context and target tokens.
+
+  ctx_idx [B, Kc] int32, ctx_valid [B, Kc] bool: the context; valid slots first, in raster order.
+  tgt_idx [B, M, Kt] int32, tgt_valid [B, M, Kt] bool: the M target blocks, row by row.
+  Padded slots hold an in-range index and valid False.
+  """
+  ctx_idx: jax.Array
+  ctx_valid: jax.Array
+  tgt_idx: jax.Array
+  tgt_valid: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Block sizes.
+
+
+@functools.lru_cache(maxsize=None)
+def _achievable_sizes(scale: tuple[float, float], aspect: tuple[float, float], grid_h: int,
+                      grid_w: int, correlated: bool) -> frozenset[tuple[int, int]]:
+  """Every (h, w) the size rule can give for scale / aspect in their (closed) ranges.
+
+  Exact enumeration: for each integer keep, h and w are step functions of the aspect whose steps
+  sit where sqrt(keep*a) or sqrt(keep/a) crosses a half-integer; evaluating at the ends and
+  between consecutive steps visits every value. `correlated`: one uniform u sets both scale and
+  aspect (reference quirk), so each keep only sees the aspects of its own u interval. Ranges are
+  widened by `_SIZE_SLACK` (conservative: float32 rounding in the sampler stays inside).
+  """
+  n = grid_h * grid_w
+  (s0, s1), (a0, a1) = scale, aspect
+  k_lo = max(math.floor(n * s0 * (1 - _SIZE_SLACK)), 0)
+  k_hi = math.floor(n * s1 * (1 + _SIZE_SLACK))
+  sizes = set()
+  for keep in range(k_lo, k_hi + 1):
+    lo, hi = a0 * (1 - _SIZE_SLACK), a1 * (1 + _SIZE_SLACK)
+    if correlated and s1 > s0:
+      # u interval on which int(n * s(u)) == keep.
+      u_lo = (keep / n - s0) / (s1 - s0) - _SIZE_SLACK
+      u_hi = ((keep + 1) / n - s0) / (s1 - s0) + _SIZE_SLACK
+      u_lo, u_hi = max(u_lo, 0.0), min(u_hi, 1.0)
+      if u_lo > u_hi:
+        continue
+      lo, hi = a0 + u_lo * (a1 - a0), a0 + u_hi * (a1 - a0)
+    points = {lo, hi}
+    if keep > 0:
+      for x in range(grid_h + grid_w + 2):
+        for step in ((x + 0.5) ** 2 / keep, keep / (x + 0.5) ** 2):
+          if lo < step < hi:
+            points.add(step)
+    points = sorted(points)
+    points += [(p + q) / 2 for p, q in zip(points[:-1], points[1:])]
+    for a in points:
+      h = min(round(math.sqrt(keep * a)), grid_h - 1)
+      w = min(round(math.sqrt(keep / a)), grid_w - 1)
+      sizes.add((h, w))
+  return frozenset(sizes)
+
+
+def _block_size(u_scale, u_aspect, scale, aspect, grid_h, grid_w, xp):
+  """The reference's size rule, elementwise on uniforms [...] -> (h, w) int32 [...]."""
+  s = scale[0] + u_scale * (scale[1] - scale[0])
+  a = aspect[0] + u_aspect * (aspect[1] - aspect[0])
+  keep = xp.floor(grid_h * grid_w * s)
+  # round() is round-half-to-even in python, numpy and jax alike.
+  h = xp.minimum(xp.round(xp.sqrt(keep * a)), grid_h - 1).astype(np.int32)
+  w = xp.minimum(xp.round(xp.sqrt(keep / a)), grid_w - 1).astype(np.int32)
+  return h, w
+
+
+def _corner(u, size, grid, quirks, xp):
+  """Top (or left) coordinate: uniform in [0, grid - size] (quirks: [0, grid - size))."""
+  span = grid - size + (0 if quirks else 1)
+  return xp.minimum(xp.floor(u * span).astype(np.int32), span - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Placement, written once for numpy and jax.numpy (`xp`): the default budget is a numpy Monte
+# Carlo of this exact code, the train step runs it under jit.
+
+
+class _Uniforms(NamedTuple):
+  size: Any     # [B, 4] block-size draws (tgt scale, tgt aspect, ctx scale, ctx aspect).
+  tgt: Any      # [B, M, 2] target corners (top, left).
+  ctx: Any      # [B, T, 2] context candidate corners (top, left).
+
+
+class _Layout(NamedTuple):
+  tgt_top: Any   # [B, M] int32
+  tgt_left: Any  # [B, M] int32
+  tgt_h: Any     # [B] int32 (one size per batch; per image so that batches can be stacked)
+  tgt_w: Any     # [B] int32
+  ctx_mask: Any  # [B, H, W] bool, the context after removing the (accepted) targets.
+
+
+def _spans(start, size, grid, xp):
+  """[...] starts and sizes -> [..., grid] bool: which rows (or columns) the blocks cover."""
+  i = xp.arange(grid)
+  return (i >= start[..., None]) & (i < (start + size)[..., None])
+
+
+def _layout(u: _Uniforms, spec: MaskSpec, xp) -> _Layout:
+  """Places targets and contexts given the uniform draws (see the module doc)."""
+  gh, gw, m = spec.grid_h, spec.grid_w, spec.npred
+  if spec.reference_quirks:  # One uniform sets both scale and aspect.
+    su, au, csu, cau = u.size[:, 0], u.size[:, 0], u.size[:, 1], u.size[:, 1]
+  else:
+    su, au, csu, cau = u.size[:, 0], u.size[:, 1], u.size[:, 2], u.size[:, 3]
+  th, tw = _block_size(su, au, spec.pred_scale, spec.pred_aspect, gh, gw, xp)  # [B]
+  ch, cw = _block_size(csu, cau, spec.enc_scale, spec.enc_aspect, gh, gw, xp)  # [B]
+
+  q = spec.reference_quirks
+  tgt_top = _corner(u.tgt[..., 0], th[:, None], gh, q, xp)  # [B, M]
+  tgt_left = _corner(u.tgt[..., 1], tw[:, None], gw, q, xp)
+  tgt = (_spans(tgt_top, th[:, None], gh, xp)[..., :, None]
+         & _spans(tgt_left, tw[:, None], gw, xp)[..., None, :])  # [B, M, H, W]
+
+  ctx_top = _corner(u.ctx[..., 0], ch[:, None], gh, q, xp)  # [B, T]
+  ctx_left = _corner(u.ctx[..., 1], cw[:, None], gw, q, xp)
+  rows = _spans(ctx_top, ch[:, None], gh, xp).astype(np.float32)  # [B, T, H]
+  cols = _spans(ctx_left, cw[:, None], gw, xp).astype(np.float32)  # [B, T, W]
+
+  # Relaxation level r constrains the context by the first r targets (the reference drops the last
+  # target first): prefix[:, r] = union of targets [0, r), r = npred (strictest) ... 0 (none).
+  levels = range(1) if spec.allow_overlap else range(m + 1)
+  prefix = [xp.zeros_like(tgt[:, 0])]
+  for r in levels[1:]:
+    prefix.append(prefix[-1] | tgt[:, r - 1])
+  prefix = xp.stack(prefix, axis=1)  # [B, R, H, W]
+  # Patches of candidate t covered at level r: sum_ij rows[t, i] * prefix[r, i, j] * cols[t, j],
+  # a batched matmul then a small contraction. Counts < 2^24 are exact in float32.
+  covered = xp.einsum('bti,brit->btr', rows,
+                      prefix.astype(np.float32) @ xp.swapaxes(cols, 1, 2)[:, None])
+  kept = (ch * cw)[:, None, None] - covered.astype(np.int32)  # [B, T, R]
+  ok = kept > spec.min_keep
+  # The strictest level with an acceptable candidate (the unconstrained level always has one),
+  # then its first acceptable candidate.
+  level = len(levels) - 1 - xp.argmax(xp.any(ok, axis=1)[:, ::-1], axis=1)  # [B]
+  ok_at_level = xp.take_along_axis(ok, level[:, None, None], axis=2)[..., 0]  # [B, T]
+  pick = xp.argmax(ok_at_level, axis=1)[:, None]  # [B, 1]
+  ctx_rows = xp.take_along_axis(rows, pick[..., None], axis=1)[:, 0] > 0  # [B, H]
+  ctx_cols = xp.take_along_axis(cols, pick[..., None], axis=1)[:, 0] > 0  # [B, W]
+  removed = xp.take_along_axis(prefix, level[:, None, None, None], axis=1)[:, 0]  # [B, H, W]
+  ctx_mask = ctx_rows[:, :, None] & ctx_cols[:, None, :] & ~removed
+  return _Layout(tgt_top, tgt_left, th, tw, ctx_mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_context_tokens(ref: MaskSpec) -> int:
+  """Default Kc: the 1st percentile of the reference collator's per-image context size.
+
+  A fixed-seed numpy Monte Carlo of `_layout` for `ref` (a spec with `reference_quirks=True`);
+  every image draws its own block sizes (the per-image marginal is the same as with one size per
+  batch). See the module doc.
+  """
+  rng = np.random.default_rng(0)
+  counts = []
+  for _ in range(_REFERENCE_SAMPLES // 2048):  # Chunks bound the memory on large grids.
+    u = _Uniforms(size=rng.random((2048, 4)), tgt=rng.random((2048, ref.npred, 2)),
+                  ctx=rng.random((2048, _CONTEXT_TRIES, 2)))
+    counts.append(_layout(u, ref, np).ctx_mask.reshape(2048, -1).sum(-1))
+  return int(round(float(np.quantile(np.concatenate(counts), _REFERENCE_QUANTILE))))
+
+
+# ----------------------------------------------------------------------------------------------
+# The jittable sampler.
+
+
+def _draw_uniforms(key: jax.Array, batch_size: int, spec: MaskSpec) -> tuple[_Uniforms, jax.Array]:
+  """All the randomness of a batch, in one threefry call (keeps the compiled program small).
+
+  Returns the placement uniforms (one block-size draw [4] for the whole batch, broadcast to
+  [B, 4]; target corners [B, M, 2]; context candidate corners [B, T, 2]) and the random ranks
+  [B, H*W] of the context budget.
+  """
+  b = batch_size
+  shapes = [(4,), (b, spec.npred, 2), (b, _CONTEXT_TRIES, 2), (b, spec.num_patches)]
+  sizes = [math.prod(shape) for shape in shapes]
+  flat = jax.random.uniform(key, (sum(sizes),))
+  u_size, u_tgt, u_ctx, u_rank = (
+      part.reshape(shape)
+      for part, shape in zip(jnp.split(flat, np.cumsum(sizes)[:-1]), shapes))
+  return _Uniforms(size=jnp.broadcast_to(u_size, (b, 4)), tgt=u_tgt, ctx=u_ctx), u_rank
+
+
+def _sample(key: jax.Array, batch_size: int, spec: MaskSpec) -> tuple[Masks, _Layout]:
+  """`sample_masks`, also returning the layout (for statistics and tests)."""
+  b, m, gw, n = batch_size, spec.npred, spec.grid_w, spec.num_patches
+  kc, kt = spec.num_context, spec.max_target
+  u, u_rank = _draw_uniforms(key, batch_size, spec)
+  layout = _layout(u, spec, jnp)
+
+  # Targets: slot k of a block is patch (top + k // w, left + k % w), valid iff k < h*w.
+  k = jnp.arange(kt)
+  h, w = layout.tgt_h[:, None, None], layout.tgt_w[:, None, None]  # [B, 1, 1]
+  tgt_valid = jnp.broadcast_to(k < h * w, (b, m, kt))
+  w = jnp.maximum(w, 1)
+  tgt_idx = (layout.tgt_top[..., None] + k // w) * gw + layout.tgt_left[..., None] + k % w
+  tgt_idx = jnp.where(tgt_valid, tgt_idx, 0).astype(jnp.int32)
+
+  # Context budget: rank the patches, context ones first, keep the Kc best and return them in
+  # raster order, valid ones first. Inside the context the ranking is raster order (quirks: the
+  # reference keeps its first, top-most indices) or uniformly random (no bottom-row bias).
+  in_ctx = layout.ctx_mask.reshape(b, n)
+  idx = jnp.arange(n)
+  if spec.reference_quirks:
+    rank, first_invalid = jnp.where(in_ctx, idx, n + idx).astype(jnp.float32), n
+  else:
+    rank, first_invalid = jnp.where(in_ctx, 0.0, 1.0) + u_rank, 1.0
+  neg_rank, chosen = jax.lax.top_k(-rank, kc)  # [B, Kc]: the Kc lowest ranks.
+  order = jnp.sort(jnp.where(-neg_rank < first_invalid, chosen, n + chosen), axis=1)
+  masks = Masks(ctx_idx=(order % n).astype(jnp.int32), ctx_valid=order < n,
+                tgt_idx=tgt_idx, tgt_valid=tgt_valid)
+  return masks, layout
+
+
+def sample_masks(key: jax.Array, batch_size: int, spec: MaskSpec) -> Masks:
+  """Samples a batch of multi-block masks; jittable (batch_size and spec static), a pure
+  function of the key.
+
+  Args:
+    key: a PRNG key (raw uint32[2] or typed).
+    batch_size: B, the number of images.
+    spec: the `MaskSpec`.
+
+  Returns:
+    Masks with ctx_idx / ctx_valid [B, Kc] and tgt_idx / tgt_valid [B, M, Kt], where
+    Kc = spec.num_context, Kt = spec.max_target, M = spec.npred.
+  """
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}.')
+  return _sample(key, batch_size, spec)[0]
+
+
+# Shared by the command line and the tests, so that each (batch_size, spec) compiles once.
+_sample_jit = jax.jit(_sample, static_argnums=(1, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: statistics (and optionally a picture) of the sampler.
+
+
+def mask_stats(key: jax.Array, batch_size: int, num_batches: int, spec: MaskSpec) -> dict:
+  """Statistics of `num_batches` batches, comparable with the reference's (REFERENCE.md)."""
+  gh, gw, n = spec.grid_h, spec.grid_w, spec.num_patches
+  tgt_tokens, ctx_tokens, ctx_before, overlap = [], [], [], []
+  rows_cov = np.zeros(gh)
+  cols_cov = np.zeros(gw)
+  for key_i in jax.random.split(key, num_batches):
+    masks, layout = jax.device_get(_sample_jit(key_i, batch_size, spec))
+    tgt_tokens.append(masks.tgt_valid.sum(-1).ravel())
+    ctx_tokens.append(masks.ctx_valid.sum(-1))
+    ctx_before.append(layout.ctx_mask.reshape(batch_size, n).sum(-1))
+    # Union of the targets from the valid slots only (padded slots are sent to a spare column n).
+    in_tgt = np.zeros((batch_size, n + 1), bool)
+    flat = np.where(masks.tgt_valid, masks.tgt_idx, n).reshape(batch_size, -1)
+    np.put_along_axis(in_tgt, flat, True, axis=1)
+    in_tgt = in_tgt[:, :n]
+    overlap.append((np.take_along_axis(in_tgt, masks.ctx_idx, axis=1) & masks.ctx_valid).sum(-1))
+    grid = in_tgt.reshape(batch_size, gh, gw)
+    rows_cov += grid.any(axis=2).sum(0)
+    cols_cov += grid.any(axis=1).sum(0)
+  tgt_tokens, ctx_tokens = np.concatenate(tgt_tokens), np.concatenate(ctx_tokens)
+  total = batch_size * num_batches
+  return dict(
+      grid=[gh, gw], batch_size=batch_size, num_batches=num_batches,
+      reference_quirks=spec.reference_quirks, min_keep=spec.min_keep,
+      Kc=spec.num_context, Kt=spec.max_target,
+      target_tokens_mean=float(tgt_tokens.mean()), target_tokens_min=int(tgt_tokens.min()),
+      target_tokens_max=int(tgt_tokens.max()),
+      context_tokens_mean=float(ctx_tokens.mean()), context_tokens_min=int(ctx_tokens.min()),
+      context_tokens_max=int(ctx_tokens.max()),
+      context_tokens_before_budget_mean=float(np.concatenate(ctx_before).mean()),
+      overlap_tokens=float(np.concatenate(overlap).mean()),
+      row_coverage=(rows_cov / total).round(4).tolist(),
+      col_coverage=(cols_cov / total).round(4).tolist())
+
+
+def draw_masks(masks: Masks, spec: MaskSpec, path: str, num_images: int = 8) -> None:
+  """Draws the first images' context (blue) and target blocks (one colour each) to a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  masks = jax.device_get(masks)
+  gh, gw = spec.grid_h, spec.grid_w
+  num = min(num_images, masks.ctx_idx.shape[0])
+  fig, axes = plt.subplots(1, num, figsize=(2.2 * num, 2.4), squeeze=False)
+  colours = plt.get_cmap('tab10').colors
+  for i, ax in enumerate(axes[0]):
+    rgba = np.ones((gh * gw, 4))
+    rgba[masks.ctx_idx[i][masks.ctx_valid[i]]] = (0.55, 0.7, 0.95, 1.0)
+    ax.imshow(rgba.reshape(gh, gw, 4), interpolation='nearest')
+    for blk in range(spec.npred):
+      cells = masks.tgt_idx[i, blk][masks.tgt_valid[i, blk]]
+      r, c = np.divmod(cells, gw)
+      ax.add_patch(matplotlib.patches.Rectangle(
+          (c.min() - 0.5, r.min() - 0.5), c.max() - c.min() + 1, r.max() - r.min() + 1,
+          facecolor=colours[(blk + 1) % 10], edgecolor=colours[(blk + 1) % 10], alpha=0.45,
+          linewidth=1.5))
+    ax.set_title(f'ctx {int(masks.ctx_valid[i].sum())}', fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.suptitle(f'{gh}x{gw} grid: context (blue), {spec.npred} targets', fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--patch_size', type=int, default=14)
+  parser.add_argument('--batch_size', type=int, default=128)
+  parser.add_argument('--num_batches', type=int, default=20)
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--npred', type=int, default=4)
+  parser.add_argument('--min_keep', type=int, default=10)
+  parser.add_argument('--context_tokens', type=int, default=0)
+  parser.add_argument('--reference_quirks', action='store_true')
+  parser.add_argument('--allow_overlap', action='store_true')
+  parser.add_argument('--json', action='store_true', help='Print a JSON object as the last line.')
+  parser.add_argument('--png', default='', help='Draw the first batch\'s masks to this file.')
+  args = parser.parse_args(argv)
+  if args.image_size % args.patch_size:
+    parser.error(f'--image_size {args.image_size} is not divisible by --patch_size '
+                 f'{args.patch_size}.')
+  grid = args.image_size // args.patch_size
+  spec = MaskSpec(grid, grid, npred=args.npred, min_keep=args.min_keep,
+                  allow_overlap=args.allow_overlap, reference_quirks=args.reference_quirks,
+                  context_tokens=args.context_tokens)
+  key = jax.random.key(args.seed)
+  stats = mask_stats(key, args.batch_size, args.num_batches, spec)
+  print(f'grid {grid}x{grid} ({args.image_size}/{args.patch_size}), batch {args.batch_size} x '
+        f'{args.num_batches}, reference_quirks={spec.reference_quirks}, '
+        f'min_keep={spec.min_keep}: Kc={stats["Kc"]}, Kt={stats["Kt"]}')
+  print(f'target tokens per block: mean {stats["target_tokens_mean"]:.1f} '
+        f'(min {stats["target_tokens_min"]}, max {stats["target_tokens_max"]})')
+  print(f'context tokens per image: {stats["context_tokens_mean"]:.1f} after the budget '
+        f'(min {stats["context_tokens_min"]}, max {stats["context_tokens_max"]}), '
+        f'{stats["context_tokens_before_budget_mean"]:.1f} before')
+  print(f'context tokens also in a target, per image: {stats["overlap_tokens"]:.2f}')
+  print('target row coverage: ' + ' '.join(f'{c:.2f}' for c in stats['row_coverage']))
+  print('target col coverage: ' + ' '.join(f'{c:.2f}' for c in stats['col_coverage']))
+  if args.png:
+    draw_masks(_sample_jit(key, args.batch_size, spec)[0], spec, args.png)
+    print(f'wrote {args.png}')
+  if args.json:
+    print(json.dumps(stats))
+  sys.stdout.flush()
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,76 @@
+"""Metric writers: `DIR/metrics.jsonl`, TensorBoard event files in DIR, and a console line.
+
+Only the main process (process 0) writes; the others get a writer that drops everything, so call
+sites need no `if process_index() == 0`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+from typing import Any, Mapping
+
+from absl import logging
+
+
+def _to_python(value: Any) -> Any:
+  try:
+    value = value.item()
+  except AttributeError:
+    pass
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)  # JSON has no NaN / inf; keep them readable.
+  return value
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    self._file = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._file = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    try:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._tb = tensorboardX.SummaryWriter(workdir)
+    except ImportError:
+      logging.warning('tensorboardX is not installed: no TensorBoard events are written.')
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    row = {'step': int(step)}
+    row.update({k: _to_python(v) for k, v in scalars.items()})
+    self._file.write(json.dumps(row) + '\n')
+    self._file.flush()
+    if self._tb is not None:
+      for k, v in row.items():
+        if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool):
+          self._tb.add_scalar(k, v, int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def progress_line(step: int, total: int, scalars: Mapping[str, Any], seconds_left: float) -> str:
+  """`step 120/2000 (6.0%) | loss 0.4123 | 312.4 img/s | ETA 0:12:00`."""
+  eta = datetime.timedelta(seconds=int(max(seconds_left, 0)))
+  parts = [f'step {step}/{total} ({100.0 * step / max(total, 1):.1f}%)']
+  if 'loss' in scalars:
+    parts.append(f"loss {float(scalars['loss']):.4f}")
+  if 'images_per_s' in scalars:
+    parts.append(f"{float(scalars['images_per_s']):.1f} img/s")
+  if scalars.get('mfu'):
+    parts.append(f"MFU {100 * float(scalars['mfu']):.1f}%")
+  parts.append(f'ETA {eta}')
+  return ' | '.join(parts)

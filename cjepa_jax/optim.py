@@ -1,0 +1,168 @@
+"""AdamW with the reference I-JEPA schedules (lr, weight decay, EMA momentum) and the EMA update.
+
+Step convention: every schedule here is a function of the 0-based optimizer step k, which is
+optax's update count (0 for the first update) and the trainer's step counter before the update.
+The reference's torch schedulers are stepped once *before* each optimizer step, so its k-th update
+uses the scheduler value at its internal step k + 1; our lr and weight-decay schedules include that
++1 and match the reference update for update. Its EMA momentum generator starts at i = 0, so the
+momentum after update k is ema_schedule(k), no shift.
+
+Lengths (reference `init_opt`/`train.py`, T = the run's length in steps, see `run_length`):
+  * lr: linear warmup start_lr -> lr over W steps, then cosine lr -> final_lr over
+    int(ipe_scale * T) - W steps (the reference stretches the lr schedule by ipe_scale too).
+  * weight decay: cosine weight_decay -> final_weight_decay over int(ipe_scale * T) steps.
+  * EMA momentum: linear ema[0] -> ema[1] over T * ipe_scale steps.
+Past its end each schedule holds its final value. (The reference's formulas keep following the
+cosine past the end, which only matters for ipe_scale < 1; holding is the intended behaviour.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def run_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """Returns (total_steps, steps_per_epoch).
+
+  steps_per_epoch = data.num_train_examples // batch_size (at least 1; the reference loader drops
+  the last partial batch). total_steps = config.total_steps if > 0, else epochs * steps_per_epoch.
+  """
+  if config.batch_size <= 0:
+    raise ValueError(f'batch_size must be > 0; got {config.batch_size}.')
+  steps_per_epoch = max(1, int(config.data.num_train_examples) // int(config.batch_size))
+  if config.total_steps > 0:
+    total = int(config.total_steps)
+  elif config.epochs > 0:
+    total = int(round(config.epochs * steps_per_epoch))
+  else:
+    raise ValueError('Set config.total_steps > 0 or config.epochs > 0 to define the run length; '
+                     f'got total_steps={config.total_steps}, epochs={config.epochs}.')
+  return total, steps_per_epoch
+
+
+def warmup_steps(config: ml_collections.ConfigDict, total_steps: int,
+                 steps_per_epoch: int) -> int:
+  """Number of linear-warmup steps W, capped at total_steps.
+
+  * optim.warmup_steps > 0: taken as is.
+  * else, with the length given by total_steps (> 0) and epochs > 0: W keeps the recipe's
+    fraction, int(warmup_epochs / epochs * total_steps), so short runs keep the schedule's shape.
+  * else: int(warmup_epochs * steps_per_epoch), as the reference (truncation, like its int()).
+  """
+  o = config.optim
+  if o.warmup_steps > 0:
+    w = int(o.warmup_steps)
+  elif config.total_steps > 0 and config.epochs > 0:
+    w = int(o.warmup_epochs / config.epochs * total_steps)
+  else:
+    w = int(o.warmup_epochs * steps_per_epoch)
+  return max(0, min(w, total_steps))
+
+
+def _check_ipe_scale(config: ml_collections.ConfigDict) -> None:
+  if config.ipe_scale <= 0:
+    raise ValueError(
+        f'ipe_scale must be > 0 (1.0 in every reference recipe); got {config.ipe_scale}.')
+
+
+def _schedule_length(config: ml_collections.ConfigDict, total_steps: int) -> int:
+  """The reference's T_max = int(ipe_scale * epochs * ipe) of the lr and wd schedules."""
+  _check_ipe_scale(config)
+  return max(1, int(config.ipe_scale * total_steps))
+
+
+def _cosine(start: float, end: float, steps: int) -> optax.Schedule:
+  """Half-cosine from `start` (count 0) to `end` (count >= steps); either direction."""
+  unit = optax.cosine_decay_schedule(1.0, max(1, steps))  # 1 -> 0.
+  return lambda count: end + (start - end) * unit(count)
+
+
+def lr_schedule(config: ml_collections.ConfigDict, total_steps: int,
+                steps_per_epoch: int) -> optax.Schedule:
+  """Learning rate at optimizer step k (reference WarmupCosineSchedule at its step s = k + 1).
+
+  s < W: start_lr + s / W * (lr - start_lr); else
+  final_lr + (lr - final_lr) * 0.5 * (1 + cos(pi * min(1, (s - W) / (T_max - W)))).
+  """
+  o = config.optim
+  w = warmup_steps(config, total_steps, steps_per_epoch)
+  t_max = _schedule_length(config, total_steps)
+  base = _cosine(o.lr, o.final_lr, t_max - w)
+  if w > 0:
+    base = optax.join_schedules([optax.linear_schedule(o.start_lr, o.lr, w), base], [w])
+  return lambda step: base(step + 1)
+
+
+def wd_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Weight decay at optimizer step k (reference CosineWDSchedule at its step s = k + 1).
+
+  final_wd + (wd - final_wd) * 0.5 * (1 + cos(pi * min(1, s / T_max))): 0.04 rising to 0.4.
+  """
+  o = config.optim
+  base = _cosine(o.weight_decay, o.final_weight_decay, _schedule_length(config, total_steps))
+  return lambda step: base(step + 1)
+
+
+def ema_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """EMA momentum used after optimizer step k: ema[0] + k * (ema[1] - ema[0]) / (T * ipe_scale)."""
+  m0, m1 = config.optim.ema
+  _check_ipe_scale(config)
+  return optax.linear_schedule(m0, m1, transition_steps=total_steps * config.ipe_scale)
+
+
+def _leaf_name(path: tuple[Any, ...]) -> str:
+  if not path:
+    return ''
+  k = path[-1]
+  return str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """Bool pytree: True on the leaves that get weight decay.
+
+  The reference decays every parameter except those whose name contains 'bias' or that are 1-D.
+  Here: decay iff ndim >= 2, the leaf name has no 'bias', and it is not a norm 'scale'. The name
+  rules make the result independent of nn.scan, whose stacked LayerNorm scales and biases are
+  [depth, D]. So Dense/conv kernels and the predictor's mask_token [1, 1, w] (3-D, hence decayed
+  in the reference too) are decayed; biases and LayerNorm scales are not. Non-trainable arrays
+  (e.g. the fixed position embedding) must not live in params: torch skips them (no grad), while
+  optax would decay them.
+  """
+  def decay(path, x):
+    name = _leaf_name(path)
+    return bool(jnp.ndim(x) >= 2 and 'bias' not in name and name != 'scale')
+  return jax.tree_util.tree_map_with_path(decay, params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
+                   steps_per_epoch: int) -> optax.GradientTransformation:
+  """AdamW with the scheduled lr and decoupled, scheduled, masked weight decay.
+
+  optax.adamw's update is -lr * (adam_step + wd * p), i.e. p <- p - lr * wd * p - lr * adam_step,
+  which is torch.optim.AdamW exactly (it multiplies the decay by lr too). Optional global-norm
+  clipping first when optim.grad_clip > 0 (the reference does not clip). For logging, evaluate
+  `lr_schedule(...)(step)` and `wd_schedule(...)(step)` at the step.
+  """
+  o = config.optim
+  adamw = optax.adamw(
+      learning_rate=lr_schedule(config, total_steps, steps_per_epoch),
+      b1=o.b1, b2=o.b2, eps=o.eps,
+      weight_decay=wd_schedule(config, total_steps),
+      mask=weight_decay_mask)
+  if o.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)
+  return adamw
+
+
+def ema_update(target: Any, online: Any, momentum: jax.Array | float) -> Any:
+  """target <- m * target + (1 - m) * online, leaf by leaf, in float32 (target dtypes kept)."""
+  m = jnp.asarray(momentum, jnp.float32)
+  return jax.tree.map(
+      lambda t, o: (m * jnp.asarray(t, jnp.float32)
+                    + (1.0 - m) * jnp.asarray(o, jnp.float32)).astype(jnp.asarray(t).dtype),
+      target, online)

@@ -1,0 +1,106 @@
+"""Device mesh and shardings: data parallel x FSDP over a 2-D `jax.sharding.Mesh`.
+
+The mesh has two axes, `('data', 'fsdp')`. The batch is split over both (every device gets its own
+examples). Parameters, the EMA target parameters and the optimizer state are sharded FSDP-style
+over `fsdp`: each large array is split along its largest dimension that `fsdp` divides, and
+replicated over `data`. XLA inserts the all-gathers (forward) and reduce-scatters (gradients) that
+this implies. With `fsdp = 1` this is plain data parallelism; on one device everything is local.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp')
+BATCH_AXES = ('data', 'fsdp')   # The batch dimension is split over both axes.
+FSDP_MIN_SIZE = 2**14           # Arrays smaller than this stay replicated: gathering costs more.
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
+  """Resolves `config.mesh.{data,fsdp}` (-1: all remaining devices) against a device count."""
+  data, fsdp = int(config.mesh.data), int(config.mesh.fsdp)
+  if data == -1 and fsdp == -1:
+    raise ValueError('config.mesh.data and config.mesh.fsdp cannot both be -1; set one of them.')
+  for name, value in (('data', data), ('fsdp', fsdp)):
+    if value == 0 or value < -1:
+      raise ValueError(f'config.mesh.{name}={value}: use a positive size or -1 (all remaining '
+                       'devices).')
+  if data == -1 or fsdp == -1:
+    known = fsdp if data == -1 else data
+    if num_devices % known:
+      raise ValueError(f'config.mesh: {known} does not divide the {num_devices} devices; pick a '
+                       f'divisor of {num_devices}.')
+    data, fsdp = (num_devices // known, fsdp) if data == -1 else (data, num_devices // known)
+  if data * fsdp != num_devices:
+    raise ValueError(
+        f'config.mesh.data={data} x config.mesh.fsdp={fsdp} = {data * fsdp} devices, but '
+        f'{num_devices} are present. Set --config.mesh.data=-1 to use all devices, or make the '
+        'product equal the device count.')
+  return data, fsdp
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> Mesh:
+  """Builds the `('data', 'fsdp')` mesh over all (or the given) devices."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(config, len(devices))
+  try:
+    # Physical-topology-aware placement (ICI rings on TPU); falls back for fake CPU devices.
+    grid = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError, AttributeError):
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of a batch array: leading dimension split over every device."""
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_size: int = FSDP_MIN_SIZE) -> P:
+  """Partition spec of one array: its largest dimension divisible by `fsdp_size`, over 'fsdp'.
+
+  Ties go to the last such dimension (the output features of a Dense kernel). Small arrays and
+  arrays with no divisible dimension are replicated.
+  """
+  if fsdp_size == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+    return P()
+  best = None
+  for axis, dim in enumerate(shape):
+    if dim % fsdp_size == 0 and (best is None or dim >= shape[best]):
+      best = axis
+  if best is None:
+    return P()
+  spec = [None] * len(shape)
+  spec[best] = 'fsdp'
+  return P(*spec)
+
+
+def fsdp_shardings(mesh: Mesh, abstract_tree: Any, min_size: int = FSDP_MIN_SIZE) -> Any:
+  """NamedShardings for a pytree of arrays (or ShapeDtypeStructs): FSDP over 'fsdp'."""
+  fsdp_size = mesh.shape['fsdp']
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size, min_size)),
+      abstract_tree)
+
+
+def check_batch_divisible(global_batch: int, mesh: Mesh, process_count: int) -> None:
+  """Raises a ValueError naming the fix when the global batch can't be split evenly."""
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if global_batch % shards:
+    raise ValueError(
+        f'batch_size={global_batch} is not divisible by the {shards} batch shards (mesh '
+        f"data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}). Use a multiple of {shards}, "
+        f'e.g. --config.batch_size={max(shards, global_batch // shards * shards)}.')
+  if global_batch % process_count:
+    raise ValueError(f'batch_size={global_batch} is not divisible by the {process_count} '
+                     'processes; use a multiple of the process count.')

@@ -1,0 +1,232 @@
+r"""Pretrains a ViT with I-JEPA or C-JEPA on whatever devices are present.
+
+  python -m cjepa_jax.train --config configs/cifar10_vit_tiny.py --workdir /tmp/run \
+      [--config.total_steps=2000 --config.data.data_dir=... --config.mesh.fsdp=2 ...]
+
+(also installed as `cjepa-train`). Restarting with the same `--workdir` resumes from the latest
+complete checkpoint in `DIR/checkpoints/`: the step, the schedules, the EMA, the mask keys and the
+data position all continue, so the run ends as if it had never stopped.
+
+Writes `DIR/config.json`, `DIR/metrics.jsonl`, TensorBoard events in DIR and
+`DIR/checkpoints/<step>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax import distributed
+from cjepa_jax import flops as flops_lib
+from cjepa_jax import metrics as metrics_lib
+from cjepa_jax import optim
+from cjepa_jax import sharding
+from cjepa_jax import train_step as step_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file (configs/*.py[:arg]).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and logs go.')
+
+# Scalars logged as they are; everything else in the step's metrics is averaged over the window.
+_LAST_VALUE = ('lr', 'weight_decay', 'ema_momentum')
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or the gradients became NaN or inf."""
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
+    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  size = config.data.image_size
+  s = sharding.batch_sharding(mesh)
+  return {
+      'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=s),
+      'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=s),
+  }
+
+
+def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """Models, optimizer, state shardings and the jitted step; validates the config on the way.
+
+  Returns (models, tx, state_shardings, jitted_init, jitted_step, trace_count, run_length).
+  `trace_count[0]` counts how often the step was traced, i.e. compiled.
+  """
+  sharding.check_batch_divisible(config.batch_size, mesh, jax.process_count())
+  models = step_lib.build_models(config)
+  total_steps, steps_per_epoch = optim.run_length(config)
+  tx = optim.make_optimizer(config, total_steps, steps_per_epoch)
+
+  abstract_state = jax.eval_shape(lambda: step_lib.init_state(models, tx, config.seed))
+  state_shardings = sharding.fsdp_shardings(mesh, abstract_state)
+  init_fn = jax.jit(lambda: step_lib.init_state(models, tx, config.seed),
+                    out_shardings=state_shardings)
+
+  step_fn = step_lib.make_train_step(config, models, tx, total_steps, steps_per_epoch)
+  trace_count = [0]
+
+  def counted_step(state, batch):
+    trace_count[0] += 1  # Runs once per trace: a second trace means a recompilation.
+    return step_fn(state, batch)
+
+  batch_shardings = {k: v.sharding for k, v in _abstract_batch(config, mesh).items()}
+  jitted_step = jax.jit(counted_step, in_shardings=(state_shardings, batch_shardings),
+                        out_shardings=(state_shardings, sharding.replicated(mesh)),
+                        donate_argnums=0)
+  return (models, tx, state_shardings, abstract_state, init_fn, jitted_step, trace_count,
+          (total_steps, steps_per_epoch))
+
+
+def _with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) pretraining; returns the last logged metrics."""
+  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding.make_mesh(config)
+  (models, _, state_shardings, abstract_state, init_fn, jitted_step, trace_count,
+   (total_steps, steps_per_epoch)) = setup(config, mesh)
+  input_pipeline.check_dataset(config)  # Fails fast, naming how to prepare the data.
+  if is_main:
+    save_config(config, workdir)
+  logging.info('Mesh %s over %d devices (%d processes); %d steps of batch %d (%d per epoch).',
+               dict(mesh.shape), jax.device_count(), jax.process_count(), total_steps,
+               config.batch_size, steps_per_epoch)
+
+  ckpt = checkpoint_lib.Checkpointer(
+      workdir, keep=config.keep_ckpts, keep_every_steps=config.keep_every_steps,
+      save_every_steps=config.ckpt_every_steps)
+  start_step = ckpt.latest_step()
+  if start_step is not None:
+    logging.info('Resuming from the checkpoint of step %d in %s.', start_step, workdir)
+    state = ckpt.restore(start_step, _with_shardings(abstract_state, state_shardings))
+  else:
+    state = init_fn()
+    if config.init_from:
+      state = checkpoint_lib.load_init_from(config.init_from, state, state_shardings)
+    start_step = 0
+  start_step = int(jax.device_get(state['step']))
+
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  batch_sharding = sharding.batch_sharding(mesh)
+  data = input_pipeline.make_train_iterator(config, start_step=start_step)
+  flops_per_step = flops_lib.step_flops(models.step_shape()) * config.batch_size
+  peak = flops_lib.peak_tflops(override=config.peak_tflops) * 1e12 * jax.device_count()
+
+  window: list[dict[str, jax.Array]] = []
+  pending: tuple[int, jax.Array] | None = None   # (step, finite flag) checked one step late.
+  last_good = start_step
+  last = {}
+  t_window = time.perf_counter()
+  t_start = None
+  data_skipped = 0
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      host_batch = next(data)
+      data_skipped = int(host_batch.pop('data_skipped', data_skipped))
+      batch = input_pipeline.to_global_array(host_batch, batch_sharding)
+      state, step_metrics = jitted_step(state, batch)
+      # Check the previous step's flag now: the device is already busy with this step.
+      if pending is not None:
+        _check_finite(*pending, last_good, workdir)
+      pending = (step, step_metrics['finite'])
+      window.append(step_metrics)
+      if t_start is None:
+        jax.block_until_ready(step_metrics['loss'])   # The first step includes the compile.
+        t_start = t_window = time.perf_counter()
+        window = []
+        first_step_done = step
+
+      log_now = step % config.log_every_steps == 0 or step == total_steps
+      save_now = step % config.ckpt_every_steps == 0 or step == total_steps
+      if log_now or save_now:
+        _check_finite(*pending, last_good, workdir)
+        pending = None
+      if log_now and window:
+        host = jax.device_get(window)
+        dt = time.perf_counter() - t_window
+        steps_done = len(host)
+        scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != 'finite'}
+        for k in _LAST_VALUE:
+          scalars[k] = float(host[-1][k])
+        step_time = dt / steps_done
+        scalars.update(
+            epoch=step / steps_per_epoch, step_time_s=step_time,
+            images_per_s=config.batch_size / step_time,
+            tflops=flops_per_step / step_time / 1e12,
+            mfu=(flops_per_step / step_time / peak) if peak else 0.0,
+            compiles=trace_count[0], data_skipped=data_skipped)
+        writer.write(step, scalars)
+        seconds_left = (time.perf_counter() - t_start) / max(step - first_step_done, 1) * (
+            total_steps - step)
+        logging.info('%s', metrics_lib.progress_line(step, total_steps, scalars, seconds_left))
+        last = dict(scalars, step=step)
+        window, t_window = [], time.perf_counter()
+      if save_now:
+        ckpt.save(step, state, config, force=step == total_steps)
+        last_good = step
+    if pending is not None:
+      _check_finite(*pending, last_good, workdir)
+  finally:
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  if trace_count[0] != 1:
+    logging.warning('The train step compiled %d times; expected once.', trace_count[0])
+  return last
+
+
+def _check_finite(step: int, finite: jax.Array, last_good: int, workdir: str) -> None:
+  if not bool(jax.device_get(finite)):
+    raise NonFiniteError(
+        f'Non-finite loss or gradients at step {step}. The last good checkpoint (step '
+        f'{last_good}) in {workdir}/checkpoints is kept and nothing later was saved. Lower '
+        '--config.optim.lr, set --config.optim.grad_clip=1.0, or use --config.model.dtype=float32 '
+        'to find the cause, then restart with the same --workdir.')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if _CONFIG.value is None or _WORKDIR.value is None:
+    raise app.UsageError('--config and --workdir are required, e.g. --config '
+                         'configs/cifar10_vit_tiny.py --workdir /tmp/cjepa_run')
+  try:
+    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, NonFiniteError) as e:
+    # Configuration and data problems: the message names the fix; no traceback needed.
+    logging.error('%s: %s', type(e).__name__, e)
+    print(f'cjepa-train: error: {e}', file=sys.stderr)
+    sys.exit(1)
+  if jax.process_index() == 0:
+    print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}))
+
+
+def run() -> None:
+  """Console-script entry point (`cjepa-train`): jax.distributed start-up, then `main`."""
+  distributed.run_main(main)
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,38 @@
+"""cjepa_jax: I-JEPA and C-JEPA pretraining in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name='cjepa_jax',
+    version='0.1.0',
+    description='I-JEPA and C-JEPA self-supervised pretraining in JAX/Flax for TPU and GPU meshes.',
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=setuptools.find_packages(include=['cjepa_jax', 'cjepa_jax.*']),
+    python_requires='>=3.10',
+    # Lower bounds are the versions the test suite ran on (2026-11-22).
+    install_requires=[
+        'jax>=0.10.2',
+        'flax>=0.12.8',
+        'optax>=0.2.8',
+        'orbax-checkpoint>=0.12.8',
+        'tensorflow-cpu>=2.21.0',   # tf.data on the hosts only; never on the accelerator.
+        'tensorflow-datasets>=4.9.10',
+        'ml-collections>=1.1.0',
+        'einops>=0.8.2',
+        'numpy>=2.0',
+        'absl-py>=2.1',
+        'tensorboardX>=2.6',
+        'matplotlib>=3.8',
+    ],
+    extras_require={
+        'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pillow>=10.0'],
+        'torch': ['torch>=2.2'],  # CPU wheel is enough: only for converting reference checkpoints.
+    },
+    entry_points={
+        'console_scripts': [
+            'cjepa-train=cjepa_jax.train:run',
+            'cjepa-probe=cjepa_jax.probe:run',
+        ],
+    },
+)

@@ -1,0 +1,171 @@
+"""The sharded train step: learning, sharded == single device, one compile, the EMA target."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cjepa_jax import config as config_lib
+from cjepa_jax import optim
+from cjepa_jax import sharding
+from cjepa_jax import train
+from cjepa_jax import train_step as step_lib
+
+
+def tiny_config(vicreg_weight=0.0, mode='context', batch_size=16, total_steps=50):
+  c = config_lib.default_config()
+  c.batch_size = batch_size
+  c.total_steps = total_steps
+  c.data.dataset = 'synthetic'
+  c.data.image_size = 32
+  c.data.num_train_examples = 1024
+  c.model.variant = 'Ti/4'
+  c.model.depth = 2
+  c.model.dtype = 'float32'
+  c.model.pred_width = 48
+  c.model.pred_depth = 1
+  c.mask.min_keep = 4
+  c.optim.warmup_steps = 5
+  c.optim.lr = 1e-3
+  c.vicreg.weight = vicreg_weight
+  c.vicreg.mode = mode
+  c.vicreg.projector = '64-64'
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  return c
+
+
+def fixed_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  size = config.data.image_size
+  # Smooth images (low-frequency structure) so there is something to predict.
+  base = rng.normal(size=(config.batch_size, 4, 4, 3)).astype(np.float32)
+  images = np.repeat(np.repeat(base, size // 4, axis=1), size // 4, axis=2)
+  return {'image': images, 'label': np.zeros((config.batch_size,), np.int32)}
+
+
+def run_steps(config, devices, num_steps, batches):
+  mesh = sharding.make_mesh(config, devices)
+  (_, _, _, _, init_fn, jitted_step, trace_count, _) = train.setup(config, mesh)
+  state = init_fn()
+  bs = sharding.batch_sharding(mesh)
+  losses = []
+  for i in range(num_steps):
+    batch = jax.device_put(batches[i % len(batches)], bs)
+    state, metrics = jitted_step(state, batch)
+    losses.append(float(metrics['loss']))
+  return state, np.array(losses), trace_count[0]
+
+
+def test_tiny_model_overfits_fixed_batch():
+  config = tiny_config(total_steps=60)
+  batch = fixed_batch(config)
+  _, losses, compiles = run_steps(config, jax.devices()[:1], 60, [batch])
+  assert np.all(np.isfinite(losses))
+  # The loss falls clearly: the last 10 steps average well under the first 5.
+  assert losses[-10:].mean() < 0.6 * losses[:5].mean(), losses
+  assert compiles == 1
+
+
+@pytest.mark.parametrize('mode', ['context', 'blocks'])
+def test_sharded_equals_single_device(mode):
+  """Mesh data 4 x fsdp 2 on 8 fake devices == 1 device, with the VICReg terms on.
+
+  The VICReg variance / covariance need the global batch: a per-device statistic would differ.
+  Adam divides by sqrt(v) + eps, so a gradient element that is pure cancellation noise
+  (|g| ~ eps) turns a harmless float32 summation-order difference into an O(lr) update
+  difference; optim.eps = 1e-6 keeps such elements linear in g, so the comparison tests the
+  sharding rather than Adam's conditioning.
+  """
+  assert jax.device_count() == 8, 'conftest sets 8 fake CPU devices'
+  results = {}
+  for name, devices, mesh in (('1', jax.devices()[:1], (1, 1)), ('8', jax.devices(), (4, 2))):
+    config = tiny_config(vicreg_weight=0.5, mode=mode, total_steps=4)
+    config.model.depth = 1
+    config.optim.eps = 1e-6
+    config.mesh.data, config.mesh.fsdp = mesh
+    batches = [fixed_batch(config, seed=s) for s in range(3)]
+    results[name] = run_steps(config, devices, 3, batches)
+  (state1, losses1, c1), (state8, losses8, c8) = results['1'], results['8']
+  assert c1 == 1 and c8 == 1
+  np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-5)
+  for key in ('params', 'target_params'):
+    flat1 = jax.tree.leaves(jax.device_get(state1[key]))
+    flat8 = jax.tree.leaves(jax.device_get(state8[key]))
+    assert len(flat1) == len(flat8)
+    for a, b in zip(flat1, flat8):
+      np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp_actually_shards_large_params():
+  config = tiny_config()
+  config.mesh.data, config.mesh.fsdp = 4, 2
+  mesh = sharding.make_mesh(config)
+  (_, _, state_shardings, abstract_state, *_) = train.setup(config, mesh)
+  specs = jax.tree.leaves(jax.tree.map(lambda s: s.spec, state_shardings,
+                                       is_leaf=lambda s: hasattr(s, 'spec')))
+  sizes = [int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_state)]
+  sharded = [sp for sp, n in zip(specs, sizes) if 'fsdp' in tuple(sp)]
+  assert sharded, 'no parameter is sharded over fsdp'
+  for sp, n in zip(specs, sizes):
+    if n >= sharding.FSDP_MIN_SIZE and 'fsdp' not in tuple(sp):
+      pytest.fail(f'a large array ({n} elements) is not sharded: {sp}')
+
+
+def test_ema_target_follows_formula_and_gets_no_gradient():
+  config = tiny_config(total_steps=10)
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  models = step_lib.build_models(config)
+  total, spe = optim.run_length(config)
+  tx = optim.make_optimizer(config, total, spe)
+  step_fn = jax.jit(step_lib.make_train_step(config, models, tx, total, spe))
+  state = jax.jit(lambda: step_lib.init_state(models, tx, config.seed))()
+  del mesh
+  batch = jax.tree.map(jnp.asarray, fixed_batch(config))
+  for _ in range(3):
+    before = jax.device_get(state)
+    state, metrics = step_fn(state, batch)
+    after = jax.device_get(state)
+    step = int(before['step'])
+    m = config.optim.ema[0] + step * (config.optim.ema[1] - config.optim.ema[0]) / total
+    np.testing.assert_allclose(float(metrics['ema_momentum']), m, rtol=1e-6)
+    expected = jax.tree.map(lambda t, p: m * t + (1 - m) * p, before['target_params'],
+                            after['params']['encoder'])
+    for e, a in zip(jax.tree.leaves(expected), jax.tree.leaves(after['target_params'])):
+      np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-7)
+  # The optimizer state only covers the trained params: the target is not in it.
+  opt_leaves = len(jax.tree.leaves(state['opt_state']))
+  assert 'target_params' not in state['params']
+  n_params = len(jax.tree.leaves(state['params']))
+  assert opt_leaves >= 2 * n_params  # Adam's two moments, nothing for the target.
+  # And the gradient of the loss with respect to the target parameters is exactly zero.
+  images = batch['image']
+  key = jax.random.key(0)
+
+  def loss_of_target(target_params):
+    s = dict(state, target_params=target_params)
+    return step_lib.make_train_step(config, models, tx, total, spe)(s, {'image': images,
+                                                                        'label': batch['label']}
+                                                                    )[1]['loss']
+  del key
+  g = jax.grad(loss_of_target)(state['target_params'])
+  assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g))
+
+
+def test_metrics_are_reported():
+  config = tiny_config(vicreg_weight=0.001, total_steps=2)
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  (_, _, _, _, init_fn, jitted_step, _, _) = train.setup(config, mesh)
+  state = init_fn()
+  _, metrics = jitted_step(state, jax.device_put(fixed_batch(config),
+                                                 sharding.batch_sharding(mesh)))
+  for key in ('loss', 'jepa', 'vicreg', 'vicreg_inv', 'vicreg_var', 'vicreg_cov', 'lr',
+              'weight_decay', 'ema_momentum', 'grad_norm', 'update_norm', 'param_norm',
+              'target_feature_std', 'target_effective_rank', 'finite'):
+    assert key in metrics, key
+  # Step 0's logged lr is the one its update used (the reference steps its scheduler first).
+  total, spe = optim.run_length(config)
+  expected_lr = float(optim.lr_schedule(config, total, spe)(0))
+  assert float(metrics['lr']) == pytest.approx(expected_lr, rel=1e-6)
+  assert config.optim.start_lr < expected_lr < config.optim.lr
+  assert float(metrics['target_effective_rank']) > 1.0
