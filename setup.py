@@ -33,6 +33,7 @@ setuptools.setup(
         'console_scripts': [
             'cjepa-train=cjepa_jax.train:run',
             'cjepa-probe=cjepa_jax.probe:run',
+            'cjepa-convert-torch=cjepa_jax.convert_torch:run',
         ],
     },
 )

@@ -114,7 +114,7 @@ def make_train_iterator(
   preprocess = functools.partial(_train_preprocess, config=config,
                                  aug_base=_seed(_base_seed(config, process_index), _AUGMENT))
   ds = _decode_batches(ds, preprocess, config.data.image_size, local_batch)
-  return _host_batches(ds.prefetch(config.data.get('prefetch', 2)), fill_invalid=True)
+  return _host_batches(ds.prefetch(config.data.prefetch), fill_invalid=True)
 
 
 def make_eval_iterator(
@@ -165,11 +165,26 @@ def make_eval_iterator(
 
   ds = _decode_batches(ds, preprocess, size, local_batch)
   # Processes with fewer examples add all-padding batches: every process runs `steps` batches.
-  steps = -(-(-(-total // process_count)) // local_batch)  # ceil(ceil(N / P) / b)
+  steps = _ceil_div(_ceil_div(total, process_count), local_batch)
   padding = tf.data.Dataset.from_tensors(_placeholder(size)).repeat(local_batch).batch(local_batch)
   padding = padding.map(lambda b: dict(b, input_source=b['source'], num_inputs=0)).repeat()
   ds = ds.concatenate(padding).take(steps)
-  return _host_batches(ds.prefetch(config.data.get('prefetch', 2)), fill_invalid=False)
+  return _host_batches(ds.prefetch(config.data.prefetch), fill_invalid=False)
+
+
+def check_dataset(config: ml_collections.ConfigDict, *, process_count: int | None = None) -> None:
+  """Fails fast (ValueError naming the fix) if the training data cannot be read as configured.
+
+  Checks the data config and the batch split over processes, and that the training split exists
+  (tfds: prepared under data_dir; image folder: has images). Cheap: reads metadata or a listing.
+  """
+  _local_batch(config.batch_size, jax.process_count() if process_count is None else process_count)
+  _check_data_config(config)
+  name, split = config.data.dataset, config.data.train_split
+  if name == 'image_folder':
+    _list_image_folder(config.data.data_dir, split)
+  elif name != 'synthetic':
+    _tfds_read(_tfds_builder(config), split, add_tfds_id=False)
 
 
 def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
@@ -227,8 +242,13 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count}).')
+    raise ValueError(
+        f'process_index={process_index} must be in [0, process_count={process_count}).')
   return process_index, process_count
+
+
+def _ceil_div(a: int, b: int) -> int:
+  return -(-a // b)
 
 
 def _local_batch(batch_size: int, process_count: int) -> int:
@@ -245,7 +265,8 @@ def _check_data_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'config.data.image_size must be positive, got {d.image_size}.')
   lo, hi = d.crop_scale
   if not 0 < lo <= hi <= 1:
-    raise ValueError(f'config.data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}.')
+    raise ValueError(
+        f'config.data.crop_scale must satisfy 0 < min <= max <= 1, got {d.crop_scale}.')
   lo, hi = d.crop_ratio
   if not 0 < lo <= hi:
     raise ValueError(f'config.data.crop_ratio must satisfy 0 < min <= max, got {d.crop_ratio}.')
@@ -286,7 +307,8 @@ def _split_id(split: str) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def _train_source(config, start_pos: int, process_index: int, process_count: int) -> tf.data.Dataset:
+def _train_source(config, start_pos: int, process_index: int,
+                  process_count: int) -> tf.data.Dataset:
   """Undecoded examples of one process, in training order, from stream position `start_pos` on."""
   name = config.data.dataset
   base = _base_seed(config, process_index)
@@ -455,6 +477,10 @@ def _tfds_builder(config):
 
 def _tfds_read(builder, split, *, add_tfds_id: bool = True) -> tf.data.Dataset:
   """The split's records in stored order, images left encoded; clear errors if not prepared."""
+  features = builder.info.features
+  if 'image' not in features or 'label' not in features:
+    raise ValueError(f'tfds dataset {builder.name!r} has features {sorted(features)}; the input '
+                     "pipeline needs an 'image' and a 'label' feature.")
   try:
     return builder.as_dataset(
         split=split, shuffle_files=False,
@@ -642,7 +668,8 @@ def _color_jitter(image, strength: float, seed):
   f_s = tf.random.stateless_uniform([], seeds[2], max(0.0, 1 - s), 1 + s)
   d_h = tf.random.stateless_uniform([], seeds[3], -hue, hue)
   out = tf.clip_by_value(image * f_b, 0, 1)
-  out = tf.clip_by_value((out - tf.reduce_mean(_gray(out))) * f_c + tf.reduce_mean(_gray(out)), 0, 1)
+  mean = tf.reduce_mean(_gray(out))
+  out = tf.clip_by_value((out - mean) * f_c + mean, 0, 1)
   out = tf.clip_by_value((out - _gray(out)) * f_s + _gray(out), 0, 1)
   out = tf.image.adjust_hue(out, d_h)
   apply = tf.random.stateless_uniform([], seeds[4]) < 0.8

@@ -48,6 +48,52 @@ class NonFiniteError(FloatingPointError):
   """The loss or the gradients became NaN or inf."""
 
 
+class _LogWindow:
+  """Collects step metrics on the device; averages, times and writes them at each log step.
+
+  Metrics stay on the device until a log step (no per-step host sync). Every step's metrics
+  enter the average, so a resumed run logs exactly what an uninterrupted one does; only the
+  first step of a process (which includes the compile) is left out of the timing.
+  """
+
+  def __init__(self, config, total_steps, steps_per_epoch, flops_per_step, peak, writer):
+    self.config, self.total_steps, self.steps_per_epoch = config, total_steps, steps_per_epoch
+    self.flops_per_step, self.peak, self.writer = flops_per_step, peak, writer
+    self.window: list[dict[str, jax.Array]] = []
+    self.timed_steps = 0
+    self.t_window = self.t_start = None
+    self.first_step = None
+    self.last: dict[str, Any] = {}
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self.window.append(metrics)
+    if self.t_start is None:
+      jax.block_until_ready(metrics['loss'])   # The compile: not part of any step time.
+      self.t_start = self.t_window = time.perf_counter()
+      self.first_step = step
+    else:
+      self.timed_steps += 1
+
+  def flush(self, step: int, **extra: Any) -> None:
+    host = jax.device_get(self.window)
+    now = time.perf_counter()
+    scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != 'finite'}
+    for k in _LAST_VALUE:
+      scalars[k] = float(host[-1][k])
+    step_time = (now - self.t_window) / self.timed_steps if self.timed_steps else float('nan')
+    flops_per_s = self.flops_per_step / step_time
+    scalars.update(
+        epoch=step / self.steps_per_epoch, step_time_s=step_time,
+        images_per_s=self.config.batch_size / step_time, tflops=flops_per_s / 1e12,
+        mfu=flops_per_s / self.peak if self.peak else 0.0, **extra)
+    self.writer.write(step, scalars)
+    per_step = (now - self.t_start) / max(step - self.first_step, 1)
+    logging.info('%s', metrics_lib.progress_line(step, self.total_steps, scalars,
+                                                 per_step * (self.total_steps - step)))
+    self.last = dict(scalars, step=step)
+    self.window, self.timed_steps, self.t_window = [], 0, now
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -124,7 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     state = init_fn()
     if config.init_from:
-      state = checkpoint_lib.load_init_from(config.init_from, state, state_shardings)
+      state = load_init_from(config.init_from, state, state_shardings)
     start_step = 0
   start_step = int(jax.device_get(state['step']))
 
@@ -134,12 +180,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   flops_per_step = flops_lib.step_flops(models.step_shape()) * config.batch_size
   peak = flops_lib.peak_tflops(override=config.peak_tflops) * 1e12 * jax.device_count()
 
-  window: list[dict[str, jax.Array]] = []
-  pending: tuple[int, jax.Array] | None = None   # (step, finite flag) checked one step late.
+  log = _LogWindow(config, total_steps, steps_per_epoch, flops_per_step, peak, writer)
+  pending: tuple[int, jax.Array] | None = None   # (step, finite flag), checked one step late.
   last_good = start_step
-  last = {}
-  t_window = time.perf_counter()
-  t_start = None
   data_skipped = 0
   try:
     for step in range(start_step + 1, total_steps + 1):
@@ -147,54 +190,65 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       data_skipped = int(host_batch.pop('data_skipped', data_skipped))
       batch = input_pipeline.to_global_array(host_batch, batch_sharding)
       state, step_metrics = jitted_step(state, batch)
-      # Check the previous step's flag now: the device is already busy with this step.
+      # Check the previous step's flag now, while the device is already busy with this step.
       if pending is not None:
         _check_finite(*pending, last_good, workdir)
       pending = (step, step_metrics['finite'])
-      window.append(step_metrics)
-      if t_start is None:
-        jax.block_until_ready(step_metrics['loss'])   # The first step includes the compile.
-        t_start = t_window = time.perf_counter()
-        window = []
-        first_step_done = step
+      log.add(step, step_metrics)
 
       log_now = step % config.log_every_steps == 0 or step == total_steps
       save_now = step % config.ckpt_every_steps == 0 or step == total_steps
       if log_now or save_now:
-        _check_finite(*pending, last_good, workdir)
+        _check_finite(*pending, last_good, workdir)   # Never log or save a non-finite state.
         pending = None
-      if log_now and window:
-        host = jax.device_get(window)
-        dt = time.perf_counter() - t_window
-        steps_done = len(host)
-        scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != 'finite'}
-        for k in _LAST_VALUE:
-          scalars[k] = float(host[-1][k])
-        step_time = dt / steps_done
-        scalars.update(
-            epoch=step / steps_per_epoch, step_time_s=step_time,
-            images_per_s=config.batch_size / step_time,
-            tflops=flops_per_step / step_time / 1e12,
-            mfu=(flops_per_step / step_time / peak) if peak else 0.0,
-            compiles=trace_count[0], data_skipped=data_skipped)
-        writer.write(step, scalars)
-        seconds_left = (time.perf_counter() - t_start) / max(step - first_step_done, 1) * (
-            total_steps - step)
-        logging.info('%s', metrics_lib.progress_line(step, total_steps, scalars, seconds_left))
-        last = dict(scalars, step=step)
-        window, t_window = [], time.perf_counter()
+      if log_now:
+        log.flush(step, compiles=trace_count[0], data_skipped=data_skipped)
       if save_now:
         ckpt.save(step, state, config, force=step == total_steps)
         last_good = step
-    if pending is not None:
-      _check_finite(*pending, last_good, workdir)
   finally:
     ckpt.wait()
     ckpt.close()
     writer.close()
   if trace_count[0] != 1:
     logging.warning('The train step compiled %d times; expected once.', trace_count[0])
-  return last
+  return log.last
+
+
+def load_init_from(path: str, state: dict[str, Any], shardings: dict[str, Any]
+                   ) -> dict[str, Any]:
+  """Starts from another run's (or a converted reference) weights: step 0, fresh optimizer.
+
+  Takes `params` (encoder, predictor, and projector when the checkpoint has one) and
+  `target_params` from the checkpoint at `path` (a workdir or a step directory); everything else
+  (step, optimizer moments, rng) stays fresh. Shapes must match the current config's models.
+  """
+  loaded_params = checkpoint_lib.restore_subtree(path, ('params',))
+  loaded_target = checkpoint_lib.restore_subtree(path, ('target_params',))
+  params = dict(state['params'])
+  for name, tree in loaded_params.items():
+    if name not in params:
+      raise ValueError(f'config.init_from={path!r} has params[{name!r}], which this config does '
+                       f'not build (it has {sorted(params)}).')
+    params[name] = _place_like(tree, params[name], shardings['params'][name], f'params/{name}')
+  target = _place_like(loaded_target, state['target_params'], shardings['target_params'],
+                       'target_params')
+  logging.info('Initialised %s and target_params from %s.', sorted(loaded_params), path)
+  return dict(state, params=params, target_params=target)
+
+
+def _place_like(tree: Any, like: Any, shardings: Any, name: str) -> Any:
+  """`tree` placed with `shardings`, after checking it has `like`'s structure and shapes."""
+  if jax.tree.structure(tree) != jax.tree.structure(like):
+    raise ValueError(f'The init_from checkpoint\'s {name} does not have the structure of this '
+                     "config's model: check model.variant, model.depth, model.pred_depth and "
+                     'model.scan against the checkpoint (its config.json).')
+  def place(path, x, ref, s):
+    if x.shape != ref.shape:
+      raise ValueError(f'init_from: {name}{jax.tree_util.keystr(path)} has shape {x.shape} in '
+                       f'the checkpoint but {ref.shape} in this model.')
+    return jax.device_put(jnp.asarray(x, ref.dtype), s)
+  return jax.tree_util.tree_map_with_path(place, tree, like, shardings)
 
 
 def _check_finite(step: int, finite: jax.Array, last_good: int, workdir: str) -> None:

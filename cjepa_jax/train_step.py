@@ -78,6 +78,7 @@ def compute_dtype(name: str) -> Any:
 
 def build_models(config: ml_collections.ConfigDict) -> Models:
   """Builds encoder, predictor, optional projector and mask spec from the config."""
+  vit.parse_variant(config.model.variant)  # First: a bad variant explains the rest.
   spec = masks_lib.MaskSpec.from_config(config)
   dtype = compute_dtype(config.model.dtype)
   common = dict(dtype=dtype, remat_policy=config.model.remat_policy, scan=config.model.scan)

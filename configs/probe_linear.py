@@ -1,0 +1,94 @@
+r"""Linear and kNN probes of a pretrained encoder's frozen features (CIFAR-10 or ImageNet).
+
+  python -m cjepa_jax.probe --config configs/probe_linear.py \
+      --config.pretrained=runs/cifar10_ijepa --workdir runs/cifar10_ijepa/probe
+  python -m cjepa_jax.probe --config configs/probe_linear.py \
+      --config.pretrained=random --workdir runs/cifar10_random/probe
+  python -m cjepa_jax.probe --config configs/probe_linear.py:imagenet \
+      --config.pretrained=DIR --config.data.data_dir=TFDS_DIR --workdir DIR/probe
+
+The argument is the dataset: `cifar10` (default; the image folder `data/cifar10/{train,test}`
+that the README unpacks, 32 px, the whole image: no crop) or `imagenet` (tfds `imagenet2012`,
+224 px, the `validation` split as the test split).
+
+`pretrained` is a pretraining workdir (its latest checkpoint), one step directory
+`DIR/checkpoints/<step>`, or `random` (a randomly initialised encoder of `model.*`, the
+baseline). With a checkpoint, `model.*` and `data.image_size` come from the checkpoint's saved
+config; `model.*` here is used for `random` only and matches the pretraining recipe of the
+dataset (configs/cifar10_vit_tiny.py, configs/in1k_vith14_ep300.py).
+
+Writes DIR/probe_results.json (accuracies as fractions in [0, 1]); see cjepa_jax/probe.py for the
+protocol. The (lr, wd) grid and the 'last' / 'last4' choice are made on `linear.holdout_fraction`
+of the TRAIN split, never on the test split.
+"""
+
+import ml_collections
+
+from cjepa_jax import config as config_lib
+
+_DATASETS = ('cifar10', 'imagenet')
+
+
+def get_config(arg=None):
+  dataset = arg or 'cifar10'
+  if dataset not in _DATASETS:
+    raise ValueError(f'probe_linear takes one of {_DATASETS} (e.g. '
+                     f'configs/probe_linear.py:imagenet), got {dataset!r}.')
+  base = config_lib.default_config()
+  c = ml_collections.ConfigDict()
+  c.pretrained = ''              # Workdir, checkpoint step dir, or 'random'. Required.
+  c.encoder = 'target'           # 'target' (EMA target_params, as the paper) or 'context'.
+  c.features = 'both'            # 'last', 'last4' or 'both' (report the better on the holdout).
+  c.seed = 0
+  c.batch_size = 512             # Global batch of the feature extraction.
+  c.train_examples = 0           # 0: the whole train split; > 0: a fixed subset (quick runs).
+  c.eval_examples = 0            # 0: the whole eval split.
+
+  c.data = base.data             # The pretraining data keys; the probe reads the eval ones.
+  c.model = base.model           # For `random` only; a checkpoint brings its own.
+  c.mesh = base.mesh
+
+  c.linear = ml_collections.ConfigDict()
+  c.linear.epochs = 100
+  c.linear.batch_size = 1024     # 0: full batch.
+  # The grid (every lr with every wd, 20 classifiers trained at once). Adam, cosine-decayed to 0;
+  # wd is the L2 strength on the kernel: loss + wd/2 |W|^2. Wide on purpose: the probe is convex
+  # but slow to converge, and on CIFAR-10 features the best lr was 0.03-0.1.
+  c.linear.lrs = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+  c.linear.wds = (0.0, 1e-5, 1e-4, 1e-3)
+  c.linear.holdout_fraction = 0.1
+  c.linear.retrain = True        # Retrain the chosen (lr, wd) on the whole train split.
+
+  c.knn = ml_collections.ConfigDict()
+  c.knn.k = 20
+  c.knn.temperature = 0.07
+
+  if dataset == 'cifar10':
+    c.data.dataset = 'image_folder'
+    c.data.data_dir = 'data/cifar10'
+    c.data.train_split = 'train'
+    c.data.eval_split = 'test'
+    c.data.num_train_examples = 50_000
+    c.data.num_classes = 10
+    c.data.image_size = 32
+    # eval_resize is the short side at 224 px (input_pipeline.eval_resize_size): 224 resizes a
+    # 32 px image to 32, so the centre crop keeps all of CIFAR's 32 x 32 pixels.
+    c.data.eval_resize = 224
+    c.data.mean = (0.4914, 0.4822, 0.4465)
+    c.data.std = (0.2470, 0.2435, 0.2616)
+    c.model.variant = 'Ti/4'
+    c.model.depth = 6
+    c.model.dtype = 'float32'
+  else:
+    c.data.dataset = 'imagenet2012'
+    c.data.train_split = 'train'
+    c.data.eval_split = 'validation'
+    c.data.num_classes = 1000
+    c.data.image_size = 224
+    c.data.eval_resize = 256
+    c.batch_size = 1024
+    c.linear.epochs = 50
+    c.linear.batch_size = 4096
+    c.model.variant = 'H/14'
+    c.model.dtype = 'bfloat16'
+  return c

@@ -1,0 +1,342 @@
+"""The probes: linear / kNN against float64 numpy references, holdout-only selection, and the
+end-to-end restore -> features -> probes -> JSON run on a tiny image folder."""
+
+import importlib.util
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+from PIL import Image
+
+from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax import config as config_lib
+from cjepa_jax import optim
+from cjepa_jax import probe
+from cjepa_jax import sharding
+from cjepa_jax import train_step as step_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLASSES = ('apple', 'grass', 'sky')           # Sorted: labels 0, 1, 2.
+COLOURS = ((200, 40, 40), (40, 180, 40), (50, 80, 220))
+PER_CLASS = 20
+
+
+def mesh8():
+  return Mesh(np.asarray(jax.devices()).reshape(8, 1), sharding.MESH_AXES)
+
+
+def clusters(rng, n, num_classes, dim, spread):
+  """Gaussian clusters around random centres `spread` apart: (features [n, dim], labels [n])."""
+  centres = rng.normal(size=(num_classes, dim)) * spread
+  y = rng.integers(0, num_classes, size=n).astype(np.int32)
+  return (centres[y] + rng.normal(size=(n, dim))).astype(np.float32), y
+
+
+# ------------------------------------------------------------------------------------------------
+# kNN.
+# ------------------------------------------------------------------------------------------------
+
+
+def knn_numpy(train, train_y, test, num_classes, k, temperature):
+  """Independent float64 reference of DINO's weighted kNN vote: scores [M, C]."""
+  a = train.astype(np.float64)
+  a /= np.linalg.norm(a, axis=1, keepdims=True)
+  b = test.astype(np.float64)
+  b /= np.linalg.norm(b, axis=1, keepdims=True)
+  sims = b @ a.T
+  scores = np.zeros((len(test), num_classes))
+  for i, row in enumerate(sims):
+    nearest = np.argsort(-row, kind='stable')[:k]
+    for j in nearest:
+      scores[i, train_y[j]] += np.exp(row[j] / temperature)
+  return scores
+
+
+@pytest.mark.parametrize('n_train', [100, 203])
+def test_knn_matches_numpy_reference_sharded(n_train):
+  """8 devices: 100 rows leave fewer than k per device, 203 need padding; same votes as numpy."""
+  rng = np.random.default_rng(n_train)
+  train = rng.normal(size=(n_train, 12)).astype(np.float32)
+  train_y = rng.integers(0, 5, size=n_train).astype(np.int32)
+  test = rng.normal(size=(300, 12)).astype(np.float32)  # > one query chunk of 256.
+  want = knn_numpy(train, train_y, test, 5, 20, 0.07)
+  got = probe.knn_scores(train, train_y, test, num_classes=5, k=20, temperature=0.07,
+                         mesh=mesh8())
+  np.testing.assert_allclose(got, want, rtol=2e-4)
+  np.testing.assert_array_equal(np.argmax(got, 1), np.argmax(want, 1))
+  test_y = rng.integers(0, 5, size=300)
+  result = probe.knn_probe(train, train_y, test, test_y, num_classes=5, k=20, temperature=0.07)
+  assert result['top1'] == np.mean(np.argmax(want, 1) == test_y)
+  top5 = np.argsort(-want, axis=1)[:, :5]
+  assert result['top5'] == np.mean(np.any(top5 == test_y[:, None], axis=1)) == 1.0  # C = 5.
+  assert (result['k'], result['temperature']) == (20, 0.07)
+
+
+def test_knn_separates_clusters():
+  rng = np.random.default_rng(1)
+  train, train_y = clusters(rng, 400, 6, 32, spread=4.0)
+  test, test_y = clusters(np.random.default_rng(1), 400, 6, 32, spread=4.0)  # Same centres.
+  result = probe.knn_probe(train, train_y, test[:200], test_y[:200], num_classes=6)
+  assert result['top1'] >= 0.98
+  assert result['top5'] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear probe.
+# ------------------------------------------------------------------------------------------------
+
+
+def train_linear_numpy(x, y, mean, std, num_classes, lr, wd, steps):
+  """Full-batch Adam (b1 0.9, b2 0.999, eps 1e-8), cosine-decayed lr, L2 wd on the kernel."""
+  x = (x.astype(np.float64) - mean) / std
+  w = np.zeros((x.shape[1], num_classes))
+  b = np.zeros(num_classes)
+  m = [np.zeros_like(w), np.zeros_like(b)]
+  v = [np.zeros_like(w), np.zeros_like(b)]
+  onehot = np.eye(num_classes)[y]
+  for t in range(steps):
+    logits = x @ w + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    d = (p - onehot) / len(x)
+    grads = [x.T @ d + wd * w, d.sum(0)]
+    lr_t = lr * 0.5 * (1 + np.cos(np.pi * t / steps))
+    for i, g in enumerate(grads):
+      m[i] = 0.9 * m[i] + 0.1 * g
+      v[i] = 0.999 * v[i] + 0.001 * g * g
+      mhat = m[i] / (1 - 0.9 ** (t + 1))
+      vhat = v[i] / (1 - 0.999 ** (t + 1))
+      step = lr_t * mhat / (np.sqrt(vhat) + 1e-8)
+      if i == 0:
+        w = w - step
+      else:
+        b = b - step
+  return w, b
+
+
+def test_train_linear_matches_numpy_adam_per_grid_point():
+  """The vmapped sweep trains each (lr, wd) exactly as a float64 full-batch Adam reference."""
+  rng = np.random.default_rng(2)
+  x, y = clusters(rng, 64, 3, 8, spread=1.0)
+  idx = np.arange(64)
+  mean, std = probe.feature_stats(x, idx)
+  np.testing.assert_allclose(mean, x.astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(std, x.astype(np.float64).std(0), rtol=1e-5)
+  grid = [(0.05, 0.0), (0.02, 0.1)]
+  params = probe.train_linear(x, y, idx, mean, std, num_classes=3, lrs=[g[0] for g in grid],
+                              wds=[g[1] for g in grid], epochs=8, batch_size=0, seed=0,
+                              mesh=mesh8())
+  for g, (lr, wd) in enumerate(grid):
+    w, b = train_linear_numpy(x, y, mean, std, 3, lr, wd, steps=8)
+    np.testing.assert_allclose(np.asarray(params['kernel'][g]), w, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(params['bias'][g]), b, rtol=1e-3, atol=1e-5)
+
+
+LINEAR = dict(num_classes=5, lrs=(1e-3, 3e-2), wds=(0.0, 1e-2), epochs=15, batch_size=64,
+              holdout_fraction=0.2, seed=0)
+
+
+def test_linear_probe_separates_and_chooses_on_holdout_only():
+  rng = np.random.default_rng(3)
+  x, y = clusters(rng, 500, 5, 16, spread=3.0)
+  train_x, train_y, test_x, test_y = x[:400], y[:400], x[400:], y[400:]
+  result = probe.linear_probe(train_x, train_y, test_x, test_y, mesh=mesh8(), **LINEAR)
+  assert result['top1'] >= 0.98 and result['top5'] == 1.0
+  assert result['retrained'] and result['dim'] == 16
+  assert len(result['sweep']) == 4
+  best = max(result['sweep'], key=lambda s: (s['holdout_top1'], -s['holdout_loss']))
+  assert (result['best_lr'], result['best_wd']) == (best['lr'], best['wd'])
+  assert result['holdout_top1'] == best['holdout_top1']
+
+  # Garbage test split (noise features, permuted labels): same choice, same sweep numbers.
+  garbage_x = rng.normal(size=test_x.shape).astype(np.float32) * 10
+  garbage_y = rng.permutation(test_y)
+  other = probe.linear_probe(train_x, train_y, garbage_x, garbage_y, mesh=mesh8(), **LINEAR)
+  assert (other['best_lr'], other['best_wd']) == (result['best_lr'], result['best_wd'])
+  assert other['sweep'] == result['sweep']
+  assert other['top1'] < 0.5
+
+
+def test_linear_probe_rejects_a_sweep_without_holdout():
+  x = np.zeros((10, 4), np.float32)
+  y = np.zeros(10, np.int32)
+  with pytest.raises(ValueError, match='holdout_fraction > 0'):
+    probe.linear_probe(x, y, x, y, **dict(LINEAR, holdout_fraction=0.0))
+  with pytest.raises(ValueError, match='num_classes'):
+    probe.linear_probe(x, y + 7, x, y, **LINEAR)
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: a checkpoint from a short training run, an image folder, the JSON.
+# ------------------------------------------------------------------------------------------------
+
+
+def pretrain_config():
+  c = config_lib.default_config()
+  c.batch_size = 8
+  c.total_steps = 2
+  c.data.dataset = 'synthetic'
+  c.data.image_size = 32
+  c.data.num_train_examples = 64
+  c.data.num_classes = 3
+  c.data.eval_resize = 224
+  c.model.variant = 'Ti/4'
+  c.model.depth = 1
+  c.model.dtype = 'float32'
+  c.model.pred_width = 48
+  c.model.pred_depth = 1
+  c.mask.min_keep = 4
+  c.optim.warmup_steps = 1
+  c.evals.knn_train_examples = 48
+  c.evals.knn_eval_examples = 24
+  return c
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+  """A workdir with a tiny I-JEPA train state's checkpoint (as the trainer saves it), the state.
+
+  The state is the trainer's own `init_state` with the context encoder moved away from the EMA
+  target (as training does), so restoring the wrong one of the two is caught. (Running real train
+  steps would only add a ~10 s compile to this file.)
+  """
+  workdir = tmp_path_factory.mktemp('pretrain')
+  config = pretrain_config()
+  models = step_lib.build_models(config)
+  total, per_epoch = optim.run_length(config)
+  tx = optim.make_optimizer(config, total, per_epoch)
+  state = jax.device_get(jax.jit(lambda: step_lib.init_state(models, tx, config.seed))())
+  rng = np.random.default_rng(0)
+  state['params']['encoder'] = jax.tree.map(
+      lambda p: (p + 0.01 * rng.normal(size=p.shape)).astype(p.dtype), state['params']['encoder'])
+  state['step'] = np.asarray(2, np.int32)
+  with checkpoint_lib.Checkpointer(str(workdir), async_save=False) as ckpt:
+    ckpt.save(2, state, config, force=True)
+  return workdir, state, config, models
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory):
+  """data/{train,test}/<class>/*.png: 3 colour-coded classes, 20 noisy 32x32 images each."""
+  root = tmp_path_factory.mktemp('folder')
+  rng = np.random.default_rng(0)
+  for split in ('train', 'test'):
+    for name, colour in zip(CLASSES, COLOURS):
+      (root / split / name).mkdir(parents=True)
+      for i in range(PER_CLASS):
+        pixels = np.clip(np.asarray(colour) + rng.normal(0, 40, size=(32, 32, 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f'{i:03d}.png')
+  return root
+
+
+def probe_config(pretrained_path, data_dir):
+  spec = importlib.util.spec_from_file_location('probe_linear', ROOT / 'configs/probe_linear.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config('cifar10')
+  c.pretrained = str(pretrained_path)
+  c.data.data_dir = str(data_dir)
+  c.data.num_classes = 3
+  c.batch_size = 16
+  c.linear.epochs = 10
+  c.linear.batch_size = 32
+  c.linear.lrs = (1e-2,)
+  c.linear.wds = (0.0, 1e-3)
+  c.knn.k = 5
+  c.model.depth = 1
+  return c
+
+
+def test_probe_restores_the_checkpoint_and_writes_results(pretrained, image_folder, tmp_path):
+  workdir, state, _, _ = pretrained
+  config = probe_config(workdir, image_folder)
+  mesh = sharding.make_mesh(config)
+  for name, want in (('target', state['target_params']),
+                     ('context', state['params']['encoder'])):
+    config.encoder = name
+    encoder, params, info = probe.restore_encoder(config, mesh)
+    assert info['step'] == 2 and info['image_size'] == 32 and encoder.num_layers == 1
+    assert jax.tree.structure(params) == jax.tree.structure(want)
+    for got, ref in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(got), ref)
+      assert got.sharding.is_fully_replicated
+  # The EMA target and the context encoder differ: the key choice matters.
+  assert not np.allclose(state['target_params']['blocks_0']['mlp']['fc1']['kernel'],
+                         state['params']['encoder']['blocks_0']['mlp']['fc1']['kernel'])
+
+  config.encoder = 'target'
+  out = tmp_path / 'probe'
+  results = probe.probe(config, str(out))
+  saved = json.loads((out / probe.RESULTS_FILE).read_text())
+  assert saved == json.loads(json.dumps(results))
+  assert saved['checkpoint'] == str(workdir / 'checkpoints' / '2') and saved['step'] == 2
+  assert saved['num_train'] == saved['num_test'] == 3 * PER_CLASS
+  lin, knn = saved['linear'], saved['knn']
+  assert set(lin['per_features']) == {'last', 'last4'} and lin['features'] in ('last', 'last4')
+  assert lin['best_lr'] == 1e-2 and lin['best_wd'] in (0.0, 1e-3)
+  assert (knn['k'], knn['temperature'], knn['features']) == (5, 0.07, lin['features'])
+  # Colour-coded classes: any encoder's pooled features separate them.
+  assert lin['top1'] >= 0.9 and knn['top1'] >= 0.9
+  assert lin['top5'] == knn['top5'] == 1.0  # 3 classes.
+
+
+def test_last4_of_one_block_is_the_normed_output(pretrained):
+  """With depth 1, 'last4' re-applies the final LayerNorm to the only block: equals 'last'."""
+  _, state, config, models = pretrained
+  encoder = probe.encoder_from_model_config(config.model)
+  images = np.random.default_rng(5).normal(size=(4, 32, 32, 3)).astype(np.float32)
+  feats = jax.jit(lambda p, x: probe.pooled_features(encoder, p, x, ('last', 'last4')))(
+      state['target_params'], images)
+  tokens = jax.jit(models.encoder.apply)({'params': state['target_params']}, images)
+  np.testing.assert_allclose(feats['last'], np.asarray(tokens, np.float64).mean(1), atol=1e-5)
+  np.testing.assert_allclose(feats['last4'], feats['last'], atol=1e-5)
+
+
+def test_random_baseline_runs(image_folder, tmp_path):
+  config = probe_config('random', image_folder)
+  config.features = 'last'
+  results = probe.probe(config, str(tmp_path))
+  saved = json.loads((tmp_path / probe.RESULTS_FILE).read_text())
+  assert saved['checkpoint'] == 'random' and saved['step'] is None
+  assert saved['model']['variant'] == 'Ti/4' and saved['model']['depth'] == 1
+  assert set(saved['linear']['per_features']) == {'last'}
+  assert 0.0 <= results['linear']['top1'] <= 1.0
+
+
+def test_knn_evaluator_for_the_trainer(pretrained, image_folder):
+  """The periodic kNN: compiled once, and equal to the numpy vote on the same features."""
+  _, state, config, models = pretrained
+  config = config.copy_and_resolve_references()
+  config.data.dataset = 'image_folder'
+  config.data.data_dir = str(image_folder)
+  config.data.eval_split = 'test'
+  mesh = sharding.make_mesh(config)
+  params = jax.device_put(state['target_params'], sharding.replicated(mesh))
+  evaluate = probe.make_knn_evaluator(config, mesh, models.encoder)
+  first, second = evaluate(params), evaluate(params)
+  assert first == second and set(first) == {'knn_top1', 'knn_top5'}
+  assert evaluate.feature_fn._cache_size() == 1  # pylint: disable=protected-access
+
+  train_f, train_y = probe.extract_features(evaluate.feature_fn, params, config, 'train', mesh=mesh,
+                                            batch_size=8, num_examples=48)
+  test_f, test_y = probe.extract_features(evaluate.feature_fn, params, config, 'test', mesh=mesh,
+                                          batch_size=8, num_examples=24)
+  assert train_f['last'].shape == (48, 192) and test_f['last'].shape == (24, 192)
+  want = knn_numpy(train_f['last'], train_y, test_f['last'], 3, 20, 0.07)
+  assert first['knn_top1'] == np.mean(np.argmax(want, 1) == test_y)
+
+
+def test_bad_config_values_are_named(image_folder, tmp_path):
+  config = probe_config('', image_folder)
+  with pytest.raises(ValueError, match='--config.pretrained'):
+    probe.probe(config, str(tmp_path))
+  config = probe_config('random', image_folder)
+  config.features = 'last5'
+  with pytest.raises(ValueError, match='config.features'):
+    probe.probe(config, str(tmp_path))
+  config = probe_config(tmp_path / 'nothing_here', image_folder)
+  with pytest.raises(ValueError, match='No complete checkpoint'):
+    probe.probe(config, str(tmp_path))

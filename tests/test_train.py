@@ -1,0 +1,234 @@
+"""The `cjepa_jax.train` entry point: recipes, config errors, metrics, exact resume after SIGKILL."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax import optim
+from cjepa_jax import train
+from cjepa_jax import train_step as step_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / 'configs').glob('*.py'))
+RECIPE_ARGS = {'cjepa_in1k_ep600.py': ['B/16', 'L/16'],
+               'cifar10_vit_tiny.py': ['ijepa', 'cjepa', 'cjepa_blocks']}
+
+
+def load_recipe(path, arg=None):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def recipe_cases():
+  for path in RECIPES:
+    if path.name.startswith('probe_'):
+      continue
+    for arg in RECIPE_ARGS.get(path.name, [None]):
+      yield pytest.param(path, arg, id=f'{path.stem}:{arg}' if arg else path.stem)
+
+
+@pytest.mark.parametrize('path,arg', recipe_cases())
+def test_every_recipe_builds_and_initialises(path, arg):
+  config = load_recipe(path, arg)
+  doc = open(path, encoding='utf-8').read().split('"""')[1].strip()
+  assert 'python -m cjepa_jax.train --config configs/' + path.name in doc.splitlines()[2] or \
+      'python -m cjepa_jax.train --config configs/' + path.name in doc, 'docstring lacks command'
+  models = step_lib.build_models(config)
+  total, spe = optim.run_length(config)
+  assert total == config.epochs * (config.data.num_train_examples // config.batch_size)
+  tx = optim.make_optimizer(config, total, spe)
+  state = jax.eval_shape(lambda: step_lib.init_state(models, tx, 0))
+  n_enc = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['params']['encoder']))
+  n_target = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['target_params']))
+  assert n_enc == n_target > 0
+  assert models.mask_spec.num_context > 0 and models.mask_spec.max_target > 0
+
+
+def test_reference_recipes_match_reference_hyperparameters():
+  for name, variant, size, pred_depth, epochs, warmup in (
+      ('in1k_vith14_ep300', 'H/14', 224, 12, 300, 40),
+      ('in1k_vith16_448_ep300', 'H/16', 448, 12, 300, 40),
+      ('in22k_vith14_ep66', 'H/14', 224, 12, 66, 3),
+      ('in22k_vitg16_ep44', 'g/16', 224, 16, 44, 3)):
+    c = load_recipe(ROOT / 'configs' / f'{name}.py')
+    assert (c.model.variant, c.data.image_size, c.model.pred_depth, c.epochs,
+            c.optim.warmup_epochs) == (variant, size, pred_depth, epochs, warmup), name
+    assert (c.batch_size, c.optim.lr, c.optim.start_lr, c.optim.final_lr) == (
+        2048, 1e-3, 2e-4, 1e-6)
+    assert (c.optim.weight_decay, c.optim.final_weight_decay, tuple(c.optim.ema)) == (
+        0.04, 0.4, (0.996, 1.0))
+    assert c.model.pred_width == 384 and c.vicreg.weight == 0 and c.model.dtype == 'bfloat16'
+  for variant in ('B/16', 'L/16'):
+    c = load_recipe(ROOT / 'configs' / 'cjepa_in1k_ep600.py', variant)
+    assert (c.epochs, c.optim.start_lr, c.optim.lr, c.optim.warmup_epochs, c.vicreg.weight) == (
+        600, 1e-4, 1e-3, 15, 0.001)
+    assert (c.vicreg.sim_coeff, c.vicreg.std_coeff, c.vicreg.cov_coeff) == (25, 25, 1)
+
+
+def tiny_cli_config(**overrides):
+  c = load_recipe(ROOT / 'configs' / 'cifar10_vit_tiny.py')
+  c.data.dataset = 'synthetic'
+  c.batch_size = 16
+  c.total_steps = 6
+  c.model.depth = 1
+  c.model.pred_depth = 1
+  c.model.pred_width = 48
+  c.log_every_steps = 2
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'model.variant': 'X/16'}, 'Ti'),
+    ({'model.variant': 'Ti/5'}, 'divisible'),
+    ({'batch_size': 12}, 'not divisible by the 8 batch shards'),
+    ({'mesh.data': 3, 'mesh.fsdp': 2}, 'devices'),
+    ({'data.dataset': 'no_such_dataset'}, 'no_such_dataset'),
+    ({'data.dataset': 'image_folder', 'data.data_dir': '/nonexistent/cifar'}, '/nonexistent'),
+    ({'vicreg.mode': 'both'}, "'context' or 'blocks'"),
+    ({'model.dtype': 'float64'}, 'bfloat16'),
+])
+def test_config_errors_name_the_problem(tmp_path, overrides, message):
+  config = tiny_cli_config(**overrides)
+  with pytest.raises(ValueError, match=None) as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert message in str(e.value), str(e.value)
+
+
+def run_cli(workdir, *extra, devices=1, timeout=600):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  cmd = [sys.executable, '-m', 'cjepa_jax.train', '--config', 'configs/cifar10_vit_tiny.py',
+         '--workdir', str(workdir), '--config.data.dataset=synthetic',
+         '--config.batch_size=16', '--config.model.depth=1', '--config.model.pred_depth=1',
+         '--config.model.pred_width=48', '--config.log_every_steps=2', *extra]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def read_metrics(workdir):
+  rows = [json.loads(line) for line in open(workdir / 'metrics.jsonl', encoding='utf-8')]
+  return {r['step']: r for r in rows}  # A resumed run re-logs steps: the last row wins.
+
+
+METRIC_KEYS = ('loss', 'jepa', 'vicreg', 'lr', 'weight_decay', 'ema_momentum', 'grad_norm',
+               'update_norm', 'param_norm', 'target_feature_std', 'target_effective_rank',
+               'images_per_s', 'step_time_s', 'tflops', 'mfu', 'compiles', 'data_skipped')
+
+
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory):
+  """An uninterrupted 12-step CLI run on one device, checkpointing every 4 steps."""
+  workdir = tmp_path_factory.mktemp('straight')
+  result = run_cli(workdir, '--config.total_steps=12', '--config.ckpt_every_steps=4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result
+
+
+def check_logged_run(workdir, result, steps):
+  rows = read_metrics(workdir)
+  assert sorted(rows) == list(range(2, steps + 1, 2))
+  for key in METRIC_KEYS:
+    assert key in rows[steps], key
+  assert all(r['compiles'] == 1 for r in rows.values())
+  assert all(np.isfinite(r['loss']) for r in rows.values())
+  assert rows[steps]['images_per_s'] > 0 and rows[steps]['tflops'] > 0
+  config = json.load(open(workdir / 'config.json', encoding='utf-8'))
+  assert config['total_steps'] == steps and config['data']['dataset'] == 'synthetic'
+  assert list(workdir.glob('events.out.tfevents.*')), 'no TensorBoard events'
+  assert f'step {steps}/{steps}' in result.stderr  # The console progress line.
+  assert checkpoint_lib.Checkpointer(str(workdir)).latest_step() == steps
+
+
+def test_cli_trains_and_logs_metrics_on_one_device(straight_run):
+  check_logged_run(*straight_run, steps=12)
+
+
+def test_cli_trains_on_8_devices_with_fsdp(tmp_path):
+  result = run_cli(tmp_path, '--config.total_steps=6', '--config.mesh.data=4',
+                   '--config.mesh.fsdp=2', devices=8)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "'data': 4, 'fsdp': 2" in result.stderr
+  check_logged_run(tmp_path, result, steps=6)
+
+
+def test_misspelled_config_key_is_an_error(tmp_path):
+  result = run_cli(tmp_path, '--config.totl_steps=6')
+  assert result.returncode != 0
+  assert 'totl_steps' in result.stderr
+
+
+# The child process: the real entry point, with Checkpointer.save patched to SIGKILL the process
+# while the checkpoint of a chosen step is being written (after the previous one is durable).
+_KILL_HARNESS = textwrap.dedent('''
+    import os, signal, sys
+    from cjepa_jax import checkpoint, train
+    kill_step = int(os.environ['KILL_AT'])
+    original = checkpoint.Checkpointer.save
+    def save(self, step, state, config=None, *, force=False):
+      if step == kill_step:
+        self.wait()
+      result = original(self, step, state, config, force=force)
+      if step == kill_step:
+        os.kill(os.getpid(), signal.SIGKILL)   # The async save is still in flight.
+      return result
+    checkpoint.Checkpointer.save = save
+    sys.argv = ['train'] + sys.argv[1:]
+    train.run()
+''')
+
+
+def run_killed(workdir, kill_at, *extra):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', KILL_AT=str(kill_at))
+  cmd = [sys.executable, '-c', _KILL_HARNESS, '--config', 'configs/cifar10_vit_tiny.py',
+         '--workdir', str(workdir), '--config.data.dataset=synthetic',
+         '--config.batch_size=16', '--config.model.depth=1', '--config.model.pred_depth=1',
+         '--config.model.pred_width=48', '--config.log_every_steps=2', *extra]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_sigkill_mid_save_and_resume_ends_exactly_as_uninterrupted(tmp_path, straight_run):
+  """12 steps straight == SIGKILL while step 8's checkpoint is being written, then resume.
+
+  The killed run had computed steps 5-8 (lost work, redone after resume) and left a half-written
+  step-8 checkpoint, which must be skipped in favour of step 4. Bitwise equality: same program,
+  same inputs (masks from fold_in(rng, step), data position from the step), same CPU.
+  """
+  straight, _ = straight_run
+  resumed = tmp_path / 'resumed'
+  common = ('--config.total_steps=12', '--config.ckpt_every_steps=4')
+  killed = run_killed(resumed, 8, *common)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert checkpoint_lib.Checkpointer(str(resumed)).latest_step() == 4
+  result = run_cli(resumed, *common)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Resuming from the checkpoint of step 4' in result.stderr
+
+  a, b = read_metrics(straight), read_metrics(resumed)
+  assert sorted(a) == sorted(b) == [2, 4, 6, 8, 10, 12]
+  for step in (6, 8, 10, 12):
+    for key in ('loss', 'jepa', 'lr', 'weight_decay', 'ema_momentum', 'grad_norm'):
+      assert a[step][key] == b[step][key], (step, key)
+  la = jax.tree.leaves(checkpoint_lib.restore_subtree(str(straight), ()))
+  lb = jax.tree.leaves(checkpoint_lib.restore_subtree(str(resumed), ()))
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
