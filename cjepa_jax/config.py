@@ -50,7 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.blur = 0.0
   c.data.shuffle_buffer = 10_000
   c.data.prefetch = 2
-  c.data.eval_resize = 256         # Evaluation: resize the short side, then centre-crop image_size.
+  # Evaluation: resize the short side to eval_resize * image_size / 224, centre-crop image_size
+  # (256 -> the standard 0.875 crop at any size; 224 -> no crop).
+  c.data.eval_resize = 256
 
   c.model = ml_collections.ConfigDict()
   c.model.variant = 'H/14'         # '<Ti|S|B|L|H|g>/<patch>'.
@@ -107,4 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.evals.knn_every_steps = 0      # > 0: kNN probe during pretraining (probe.py).
   c.evals.knn_train_examples = 10_000
   c.evals.knn_eval_examples = 2_000
+  c.evals.knn_k = 20
+  c.evals.knn_temperature = 0.07
+  c.evals.knn_batch_size = 0       # 0: the training batch size.
   return c

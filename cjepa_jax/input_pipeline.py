@@ -158,7 +158,7 @@ def make_eval_iterator(
   method = _RESIZE_METHODS[config.data.interpolation]
 
   def preprocess(ex):
-    image = _decode(_encoded(ex))
+    image = ex['pixels'] if 'pixels' in ex else _decode(_encoded(ex))  # Synthetic: no bytes.
     image = _resize_short_side(image, resize, method)
     image = _central_crop(image, size)
     return _finish(ex, _normalize(image / 255.0, config))

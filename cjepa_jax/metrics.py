@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging as py_logging
 import math
 import os
 from typing import Any, Mapping
 
 from absl import logging
+
+# Libraries whose INFO lines would bury the progress line; their warnings still show.
+_QUIET_PATHS = ('/orbax/', '/etils/', '/tensorflow_datasets/')
 
 
 def _to_python(value: Any) -> Any:
@@ -23,6 +27,21 @@ def _to_python(value: Any) -> Any:
   if isinstance(value, float) and not math.isfinite(value):
     return str(value)  # JSON has no NaN / inf; keep them readable.
   return value
+
+
+class _QuietLibraries(py_logging.Filter):
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno >= py_logging.WARNING:
+      return True
+    return not any(p in record.pathname for p in _QUIET_PATHS)
+
+
+def quiet_library_logs() -> None:
+  """Keeps orbax's and tfds's INFO lines off the console (absl routes every module's logs)."""
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
 
 
 class MetricWriter:

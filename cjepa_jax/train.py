@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from absl import app
 from absl import flags
@@ -74,7 +74,9 @@ class _LogWindow:
     else:
       self.timed_steps += 1
 
-  def flush(self, step: int, **extra: Any) -> None:
+  def flush(self, step: int, evaluate: Callable[[], dict[str, float]] | None = None,
+            **extra: Any) -> None:
+    """Writes the window's averages; `evaluate` (e.g. the kNN probe) runs after the timing."""
     host = jax.device_get(self.window)
     now = time.perf_counter()
     scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != 'finite'}
@@ -86,12 +88,14 @@ class _LogWindow:
         epoch=step / self.steps_per_epoch, step_time_s=step_time,
         images_per_s=self.config.batch_size / step_time, tflops=flops_per_s / 1e12,
         mfu=flops_per_s / self.peak if self.peak else 0.0, **extra)
+    if evaluate is not None:
+      scalars.update(evaluate())
     self.writer.write(step, scalars)
     per_step = (now - self.t_start) / max(step - self.first_step, 1)
     logging.info('%s', metrics_lib.progress_line(step, self.total_steps, scalars,
                                                  per_step * (self.total_steps - step)))
     self.last = dict(scalars, step=step)
-    self.window, self.timed_steps, self.t_window = [], 0, now
+    self.window, self.timed_steps, self.t_window = [], 0, time.perf_counter()
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -181,6 +185,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   peak = flops_lib.peak_tflops(override=config.peak_tflops) * 1e12 * jax.device_count()
 
   log = _LogWindow(config, total_steps, steps_per_epoch, flops_per_step, peak, writer)
+  knn_every = config.evals.knn_every_steps
+  if knn_every:
+    from cjepa_jax import probe  # pylint: disable=g-import-not-at-top
+    knn_eval = probe.make_knn_evaluator(config, mesh, models.encoder)
   pending: tuple[int, jax.Array] | None = None   # (step, finite flag), checked one step late.
   last_good = start_step
   data_skipped = 0
@@ -196,13 +204,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       pending = (step, step_metrics['finite'])
       log.add(step, step_metrics)
 
-      log_now = step % config.log_every_steps == 0 or step == total_steps
+      knn_now = bool(knn_every) and (step % knn_every == 0 or step == total_steps)
+      log_now = step % config.log_every_steps == 0 or step == total_steps or knn_now
       save_now = step % config.ckpt_every_steps == 0 or step == total_steps
       if log_now or save_now:
         _check_finite(*pending, last_good, workdir)   # Never log or save a non-finite state.
         pending = None
       if log_now:
-        log.flush(step, compiles=trace_count[0], data_skipped=data_skipped)
+        evaluate = (lambda: knn_eval(state['target_params'])) if knn_now else None
+        log.flush(step, evaluate, compiles=trace_count[0], data_skipped=data_skipped)
       if save_now:
         ckpt.save(step, state, config, force=step == total_steps)
         last_good = step
@@ -266,6 +276,7 @@ def main(argv: list[str]) -> None:
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError('--config and --workdir are required, e.g. --config '
                          'configs/cifar10_vit_tiny.py --workdir /tmp/cjepa_run')
+  metrics_lib.quiet_library_logs()
   try:
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, NonFiniteError) as e:

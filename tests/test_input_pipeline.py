@@ -310,6 +310,11 @@ def test_synthetic():
   image = a[0]['image']
   assert (image >= lo - 1e-5).all() and (image <= hi + 1e-5).all()
   assert ip.num_examples(c, 'validation') == ip.SYNTHETIC_EVAL_EXAMPLES
+  # The eval pipeline reads synthetic images too (the in-training kNN uses it in smoke tests).
+  ev = list(ip.make_eval_iterator(c, 'validation', batch_size=4, num_examples=6,
+                                  process_index=0, process_count=1))
+  assert [int(e['valid'].sum()) for e in ev] == [4, 2]
+  assert ev[0]['image'].shape == (4, 8, 8, 3) and np.isfinite(ev[0]['image']).all()
 
 
 def test_tfds_mock(monkeypatch):

@@ -163,10 +163,14 @@ def test_cli_trains_and_logs_metrics_on_one_device(straight_run):
 
 def test_cli_trains_on_8_devices_with_fsdp(tmp_path):
   result = run_cli(tmp_path, '--config.total_steps=6', '--config.mesh.data=4',
-                   '--config.mesh.fsdp=2', devices=8)
+                   '--config.mesh.fsdp=2', '--config.evals.knn_every_steps=6',
+                   '--config.evals.knn_train_examples=64', '--config.evals.knn_eval_examples=32',
+                   devices=8)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "'data': 4, 'fsdp': 2" in result.stderr
   check_logged_run(tmp_path, result, steps=6)
+  row = read_metrics(tmp_path)[6]  # The kNN monitor ran on the sharded target encoder.
+  assert 0.0 <= row['knn_top1'] <= row['knn_top5'] <= 1.0
 
 
 def test_misspelled_config_key_is_an_error(tmp_path):
