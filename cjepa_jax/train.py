@@ -91,9 +91,10 @@ class _LogWindow:
     if evaluate is not None:
       scalars.update(evaluate())
     self.writer.write(step, scalars)
-    per_step = (now - self.t_start) / max(step - self.first_step, 1)
-    logging.info('%s', metrics_lib.progress_line(step, self.total_steps, scalars,
-                                                 per_step * (self.total_steps - step)))
+    if self.writer.enabled:  # Process 0 only, like the metric files.
+      per_step = (now - self.t_start) / max(step - self.first_step, 1)
+      logging.info('%s', metrics_lib.progress_line(step, self.total_steps, scalars,
+                                                   per_step * (self.total_steps - step)))
     self.last = dict(scalars, step=step)
     self.window, self.timed_steps, self.t_window = [], 0, time.perf_counter()
 
@@ -280,6 +281,10 @@ def main(argv: list[str]) -> None:
   try:
     result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (ValueError, FileNotFoundError, NonFiniteError) as e:
+    if jax.process_count() > 1:
+      # distributed.fail_fast logs it here and shows its message on every other process as it
+      # stops them; a SystemExit would reach them only as 'SystemExit: 1'.
+      raise
     # Configuration and data problems: the message names the fix; no traceback needed.
     logging.error('%s: %s', type(e).__name__, e)
     print(f'cjepa-train: error: {e}', file=sys.stderr)

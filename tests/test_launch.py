@@ -12,7 +12,6 @@ import pathlib
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,24 +20,12 @@ import numpy as np
 import pytest
 
 from cjepa_jax import distributed
+from multiprocess_utils import clean_env as _clean_env
+from multiprocess_utils import free_port as _free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / 'launch'
 SCRIPTS = ['local.sh', 'tpu_vm.sh', 'gpu_slurm.sbatch']
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-  """os.environ without any scheduler / CJEPA_* variables, plus `extra`."""
-  drop = ('SLURM_', 'CJEPA_', 'TPU_', 'OMPI_', 'MEGASCALE_', 'JAX_COORDINATOR', 'DRY_RUN')
-  env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-  env.update(extra)
-  return env
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _commands(stdout: str) -> list[list[str]]:

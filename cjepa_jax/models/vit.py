@@ -39,6 +39,7 @@ import functools
 import re
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -134,10 +135,10 @@ class Attention(nn.Module):
                               bias_init=nn.initializers.zeros)
     qkv = dense(3 * d, name='qkv')(x)
     # Column order (3, heads, head_dim), the reference's reshape(B, N, 3, H, D/H).
-    qkv = qkv.reshape(*x.shape[:-1], 3, self.num_heads, d // self.num_heads)
-    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    q, k, v = einops.rearrange(qkv, 'b k (three h c) -> three b k h c', three=3,
+                               h=self.num_heads)
     y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # scale 1/sqrt(head_dim).
-    return dense(d, name='proj')(y.reshape(x.shape[:-1] + (d,)))
+    return dense(d, name='proj')(einops.rearrange(y, 'b k h c -> b k (h c)'))
 
 
 class Mlp(nn.Module):

@@ -1,0 +1,98 @@
+"""Helpers for tests that start several real JAX processes on localhost (CPU, gloo collectives).
+
+Shared by tests/test_launch.py (jax.distributed smoke tests) and tests/test_multihost.py (the
+trainer as a 2-process job). Not a test module: pytest collects nothing here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+  """os.environ without any scheduler / CJEPA_* variables, plus `extra`."""
+  drop = ('SLURM_', 'CJEPA_', 'TPU_', 'OMPI_', 'MEGASCALE_', 'JAX_COORDINATOR', 'DRY_RUN')
+  env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+  env.update(extra)
+  return env
+
+
+def cpu_env(devices: int, **extra: str) -> dict[str, str]:
+  """A clean environment for one CPU process with `devices` fake devices, importing this tree."""
+  return clean_env(JAX_PLATFORMS='cpu',
+                   XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+                   PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL='3', **extra)
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that was free a moment ago (for the coordination service)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def gloo_unavailable_reason() -> str | None:
+  """None when this jaxlib has gloo CPU collectives (needed by multi-process CPU runs); else why."""
+  try:
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    return f'jaxlib has no _jax extension ({e})'
+  if not hasattr(_jax, 'make_gloo_tcp_collectives'):
+    return 'this jaxlib was built without gloo CPU collectives'
+  return None
+
+
+@dataclasses.dataclass
+class ProcessResult:
+  returncode: int | None   # None: still running when the deadline passed (then killed).
+  stdout: str
+  stderr: str
+
+
+def run_processes(commands: Sequence[Sequence[str]], envs: Sequence[dict[str, str]], *,
+                  timeout: float, cwd: pathlib.Path = ROOT) -> tuple[list[ProcessResult], float]:
+  """Starts every command at once, waits for all (one shared deadline); kills any left over.
+
+  Output goes to temporary files, not pipes: a process blocked on a full pipe would stall the
+  others in their next collective.
+
+  Returns:
+    (one ProcessResult per command, wall-clock seconds until the last one exited).
+  """
+  start = time.monotonic()
+  files, procs = [], []
+  try:
+    for cmd, env in zip(commands, envs, strict=True):
+      out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
+      files.append((out, err))
+      procs.append(subprocess.Popen(list(cmd), cwd=cwd, env=env, text=True, stdout=out,
+                                    stderr=err))
+    for p in procs:
+      try:
+        p.wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
+      except subprocess.TimeoutExpired:
+        pass
+    elapsed = time.monotonic() - start
+  finally:
+    codes = [p.poll() for p in procs]
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  results = []
+  for code, (out, err) in zip(codes, files):
+    out.seek(0)
+    err.seek(0)
+    results.append(ProcessResult(code, out.read(), err.read()))
+    out.close()
+    err.close()
+  return results, elapsed

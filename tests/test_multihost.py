@@ -1,0 +1,286 @@
+"""The real trainer as a 2-process job on localhost: what a multi-host run needs (issue 7).
+
+Two CPU processes with 2 fake devices each (a 4-device global mesh, gloo collectives) run
+`python -m cjepa_jax.train ... --coordinator_address=127.0.0.1:PORT --num_processes=2
+--process_id=I` on one shared workdir and a tiny image folder written here. The mesh is
+`data=1, fsdp=4`, so the parameters are sharded across the two processes and the checkpoint is
+written collectively. Checked:
+
+  * both exit 0; only process 0 writes metrics.jsonl (one row per step), config.json, TensorBoard
+    and the result line; the losses are finite and the step compiled once;
+  * each process feeds the step exactly `make_train_iterator(process_index=i, process_count=2)`:
+    the training images are uniform colours, one per file, so every image the trainer placed on
+    the devices names its file; the two halves of each global batch are disjoint files of the
+    right process;
+  * the in-training kNN monitor counts every eval image once across the processes (the eval set
+    is built so that the answer is exactly 0.5, and 0 or 1 if one process read the other's part);
+  * the checkpoint written by 2 processes (parameters split between them) restores in one process:
+    its parameter norm is the one the job logged, and the single-process trainer resumes from it;
+  * an error on one process stops both, each showing the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax import input_pipeline
+from cjepa_jax import optim
+from cjepa_jax import train_step as step_lib
+from multiprocess_utils import ROOT, cpu_env, free_port, gloo_unavailable_reason, run_processes
+
+pytestmark = pytest.mark.skipif(gloo_unavailable_reason() is not None,
+                                reason=f'no gloo CPU collectives: {gloo_unavailable_reason()}')
+
+NUM_CLASSES, PER_CLASS, SIZE = 10, 8, 32
+TIMEOUT_S = 240
+# Overrides shared by every run here: a tiny model and the test's image folder (added per run).
+TRAIN_ARGS = ('--config', 'configs/cifar10_vit_tiny.py', '--config.batch_size=16',
+              '--config.model.depth=1', '--config.model.pred_depth=1',
+              '--config.model.pred_width=48', '--config.log_every_steps=1',
+              '--config.ckpt_every_steps=4', '--config.evals.knn_every_steps=4',
+              '--config.evals.knn_k=1', '--config.evals.knn_train_examples=0',
+              '--config.evals.knn_eval_examples=0')
+JOB_ARGS = ('--config.total_steps=4', '--config.mesh.data=1', '--config.mesh.fsdp=4')
+
+# Runs `python -m cjepa_jax.train` (runpy is what `-m` uses), recording the host-local arrays
+# of the first two training batches as the trainer hands them to
+# jax.make_array_from_process_local_data (inside input_pipeline.to_global_array).
+_RECORDING_TRAINER = r'''
+import os, runpy, sys
+import jax
+import numpy as np
+
+_make = jax.make_array_from_process_local_data
+_seen = {'image': [], 'label': []}
+
+def _recording(sharding, local_data, global_shape=None):
+  key = {4: 'image', 1: 'label'}.get(np.ndim(local_data))
+  if key and len(_seen[key]) < 2:
+    _seen[key].append(np.array(local_data))
+    if all(len(v) == 2 for v in _seen.values()):
+      np.savez(os.environ['RECORD_PREFIX'] + str(jax.process_index()) + '.npz',
+               image=np.stack(_seen['image']), label=np.stack(_seen['label']))
+  return _make(sharding, local_data, global_shape)
+
+jax.make_array_from_process_local_data = _recording
+runpy.run_module('cjepa_jax.train', run_name='__main__', alter_sys=True)
+'''
+
+
+def _colour(label: int, k: int) -> tuple[int, int, int]:
+  """The uniform colour of training image k of class `label`: every file its own colour."""
+  return (12 + 24 * label, 20 + 30 * k, 128)
+
+
+def _write_image_folder(root: pathlib.Path) -> None:
+  """train/class<c>/img<k>.jpg: 10 x 8 uniform 32x32 JPEGs; test/: 2 copies per class.
+
+  test/class<c>/img0.jpg is byte-identical to train/class<c>/img<c % 8>.jpg (so a 1-NN gets it
+  right) and test/class<c>/img1.jpg to train/class<c+1>/img<c % 8>.jpg (so it gets it wrong).
+  The image folder gives sorted file i to process i % 2: process 0 evaluates every img0 and
+  process 1 every img1, so the kNN top-1 is exactly 0.5 only if both halves are counted once.
+  """
+  for c in range(NUM_CLASSES):
+    (root / 'train' / f'class{c}').mkdir(parents=True)
+    (root / 'test' / f'class{c}').mkdir(parents=True)
+    for k in range(PER_CLASS):
+      Image.new('RGB', (SIZE, SIZE), _colour(c, k)).save(
+          root / 'train' / f'class{c}' / f'img{k}.jpg', quality=95)
+  for c in range(NUM_CLASSES):
+    for j, source in enumerate((c, (c + 1) % NUM_CLASSES)):
+      shutil.copyfile(root / 'train' / f'class{source}' / f'img{c % PER_CLASS}.jpg',
+                      root / 'test' / f'class{c}' / f'img{j}.jpg')
+
+
+def _config(data_dir: pathlib.Path):
+  """The config the job's command line builds (recipe + TRAIN_ARGS + JOB_ARGS)."""
+  spec = importlib.util.spec_from_file_location('recipe', ROOT / 'configs' / 'cifar10_vit_tiny.py')
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  c = recipe.get_config()
+  c.batch_size, c.total_steps, c.mesh.data, c.mesh.fsdp = 16, 4, 1, 4
+  c.model.depth, c.model.pred_depth, c.model.pred_width = 1, 1, 48
+  c.data.data_dir = str(data_dir)
+  return c
+
+
+def _train_command(workdir: pathlib.Path, data_dir: pathlib.Path, *extra: str) -> list[str]:
+  return ['--workdir', str(workdir), *TRAIN_ARGS, f'--config.data.data_dir={data_dir}', *extra]
+
+
+def _metric_rows(workdir: pathlib.Path) -> list[dict]:
+  with open(workdir / 'metrics.jsonl', encoding='utf-8') as f:
+    return [json.loads(line) for line in f]
+
+
+def _result_lines(stdout: str) -> list[dict]:
+  """The trainer's JSON result line(s) (gloo also prints its connection lines to stdout)."""
+  return [json.loads(line) for line in stdout.splitlines() if line.startswith('{')]
+
+
+@dataclasses.dataclass
+class Job:
+  data_dir: pathlib.Path
+  workdir: pathlib.Path
+  record_prefix: str
+  results: list
+  elapsed: float
+  rows: list[dict]          # metrics.jsonl right after the job (later tests resume it).
+  listing: list[str]        # The workdir's entries right after the job.
+  checkpoints: list[str]    # Its checkpoints/ entries.
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory) -> pathlib.Path:
+  root = tmp_path_factory.mktemp('images')
+  _write_image_folder(root)
+  return root
+
+
+@pytest.fixture(scope='module')
+def job(tmp_path_factory, data_dir) -> Job:
+  """The 2-process training job: 4 steps, a checkpoint at step 4, kNN monitor at step 4."""
+  workdir = tmp_path_factory.mktemp('job') / 'run'
+  record_prefix = str(tmp_path_factory.mktemp('record') / 'batches')
+  address = f'127.0.0.1:{free_port()}'
+  commands = [[sys.executable, '-c', _RECORDING_TRAINER,
+               *_train_command(workdir, data_dir, *JOB_ARGS), f'--coordinator_address={address}',
+               '--num_processes=2', f'--process_id={i}'] for i in range(2)]
+  envs = [cpu_env(2, RECORD_PREFIX=record_prefix) for _ in range(2)]
+  results, elapsed = run_processes(commands, envs, timeout=TIMEOUT_S)
+  for i, r in enumerate(results):
+    assert r.returncode == 0, f'process {i} (rc {r.returncode}):\n{r.stderr[-4000:]}'
+  return Job(data_dir, workdir, record_prefix, results, elapsed, _metric_rows(workdir),
+             sorted(os.listdir(workdir)), sorted(os.listdir(workdir / 'checkpoints')))
+
+
+def test_two_processes_train_as_one_job(job):
+  for i, r in enumerate(job.results):
+    assert f'[process {i}/2] ' in r.stderr
+    assert f'JAX process {i} of 2; 2 local / 4 global devices (cpu)' in r.stderr
+    assert "Mesh {'data': 1, 'fsdp': 4} over 4 devices (2 processes)" in r.stderr
+  # Only process 0 writes: one metrics row per step, one config.json, one TensorBoard file, and
+  # the result line on stdout (process 1 prints none).
+  assert [r['step'] for r in job.rows] == [1, 2, 3, 4]
+  events = [n for n in job.listing if n.startswith('events.out.tfevents.')]
+  assert len(events) == 1, job.listing
+  assert set(job.listing) == {'checkpoints', 'config.json', 'metrics.jsonl', *events}
+  assert json.load(open(job.workdir / 'config.json', encoding='utf-8'))['total_steps'] == 4
+  assert _result_lines(job.results[1].stdout) == []
+  (result,) = _result_lines(job.results[0].stdout)
+  assert result['step'] == 4 and result['loss'] == job.rows[-1]['loss']
+  for row in job.rows:
+    assert np.isfinite(row['loss']) and row['loss'] > 0
+    assert np.isfinite(row['grad_norm']) and row['grad_norm'] > 0
+    assert row['compiles'] == 1 and row['data_skipped'] == 0
+  assert job.checkpoints == ['4']
+  assert (job.workdir / 'checkpoints' / '4' / checkpoint_lib.COMMIT_MARKER).exists()
+
+
+def _file_of(image: np.ndarray, config) -> tuple[int, int]:
+  """(class, k) of the uniform-colour training file a normalised [S, S, 3] crop came from."""
+  pixels = (image * np.asarray(config.data.std) + np.asarray(config.data.mean)) * 255.0
+  assert np.ptp(pixels, axis=(0, 1)).max() < 2.0, 'not a crop of a uniform image'
+  colour = pixels.mean(axis=(0, 1))
+  files = [(c, k) for c in range(NUM_CLASSES) for k in range(PER_CLASS)]
+  dist = [np.abs(colour - _colour(c, k)).max() for c, k in files]
+  best = int(np.argmin(dist))
+  assert dist[best] < 4.0, (colour, files[best])  # JPEG rounding; files are >= 24 levels apart.
+  return files[best]
+
+
+def test_each_process_feeds_its_own_disjoint_part(job):
+  config = _config(job.data_dir)
+  steps = {}  # step -> process -> [(class, k)] of the files in its half of the global batch
+  for i in range(2):
+    recorded = np.load(f'{job.record_prefix}{i}.npz')
+    assert recorded['image'].shape == (2, 8, SIZE, SIZE, 3)  # 2 steps x local batch 16 / 2.
+    # What the trainer fed is exactly this process's part of the pipeline.
+    expected = input_pipeline.make_train_iterator(config, process_index=i, process_count=2)
+    for step in range(2):
+      batch = next(expected)
+      np.testing.assert_array_equal(recorded['image'][step], batch['image'])
+      np.testing.assert_array_equal(recorded['label'][step], batch['label'])
+      files = [_file_of(x, config) for x in recorded['image'][step]]
+      assert [c for c, _ in files] == recorded['label'][step].tolist()
+      # Sorted file index c * 8 + k goes to process (c * 8 + k) % 2 = k % 2.
+      assert all(k % 2 == i for _, k in files), files
+      steps.setdefault(step, {})[i] = files
+  for step, halves in steps.items():
+    assert len(set(halves[0]) | set(halves[1])) == 16, (step, halves)  # 16 different files.
+  for i in range(2):  # Within an epoch (40 local files) no file repeats.
+    assert len(set(steps[0][i]) | set(steps[1][i])) == 16
+
+
+def test_knn_monitor_counts_each_eval_image_once(job):
+  row = job.rows[-1]
+  assert row['step'] == 4
+  assert row['knn_top1'] == 0.5, row['knn_top1']  # See _write_image_folder.
+
+
+def test_checkpoint_of_two_processes_restores_in_one(job):
+  config = _config(job.data_dir)
+  step_dir = str(job.workdir / 'checkpoints' / '4')
+  state = checkpoint_lib.restore_subtree(step_dir, ())
+  assert int(state['step']) == 4
+  models = step_lib.build_models(config)
+  tx = optim.make_optimizer(config, *optim.run_length(config))
+  abstract = jax.eval_shape(lambda: step_lib.init_state(models, tx, config.seed))
+  for key in ('params', 'target_params'):
+    shapes = jax.tree.map(lambda x: x.shape, state[key])
+    assert shapes == jax.tree.map(lambda x: x.shape, abstract[key]), key
+  leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(state)]
+  assert all(np.isfinite(x).all() for x in leaves)
+  # The logged param_norm of step 4 is the norm after its update: the state that was saved, now
+  # reassembled from the shards the two processes wrote (float64 reference).
+  norm = np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64)))
+                     for x in jax.tree.leaves(state['params'])))
+  np.testing.assert_allclose(norm, job.rows[-1]['param_norm'], rtol=1e-5)
+
+
+def test_single_process_trainer_resumes_the_two_process_checkpoint(job):
+  # One process, one device, the default mesh: the checkpoint's 4 FSDP shards become one array.
+  results, _ = run_processes(
+      [[sys.executable, '-m', 'cjepa_jax.train',
+        *_train_command(job.workdir, job.data_dir, '--config.total_steps=6')]],
+      [cpu_env(1)], timeout=TIMEOUT_S)
+  (r,) = results
+  assert r.returncode == 0, r.stderr[-4000:]
+  assert 'Resuming from the checkpoint of step 4' in r.stderr
+  assert "Mesh {'data': 1, 'fsdp': 1} over 1 devices (1 processes)" in r.stderr
+  assert 'step 6/6' in r.stderr
+  rows = _metric_rows(job.workdir)
+  assert [row['step'] for row in rows] == [1, 2, 3, 4, 5, 6]
+  assert all(np.isfinite(row['loss']) for row in rows)
+  assert rows[-1]['knn_top1'] == 0.5  # The same monitor, on one process.
+  assert checkpoint_lib.Checkpointer(str(job.workdir)).all_steps() == [4, 6]
+
+
+def test_error_on_one_process_stops_both_with_its_message(tmp_path, data_dir):
+  # The data exist on "host" 0 only: process 1 fails its start-up check, after jax.distributed
+  # connected both; process 0 would wait for it in the first collective.
+  missing = tmp_path / 'not_on_this_host'
+  address = f'127.0.0.1:{free_port()}'
+  commands = [[sys.executable, '-m', 'cjepa_jax.train',
+               *_train_command(tmp_path / 'run', data_dir if i == 0 else missing, *JOB_ARGS),
+               f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}']
+              for i in range(2)]
+  results, elapsed = run_processes(commands, [cpu_env(2), cpu_env(2)], timeout=TIMEOUT_S)
+  assert elapsed < 90, f'the processes did not stop by themselves ({elapsed:.0f} s)'
+  assert [r.returncode for r in results] == [1, 1]
+  message = f'ValueError: Image folder split {missing}/train does not exist.'
+  assert f'[process 1/2] {message}' in results[1].stderr, results[1].stderr[-3000:]
+  assert f'[process 0/2] ' in results[0].stderr
+  assert f'stopping: process 1 failed: {message}' in results[0].stderr, results[0].stderr[-3000:]
