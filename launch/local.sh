@@ -33,19 +33,8 @@ usage() {
   exit 2
 }
 
-# Prints a command with each argument single-quoted where the shell needs it (readable, and
-# shlex.split-able).
-show() {
-  local arg out=()
-  for arg in "$@"; do
-    if [[ "${arg}" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      out+=("${arg}")
-    else
-      out+=("'${arg//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # show()
 
 # The project root, so `python -m cjepa_jax.train` and relative CONFIG paths work from anywhere.
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

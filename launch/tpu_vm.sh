@@ -53,19 +53,8 @@ die() {
   exit 2
 }
 
-# Prints a command with each argument single-quoted where the shell needs it (readable, and
-# shlex.split-able).
-show() {
-  local arg out=()
-  for arg in "$@"; do
-    if [[ "${arg}" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then
-      out+=("${arg}")
-    else
-      out+=("'${arg//\'/\'\\\'\'}'")
-    fi
-  done
-  echo "${out[*]}"
-}
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # show()
 
 # Runs a command, or prints it with DRY_RUN=1.
 run() {

@@ -26,6 +26,7 @@ from multiprocess_utils import free_port as _free_port
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / 'launch'
 SCRIPTS = ['local.sh', 'tpu_vm.sh', 'gpu_slurm.sbatch']
+SHELL_FILES = SCRIPTS + ['common.sh']  # common.sh is sourced by the others, never run.
 
 
 def _commands(stdout: str) -> list[list[str]]:
@@ -36,16 +37,16 @@ def _commands(stdout: str) -> list[list[str]]:
 # Scripts.
 
 
-@pytest.mark.parametrize('script', SCRIPTS)
+@pytest.mark.parametrize('script', SHELL_FILES)
 def test_bash_syntax(script):
   subprocess.run(['bash', '-n', str(LAUNCH / script)], check=True, timeout=30)
 
 
-@pytest.mark.parametrize('script', SCRIPTS)
+@pytest.mark.parametrize('script', SHELL_FILES)
 def test_shellcheck(script):
   if shutil.which('shellcheck') is None:
     pytest.skip('shellcheck is not installed')
-  result = subprocess.run(['shellcheck', '--shell=bash', str(LAUNCH / script)],
+  result = subprocess.run(['shellcheck', '--shell=bash', '-x', str(LAUNCH / script)],
                           capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stdout + result.stderr
 
