@@ -63,6 +63,7 @@ _SMALL_GRID_MIN_KEEP = 4
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+  """The command line (see the module docstring); `argv` None reads sys.argv."""
   p = argparse.ArgumentParser(
       prog='benchmarks/step.py',
       description='Compile time, img/s, TFLOP/s and MFU of the real jitted train step on '
@@ -275,6 +276,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  """Parses the flags, runs the benchmark, prints the JSON line with `--json`; returns it."""
   args = parse_args(argv)
   config = build_config(args)
   result = run_benchmark(config, steps=args.steps, warmup=args.warmup,

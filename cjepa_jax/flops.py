@@ -6,8 +6,9 @@ transformer block on K tokens of width D with MLP hidden F:
   qkv 6KD^2 + attention scores and values 4K^2 D + output projection 2KD^2 + MLP 4KDF.
 A backward pass costs twice its forward pass. The step runs
   target encoder forward on all N patches (no gradient),
-  context encoder forward + backward on Kc context tokens,
-  predictor forward + backward on M passes of Kc + Kt tokens.
+  context encoder forward + backward on Kc context tokens (the patch embedding on all N),
+  predictor: its input projection once on the Kc context tokens, then M passes of Kc + Kt
+  tokens, forward + backward.
 Padded mask slots are computed like real ones (static shapes), so they count.
 """
 
@@ -56,22 +57,29 @@ def block_flops(tokens: int, width: int, mlp_hidden: int) -> float:
   return 8 * k * d * d + 4 * k * k * d + 4 * k * d * mlp_hidden
 
 
+def embed_flops(s: StepShape, patches: int) -> float:
+  """Forward FLOPs of the patch embedding on `patches` patches (a matmul over their pixels)."""
+  return 2 * patches * (s.patch_size**2 * 3) * s.width
+
+
 def encoder_forward_flops(tokens: int, s: StepShape, embed_tokens: int) -> float:
   """Patch embedding on `embed_tokens` patches plus `depth` blocks on `tokens` tokens."""
-  embed = 2 * embed_tokens * (s.patch_size**2 * 3) * s.width
-  return embed + s.depth * block_flops(tokens, s.width, s.mlp_hidden)
+  return embed_flops(s, embed_tokens) + s.depth * block_flops(tokens, s.width, s.mlp_hidden)
 
 
 def step_flops(s: StepShape) -> float:
   """Matmul FLOPs of one train step per example (multiply by the batch size)."""
   target = encoder_forward_flops(s.num_patches, s, s.num_patches)
-  # The context encoder embeds all N patches, then gathers: the embedding is on N.
-  context = 3 * encoder_forward_flops(s.context_tokens, s, s.num_patches)
+  # The context encoder embeds all N patches, then gathers Kc. The embedding's backward needs
+  # only the kernel gradient (1x forward; the pixels need none), the blocks' both (2x).
+  context = 2 * embed_flops(s, s.num_patches) + 3 * s.depth * block_flops(s.context_tokens, s.width,
+                                                            s.mlp_hidden)
   k = s.context_tokens + s.target_tokens
-  pred_fwd = s.num_targets * (
-      2 * k * s.width * s.pred_width                        # Dense in (context is repeated).
-      + s.pred_depth * block_flops(k, s.pred_width, 4 * s.pred_width)
-      + 2 * s.target_tokens * s.pred_width * s.width)        # Dense out on target tokens.
+  pred_fwd = (
+      2 * s.context_tokens * s.width * s.pred_width             # Dense in, once on the context.
+      + s.num_targets * (
+          s.pred_depth * block_flops(k, s.pred_width, 4 * s.pred_width)
+          + 2 * s.target_tokens * s.pred_width * s.width))      # Dense out on target tokens.
   proj = 0.0
   if s.projector:
     widths = (s.width,) + tuple(s.projector)
