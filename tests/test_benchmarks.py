@@ -146,3 +146,17 @@ def test_small_grid_gets_the_cifar_min_keep():
   assert _cfg('--variant', 'H/14', '--image_size', '224').mask.min_keep == 10
   assert _cfg('--variant', 'Ti/4', '--image_size', '32', '--min_keep', '6').mask.min_keep == 6
   assert _cfg('--steps', '0', '--compile_only').total_steps >= 1
+
+
+def test_input_pipeline_benchmark_on_generated_jpegs():
+  """benchmarks/input_pipeline.py writes ImageNet-sized JPEGs, reads them, reports images/s."""
+  result = subprocess.run(
+      [sys.executable, 'benchmarks/input_pipeline.py', '--generate=24', '--image_size=32',
+       '--batch_size=8', '--steps=2', '--warmup_steps=1', '--json'],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3'))
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out['generated'] == 24 and out['dataset'] == 'image_folder'
+  assert out['images_per_s'] > 0 and out['images_per_s_per_core'] > 0
+  assert out['data_skipped'] == 0
