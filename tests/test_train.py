@@ -236,3 +236,27 @@ def test_sigkill_mid_save_and_resume_ends_exactly_as_uninterrupted(tmp_path, str
   assert len(la) == len(lb)
   for x, y in zip(la, lb):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                           monkeypatch):
+  """A NaN batch at step 6 (checkpoints every 4): the error names step 6, step 4 stays latest."""
+  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  real = input_pipeline.make_train_iterator
+
+  def poisoned(config, *, start_step=0, **kwargs):
+    for step, batch in enumerate(real(config, start_step=start_step, **kwargs),
+                                 start=start_step + 1):
+      if step == 6:
+        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, 'make_train_iterator', poisoned)
+  config = tiny_cli_config(total_steps=12, ckpt_every_steps=4)
+  with pytest.raises(train.NonFiniteError, match='step 6') as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert 'last good checkpoint (step 4)' in str(e.value)
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
+  assert ckpt.all_steps() == [4]
+  rows = read_metrics(tmp_path)
+  assert sorted(rows) == [2, 4]  # Nothing non-finite was logged either.
