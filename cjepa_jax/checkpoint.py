@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from typing import Any, Iterator, Sequence
 
@@ -62,6 +63,12 @@ class _CommittedNameFormat(ocp.step.NameFormat):
     if not _is_committed(metadata.path):
       raise ValueError(f'Checkpoint {metadata.path} is incomplete (no {COMMIT_MARKER}).')
     return metadata
+
+
+def _absolute(path: str) -> epath.Path:
+  """Orbax wants absolute paths: a relative local path is taken from the current directory."""
+  p = epath.Path(path)
+  return p if '://' in str(path) else epath.Path(os.path.abspath(str(p)))
 
 
 def _is_committed(step_dir: epath.Path) -> bool:
@@ -172,7 +179,7 @@ class Checkpointer:
     if keep_every_steps < 0 or save_every_steps < 0:
       raise ValueError(f'keep_every_steps={keep_every_steps} and save_every_steps='
                        f'{save_every_steps} must be >= 0 (0 turns them off).')
-    self.directory = epath.Path(workdir) / CHECKPOINTS_DIR
+    self.directory = _absolute(workdir) / CHECKPOINTS_DIR
     self._warned: set[str] = set()
     preserve = [ocp.checkpoint_managers.LatestN(keep)]
     if keep_every_steps:
@@ -303,7 +310,7 @@ def resolve_checkpoint(path: str) -> tuple[str, int]:
   A workdir (or `checkpoints/` dir) resolves to its latest complete step, skipping (with a warning)
   saves that were cut off; a step directory resolves to itself and must be complete.
   """
-  p = epath.Path(path)
+  p = _absolute(path)
   if _STEP_RE.match(p.name) and p.is_dir():
     if not _is_committed(p):
       raise ValueError(f'{p} is an incomplete checkpoint (no {COMMIT_MARKER}; a save that was cut '

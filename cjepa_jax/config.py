@@ -113,3 +113,22 @@ def default_config() -> ml_collections.ConfigDict:
   c.evals.knn_temperature = 0.07
   c.evals.knn_batch_size = 0       # 0: the training batch size.
   return c
+
+
+def set_cifar10_image_folder(data: ml_collections.ConfigDict) -> None:
+  """CIFAR-10 as the image folder `data/cifar10/{train,test}/<class>/*.jpg` (shared tarballs).
+
+  Shared by the CIFAR pretraining recipe and the probe config, so both read the same data.
+  """
+  data.dataset = 'image_folder'
+  data.data_dir = 'data/cifar10'
+  data.train_split = 'train'
+  data.eval_split = 'test'
+  data.num_train_examples = 50_000
+  data.num_classes = 10
+  data.image_size = 32
+  # eval_resize is expressed at 224 px (input_pipeline.eval_resize_size): 224 resizes a 32 px
+  # image to 32, so the centre crop keeps all of CIFAR's pixels.
+  data.eval_resize = 224
+  data.mean = (0.4914, 0.4822, 0.4465)
+  data.std = (0.2470, 0.2435, 0.2616)

@@ -64,20 +64,9 @@ def get_config(arg=None):
   c.knn.temperature = 0.07
 
   if dataset == 'cifar10':
-    c.data.dataset = 'image_folder'
-    c.data.data_dir = 'data/cifar10'
-    c.data.train_split = 'train'
-    c.data.eval_split = 'test'
-    c.data.num_train_examples = 50_000
-    c.data.num_classes = 10
-    c.data.image_size = 32
-    # eval_resize is the short side at 224 px (input_pipeline.eval_resize_size): 224 resizes a
-    # 32 px image to 32, so the centre crop keeps all of CIFAR's 32 x 32 pixels.
-    c.data.eval_resize = 224
-    c.data.mean = (0.4914, 0.4822, 0.4465)
-    c.data.std = (0.2470, 0.2435, 0.2616)
+    config_lib.set_cifar10_image_folder(c.data)
     c.model.variant = 'Ti/4'
-    c.model.depth = 6
+    c.model.depth = 4   # configs/cifar10_vit_tiny.py's encoder, for the random baseline.
     c.model.dtype = 'float32'
   else:
     c.data.dataset = 'imagenet2012'

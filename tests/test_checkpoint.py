@@ -266,3 +266,16 @@ def test_restore_subtree_reads_only_the_requested_part(tmp_path):
   assert params['predictor']['scale'].sharding == NamedSharding(mesh, P())
   with pytest.raises(ValueError, match=r"No key 'decoder' in state\['params'\].*encoder"):
     ckpt_lib.restore_subtree(str(tmp_path), ('params', 'decoder'))
+
+
+def test_relative_workdir_is_taken_from_the_current_directory(tmp_path, monkeypatch):
+  """`--workdir runs/x` (as in the README) works: orbax itself only accepts absolute paths."""
+  monkeypatch.chdir(tmp_path)
+  state = {'w': jnp.arange(4.0)}
+  with ckpt_lib.Checkpointer('runs/rel', async_save=False) as c:
+    assert c.save(3, state, force=True)
+  assert (tmp_path / 'runs' / 'rel' / 'checkpoints' / '3').is_dir()
+  root, step = ckpt_lib.resolve_checkpoint('runs/rel')
+  assert step == 3 and root == str(tmp_path / 'runs' / 'rel' / 'checkpoints')
+  np.testing.assert_array_equal(np.asarray(ckpt_lib.restore_subtree('runs/rel', ('w',))),
+                                np.arange(4.0))
