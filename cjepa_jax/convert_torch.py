@@ -181,6 +181,17 @@ def _convert(sd: Mapping[str, Any], spec: Sequence[tuple], fixed: Mapping[str, t
   return params
 
 
+def _convert_dropping_pos_embed(sd, spec, pos_key: str, width: int, name: str, what: str,
+                                hint: str) -> dict:
+  """`_convert`, with the fixed position embedding `pos_key` (if present) checked, then dropped."""
+  fixed = {}
+  if pos_key in sd:
+    fixed[pos_key] = (1, _shape(sd[pos_key])[1], width)
+  params = _convert(sd, spec, fixed, name, what, hint)
+  _check_sincos(sd, pos_key, name)
+  return params
+
+
 def _check_sincos(sd: Mapping[str, Any], key: str, name: str) -> int | None:
   """Checks that `sd[key]` [1, N, C] is the fixed 2-D sin-cos embedding; returns its grid side."""
   if key not in sd:
@@ -236,12 +247,7 @@ def convert_encoder(torch_state_dict: Mapping[str, np.ndarray], variant: str, *,
     spec += _block_spec(f'blocks.{i}.', (f'blocks_{i}',), width, hidden)
   spec += [('norm.weight', ('norm', 'scale'), (width,), _COPY),
            ('norm.bias', ('norm', 'bias'), (width,), _COPY)]
-  fixed = {}
-  if 'pos_embed' in sd:
-    fixed['pos_embed'] = (1, _shape(sd['pos_embed'])[1], width)
-  params = _convert(sd, spec, fixed, name, what, hint)
-  _check_sincos(sd, 'pos_embed', name)
-  return params
+  return _convert_dropping_pos_embed(sd, spec, 'pos_embed', width, name, what, hint)
 
 
 def convert_predictor(torch_state_dict: Mapping[str, np.ndarray], variant: str, *,
@@ -302,12 +308,7 @@ def convert_predictor(torch_state_dict: Mapping[str, np.ndarray], variant: str, 
            ('predictor_norm.bias', ('predictor_norm', 'bias'), (width,), _COPY),
            ('predictor_proj.weight', ('predictor_proj', 'kernel'), (embed_dim, width), _LINEAR),
            ('predictor_proj.bias', ('predictor_proj', 'bias'), (embed_dim,), _COPY)]
-  fixed = {}
-  if 'predictor_pos_embed' in sd:
-    fixed['predictor_pos_embed'] = (1, _shape(sd['predictor_pos_embed'])[1], width)
-  params = _convert(sd, spec, fixed, name, what, hint)
-  _check_sincos(sd, 'predictor_pos_embed', name)
-  return params
+  return _convert_dropping_pos_embed(sd, spec, 'predictor_pos_embed', width, name, what, hint)
 
 
 def _check_against_model(params: Any, abstract: Any, name: str) -> None:
