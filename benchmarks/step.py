@@ -195,9 +195,9 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup:
   keys are None with `compile_only`.
   """
   mesh = sharding.make_mesh(config, None if devices is None else list(devices))
-  setup_out = train.setup(config, mesh)
-  # (models, tx, state_shardings, abstract_state, init_fn, jitted_step, trace_count, run_length)
-  models, _, state_shardings, abstract_state, init_fn, jitted_step = setup_out[:6]
+  run = train.setup(config, mesh)
+  models, state_shardings, abstract_state = run.models, run.state_shardings, run.abstract_state
+  init_fn, jitted_step = run.init_fn, run.jitted_step
   shape = models.step_shape()
   b = config.batch_size
   flops_per_step = flops_lib.step_flops(shape) * b

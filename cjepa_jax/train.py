@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from absl import app
 from absl import flags
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
+import optax
 
 from cjepa_jax import checkpoint as checkpoint_lib
 from cjepa_jax import distributed
@@ -113,12 +114,21 @@ def _abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
   }
 
 
-def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """Models, optimizer, state shardings and the jitted step; validates the config on the way.
+class Setup(NamedTuple):
+  """What `setup` builds for a run (also what benchmarks/step.py times)."""
+  models: step_lib.Models
+  tx: optax.GradientTransformation
+  state_shardings: Any           # NamedShardings of the train state (FSDP over 'fsdp').
+  abstract_state: Any            # ShapeDtypeStructs of the train state.
+  init_fn: Callable[[], Any]     # Jitted: a fresh state, created directly sharded.
+  jitted_step: Callable[[Any, Any], tuple[Any, Any]]
+  trace_count: list[int]         # [n]: how often the step was traced, i.e. compiled.
+  total_steps: int
+  steps_per_epoch: int
 
-  Returns (models, tx, state_shardings, jitted_init, jitted_step, trace_count, run_length).
-  `trace_count[0]` counts how often the step was traced, i.e. compiled.
-  """
+
+def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
+  """Models, optimizer, state shardings and the jitted step; validates the config on the way."""
   sharding.check_batch_divisible(config.batch_size, mesh, jax.process_count())
   models = step_lib.build_models(config)
   total_steps, steps_per_epoch = optim.run_length(config)
@@ -140,8 +150,8 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   jitted_step = jax.jit(counted_step, in_shardings=(state_shardings, batch_shardings),
                         out_shardings=(state_shardings, sharding.replicated(mesh)),
                         donate_argnums=0)
-  return (models, tx, state_shardings, abstract_state, init_fn, jitted_step, trace_count,
-          (total_steps, steps_per_epoch))
+  return Setup(models, tx, state_shardings, abstract_state, init_fn, jitted_step, trace_count,
+               total_steps, steps_per_epoch)
 
 
 def _with_shardings(abstract_tree: Any, shardings: Any) -> Any:
@@ -156,8 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config)
-  (models, _, state_shardings, abstract_state, init_fn, jitted_step, trace_count,
-   (total_steps, steps_per_epoch)) = setup(config, mesh)
+  run = setup(config, mesh)
+  models, total_steps, steps_per_epoch = run.models, run.total_steps, run.steps_per_epoch
   input_pipeline.check_dataset(config)  # Fails fast, naming how to prepare the data.
   if is_main:
     save_config(config, workdir)
@@ -171,12 +181,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = ckpt.latest_step()
   if start_step is not None:
     logging.info('Resuming from the checkpoint of step %d in %s.', start_step, workdir)
-    state = ckpt.restore(start_step, _with_shardings(abstract_state, state_shardings))
+    state = ckpt.restore(start_step, _with_shardings(run.abstract_state, run.state_shardings))
   else:
-    state = init_fn()
+    state = run.init_fn()
     if config.init_from:
-      state = load_init_from(config.init_from, state, state_shardings)
-    start_step = 0
+      state = load_init_from(config.init_from, state, run.state_shardings)
   start_step = int(jax.device_get(state['step']))
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
@@ -198,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       host_batch = next(data)
       data_skipped = int(host_batch.pop('data_skipped', data_skipped))
       batch = input_pipeline.to_global_array(host_batch, batch_sharding)
-      state, step_metrics = jitted_step(state, batch)
+      state, step_metrics = run.jitted_step(state, batch)
       # Check the previous step's flag now, while the device is already busy with this step.
       if pending is not None:
         _check_finite(*pending, last_good, workdir)
@@ -213,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         pending = None
       if log_now:
         evaluate = (lambda: knn_eval(state['target_params'])) if knn_now else None
-        log.flush(step, evaluate, compiles=trace_count[0], data_skipped=data_skipped)
+        log.flush(step, evaluate, compiles=run.trace_count[0], data_skipped=data_skipped)
       if save_now:
         ckpt.save(step, state, config, force=step == total_steps)
         last_good = step
@@ -221,8 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.wait()
     ckpt.close()
     writer.close()
-  if trace_count[0] != 1:
-    logging.warning('The train step compiled %d times; expected once.', trace_count[0])
+  if run.trace_count[0] != 1:
+    logging.warning('The train step compiled %d times; expected once.', run.trace_count[0])
   return log.last
 
 

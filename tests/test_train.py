@@ -112,15 +112,23 @@ def test_config_errors_name_the_problem(tmp_path, overrides, message):
   assert message in str(e.value), str(e.value)
 
 
-def run_cli(workdir, *extra, devices=1, timeout=600):
+def tiny_cli_args(workdir, *extra):
+  """The CIFAR recipe shrunk to a tiny model on synthetic data, as command-line flags."""
+  return ['--config', 'configs/cifar10_vit_tiny.py', '--workdir', str(workdir),
+          '--config.data.dataset=synthetic', '--config.batch_size=16', '--config.model.depth=1',
+          '--config.model.pred_depth=1', '--config.model.pred_width=48',
+          '--config.log_every_steps=2', *extra]
+
+
+def run_python(args, devices=1, timeout=600, **env_extra):
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-  cmd = [sys.executable, '-m', 'cjepa_jax.train', '--config', 'configs/cifar10_vit_tiny.py',
-         '--workdir', str(workdir), '--config.data.dataset=synthetic',
-         '--config.batch_size=16', '--config.model.depth=1', '--config.model.pred_depth=1',
-         '--config.model.pred_width=48', '--config.log_every_steps=2', *extra]
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=timeout)
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', **env_extra)
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def run_cli(workdir, *extra, devices=1):
+  return run_python(['-m', 'cjepa_jax.train', *tiny_cli_args(workdir, *extra)], devices=devices)
 
 
 def read_metrics(workdir):
@@ -200,13 +208,7 @@ _KILL_HARNESS = textwrap.dedent('''
 
 
 def run_killed(workdir, kill_at, *extra):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', KILL_AT=str(kill_at))
-  cmd = [sys.executable, '-c', _KILL_HARNESS, '--config', 'configs/cifar10_vit_tiny.py',
-         '--workdir', str(workdir), '--config.data.dataset=synthetic',
-         '--config.batch_size=16', '--config.model.depth=1', '--config.model.pred_depth=1',
-         '--config.model.pred_width=48', '--config.log_every_steps=2', *extra]
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  return run_python(['-c', _KILL_HARNESS, *tiny_cli_args(workdir, *extra)], KILL_AT=str(kill_at))
 
 
 def test_sigkill_mid_save_and_resume_ends_exactly_as_uninterrupted(tmp_path, straight_run):

@@ -46,15 +46,15 @@ def fixed_batch(config, seed=0):
 
 def run_steps(config, devices, num_steps, batches):
   mesh = sharding.make_mesh(config, devices)
-  (_, _, _, _, init_fn, jitted_step, trace_count, _) = train.setup(config, mesh)
-  state = init_fn()
+  run = train.setup(config, mesh)
+  state = run.init_fn()
   bs = sharding.batch_sharding(mesh)
   losses = []
   for i in range(num_steps):
     batch = jax.device_put(batches[i % len(batches)], bs)
-    state, metrics = jitted_step(state, batch)
+    state, metrics = run.jitted_step(state, batch)
     losses.append(float(metrics['loss']))
-  return state, np.array(losses), trace_count[0]
+  return state, np.array(losses), run.trace_count[0]
 
 
 def test_tiny_model_overfits_fixed_batch():
@@ -101,7 +101,8 @@ def test_fsdp_actually_shards_large_params():
   config = tiny_config()
   config.mesh.data, config.mesh.fsdp = 4, 2
   mesh = sharding.make_mesh(config)
-  (_, _, state_shardings, abstract_state, *_) = train.setup(config, mesh)
+  run = train.setup(config, mesh)
+  state_shardings, abstract_state = run.state_shardings, run.abstract_state
   specs = jax.tree.leaves(jax.tree.map(lambda s: s.spec, state_shardings,
                                        is_leaf=lambda s: hasattr(s, 'spec')))
   sizes = [int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_state)]
@@ -155,9 +156,9 @@ def test_ema_target_follows_formula_and_gets_no_gradient():
 def test_metrics_are_reported():
   config = tiny_config(vicreg_weight=0.001, total_steps=2)
   mesh = sharding.make_mesh(config, jax.devices()[:1])
-  (_, _, _, _, init_fn, jitted_step, _, _) = train.setup(config, mesh)
-  state = init_fn()
-  _, metrics = jitted_step(state, jax.device_put(fixed_batch(config),
+  run = train.setup(config, mesh)
+  state = run.init_fn()
+  _, metrics = run.jitted_step(state, jax.device_put(fixed_batch(config),
                                                  sharding.batch_sharding(mesh)))
   for key in ('loss', 'jepa', 'vicreg', 'vicreg_inv', 'vicreg_var', 'vicreg_cov', 'lr',
               'weight_decay', 'ema_momentum', 'grad_norm', 'update_norm', 'param_norm',
