@@ -109,6 +109,8 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   c.seed = args.seed
   c.batch_size = args.batch_size
   c.total_steps = max(_TOTAL_STEPS, args.warmup + args.steps + 1)
+  # No timed step is a log step, so none pays the RankMe monitor's SVD (most training steps don't).
+  c.log_every_steps = c.total_steps
   c.peak_tflops = args.peak_tflops
   c.data.dataset = 'synthetic'
   c.data.image_size = args.image_size

@@ -41,8 +41,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file (configs/
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and logs go.')
 
-# Scalars logged as they are; everything else in the step's metrics is averaged over the window.
-_LAST_VALUE = ('lr', 'weight_decay', 'ema_momentum')
+# Scalars logged as the log step's value; everything else in the step's metrics is averaged over
+# the window. The step computes `target_effective_rank` on log steps only (NaN on the others).
+_LAST_VALUE = ('lr', 'weight_decay', 'ema_momentum', 'target_effective_rank')
 
 
 class NonFiniteError(FloatingPointError):
@@ -215,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       log.add(step, step_metrics)
 
       knn_now = bool(knn_every) and (step % knn_every == 0 or step == total_steps)
-      log_now = step % config.log_every_steps == 0 or step == total_steps or knn_now
+      log_now = bool(step_lib.is_log_step(step, config, total_steps))
       save_now = step % config.ckpt_every_steps == 0 or step == total_steps
       if log_now or save_now:
         _check_finite(*pending, last_good, workdir)   # Never log or save a non-finite state.

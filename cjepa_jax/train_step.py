@@ -140,6 +140,19 @@ def effective_rank(x: jax.Array) -> jax.Array:
   return jnp.exp(-jnp.sum(p * jnp.log(p)))
 
 
+def is_log_step(step: int | jax.Array, config: ml_collections.ConfigDict,
+                total_steps: int) -> bool | jax.Array:
+  """Whether the trainer logs after update number `step` (1 after the first update).
+
+  Every `log_every_steps`, every kNN evaluation and the last step. `step` is a Python int in the
+  trainer's loop or a traced int32 inside the train step, so both agree on which steps are logged.
+  """
+  log = (step % config.log_every_steps == 0) | (step == total_steps)
+  if config.evals.knn_every_steps:
+    log = log | (step % config.evals.knn_every_steps == 0)
+  return log
+
+
 def make_train_step(config: ml_collections.ConfigDict, models: Models,
                     tx: optax.GradientTransformation, total_steps: int,
                     steps_per_epoch: int) -> Callable[[State, Batch], tuple[State, Metrics]]:
@@ -184,6 +197,11 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models,
 
     grad_norm = optax.tree.norm(grads)
     pooled = jnp.mean(h, axis=1)                                  # [B, D]
+    # RankMe needs an SVD of the global [B, D]: only on the steps the trainer logs (it logs that
+    # step's value), NaN on the others, so the monitor costs nothing on the other steps.
+    rank = jax.lax.cond(is_log_step(step + 1, config, total_steps), effective_rank,
+                        lambda x: jnp.full((), jnp.nan, jnp.float32),
+                        pooled - jnp.mean(pooled, axis=0))
     metrics = dict(terms)
     metrics.update(
         loss=loss,
@@ -191,7 +209,7 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models,
         grad_norm=grad_norm, update_norm=optax.tree.norm(updates),
         param_norm=optax.tree.norm(params),
         target_feature_std=jnp.mean(jnp.std(pooled, axis=0)),
-        target_effective_rank=effective_rank(pooled - jnp.mean(pooled, axis=0)),
+        target_effective_rank=rank,
         context_valid_tokens=jnp.mean(jnp.sum(m.ctx_valid, axis=1).astype(jnp.float32)),
         target_valid_tokens=jnp.mean(jnp.sum(m.tgt_valid, axis=2).astype(jnp.float32)),
         finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),

@@ -18,6 +18,9 @@
 #   WORKDIR           gs://... checkpoints, logs, TensorBoard; required (every worker must see it)
 #   REPO_URL          git URL to clone on the workers; default: copy this checkout (without .git)
 #   REPO_REF          branch / tag / commit for REPO_URL (default main)
+#   JAX_VERSION       jax[tpu] version for the workers, e.g. 0.10.2 (default: the jax version pip
+#                     resolved for the project on the worker, so libtpu matches it and jax is
+#                     never upgraded past what was installed)
 #   STEPS             which of create,setup,train to do (default create,setup,train)
 #   LOG_FILE          local copy of the streamed logs (default ./tpu_vm-$TPU_NAME.log)
 #   DRY_RUN=1         print the commands instead of running them (no gcloud needed)
@@ -41,6 +44,7 @@ CONFIG="${CONFIG:-configs/in1k_vith14_ep300.py}"
 WORKDIR="${WORKDIR:-}"
 REPO_URL="${REPO_URL:-}"
 REPO_REF="${REPO_REF:-main}"
+JAX_VERSION="${JAX_VERSION:-}"
 STEPS="${STEPS:-create,setup,train}"
 LOG_FILE="${LOG_FILE:-tpu_vm-${TPU_NAME}.log}"
 DRY_RUN="${DRY_RUN:-0}"
@@ -72,6 +76,8 @@ has_step() {
 [[ "${WORKDIR}" == gs://* ]] \
   || die "WORKDIR='${WORKDIR}' must be a gs:// path that every TPU worker can read and write" \
          "(set WORKDIR=gs://bucket/dir)."
+[[ -z "${JAX_VERSION}" || "${JAX_VERSION}" =~ ^[0-9]+(\.[0-9]+)*[a-z0-9.]*$ ]] \
+  || die "JAX_VERSION='${JAX_VERSION}' is not a version number (e.g. JAX_VERSION=0.10.2)."
 for step in ${STEPS//,/ }; do
   case "${step}" in
     create|setup|train) ;;
@@ -113,9 +119,15 @@ if has_step create; then
 fi
 
 if has_step setup; then
-  # jax[tpu] after the project: the project's requirements pull the CPU jaxlib; this adds libtpu.
+  # jax[tpu] after the project: the project's requirements pull the CPU jaxlib; this adds libtpu
+  # for a pinned jax version (an unpinned -U would move jax to whatever is newest that day).
+  if [[ -n "${JAX_VERSION}" ]]; then
+    jax_pin="$(printf '%q' "jax[tpu]==${JAX_VERSION}")"
+  else
+    jax_pin="\"jax[tpu]==\$(python3 -c 'import jax; print(jax.__version__)')\""
+  fi
   install="cd ${REMOTE_DIR} && python3 -m pip install -q -e ."
-  install+=" && python3 -m pip install -q -U 'jax[tpu]'"
+  install+=" && python3 -m pip install -q ${jax_pin}"
   if [[ -n "${REPO_URL}" ]]; then
     fetch="rm -rf ${REMOTE_DIR} && git clone -q $(printf '%q' "${REPO_URL}") ${REMOTE_DIR}"
     fetch+=" && git -C ${REMOTE_DIR} checkout -q $(printf '%q' "${REPO_REF}")"

@@ -78,7 +78,9 @@ def test_tpu_vm_dry_run(tmp_path):
   assert {'--accelerator-type=v4-32', '--version=tpu-ubuntu2204-base', '--spot'} <= set(create)
   assert '--worker=all' in gcloud[2] and '--worker=all' in gcloud[3] and '--worker=all' in gcloud[4]
   setup = next(a for a in gcloud[3] if a.startswith('--command='))
-  assert 'pip install -q -e .' in setup and "'jax[tpu]'" in setup
+  # jax[tpu] is pinned on the worker to the jax version that the project's install resolved.
+  assert 'pip install -q -e .' in setup
+  assert setup.endswith('''pip install -q "jax[tpu]==$(python3 -c 'import jax; print(jax.__version__)')"''')
   train = next(a for a in gcloud[4] if a.startswith('--command='))[len('--command='):]
   remote = shlex.split(train.split('&&', 1)[1])  # What the worker's shell runs after `cd`.
   assert remote == ['python3', '-m', 'cjepa_jax.train', '--config', 'configs/in1k_vith14_ep300.py',
@@ -88,18 +90,20 @@ def test_tpu_vm_dry_run(tmp_path):
 
 def test_tpu_vm_clone_and_steps(tmp_path):
   env = _clean_env(DRY_RUN='1', WORKDIR='gs://b/w', REPO_URL='https://example.com/r.git',
-                   REPO_REF='v1', STEPS='setup')
+                   REPO_REF='v1', STEPS='setup', JAX_VERSION='0.10.2')
   result = subprocess.run(['bash', str(LAUNCH / 'tpu_vm.sh')], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=30, check=True)
   cmds = _commands(result.stdout)
   assert len(cmds) == 1 and cmds[0][4] == 'ssh' and '--worker=all' in cmds[0]
   assert 'git clone -q https://example.com/r.git cjepa_jax' in cmds[0][-1]
   assert 'checkout -q v1' in cmds[0][-1]
+  assert cmds[0][-1].endswith('pip install -q jax\\[tpu\\]==0.10.2')
 
 
 @pytest.mark.parametrize('env_update,message', [
     ({'WORKDIR': '/tmp/local'}, 'must be a gs:// path'),
     ({'WORKDIR': 'gs://b/w', 'STEPS': 'create,delete'}, "unknown step 'delete'"),
+    ({'WORKDIR': 'gs://b/w', 'JAX_VERSION': '0.10; rm -rf ~'}, 'is not a version number'),
 ])
 def test_tpu_vm_rejects_bad_knobs(tmp_path, env_update, message):
   env = _clean_env(DRY_RUN='1', **env_update)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cjepa_jax import config as config_lib
+from cjepa_jax import losses
 from cjepa_jax import optim
 from cjepa_jax import sharding
 from cjepa_jax import train
@@ -115,17 +116,16 @@ def test_fsdp_actually_shards_large_params():
 
 def test_ema_target_follows_formula_and_gets_no_gradient():
   config = tiny_config(total_steps=10)
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
   models = step_lib.build_models(config)
   total, spe = optim.run_length(config)
   tx = optim.make_optimizer(config, total, spe)
-  step_fn = jax.jit(step_lib.make_train_step(config, models, tx, total, spe))
+  step_fn = step_lib.make_train_step(config, models, tx, total, spe)
+  jitted_step = jax.jit(step_fn)
   state = jax.jit(lambda: step_lib.init_state(models, tx, config.seed))()
-  del mesh
   batch = jax.tree.map(jnp.asarray, fixed_batch(config))
   for _ in range(3):
     before = jax.device_get(state)
-    state, metrics = step_fn(state, batch)
+    state, metrics = jitted_step(state, batch)
     after = jax.device_get(state)
     step = int(before['step'])
     m = config.optim.ema[0] + step * (config.optim.ema[1] - config.optim.ema[0]) / total
@@ -140,15 +140,10 @@ def test_ema_target_follows_formula_and_gets_no_gradient():
   n_params = len(jax.tree.leaves(state['params']))
   assert opt_leaves >= 2 * n_params  # Adam's two moments, nothing for the target.
   # And the gradient of the loss with respect to the target parameters is exactly zero.
-  images = batch['image']
-  key = jax.random.key(0)
 
   def loss_of_target(target_params):
-    s = dict(state, target_params=target_params)
-    return step_lib.make_train_step(config, models, tx, total, spe)(s, {'image': images,
-                                                                        'label': batch['label']}
-                                                                    )[1]['loss']
-  del key
+    return step_fn(dict(state, target_params=target_params), batch)[1]['loss']
+
   g = jax.grad(loss_of_target)(state['target_params'])
   assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g))
 
@@ -169,4 +164,35 @@ def test_metrics_are_reported():
   expected_lr = float(optim.lr_schedule(config, total, spe)(0))
   assert float(metrics['lr']) == pytest.approx(expected_lr, rel=1e-6)
   assert config.optim.start_lr < expected_lr < config.optim.lr
-  assert float(metrics['target_effective_rank']) > 1.0
+
+
+def _rankme(x):
+  """RankMe of `x [B, D]` in float64 numpy, with the step's epsilons."""
+  s = np.linalg.svd(np.asarray(x, np.float64), compute_uv=False)
+  p = s / (s.sum() + 1e-12) + 1e-7
+  return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def test_effective_rank_only_on_log_steps():
+  # Log steps: every 3rd, every kNN evaluation (5th) and the last (7th); the others pay no SVD.
+  config = tiny_config(total_steps=7)
+  config.log_every_steps = 3
+  config.evals.knn_every_steps = 5
+  assert [s for s in range(1, 8) if step_lib.is_log_step(s, config, 7)] == [3, 5, 6, 7]
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  run = train.setup(config, mesh)
+  state = run.init_fn()
+  batch = jax.device_put(fixed_batch(config), sharding.batch_sharding(mesh))
+  for step in range(1, 8):
+    target_params = jax.device_get(state['target_params'])  # The step donates the state.
+    state, metrics = run.jitted_step(state, batch)
+    rank = float(metrics['target_effective_rank'])
+    if step in (3, 5, 6, 7):
+      # RankMe of the centred, pooled, layer-normed target features the step used.
+      h = run.models.encoder.apply({'params': target_params}, batch['image'])
+      pooled = np.asarray(losses.normalize_targets(h), np.float64).mean(axis=1)
+      assert rank == pytest.approx(_rankme(pooled - pooled.mean(axis=0)), rel=1e-4)
+      assert rank > 1.0
+    else:
+      assert np.isnan(rank), step
+  assert run.trace_count[0] == 1
