@@ -2,8 +2,10 @@ r"""Times the real jitted I-JEPA / C-JEPA train step on synthetic images: compil
 
   python benchmarks/step.py --variant H/14 --image_size 224 --batch_size 128 --steps 20 \
       [--warmup 2 --dtype bfloat16 --remat none|full|<jax.checkpoint_policies name> --scan \
+       --attention xla|cudnn \
        --pred_depth 12 --pred_width 384 --vicreg_weight 0 --vicreg_mode context \
-       --mesh.data -1 --mesh.fsdp 1 --peak_tflops X --depth N --min_keep K --compile_only --json]
+       --mesh.data -1 --mesh.fsdp 1 --peak_tflops X --depth N --min_keep K --context_tokens KC \
+       --compile_only --json]
 
 The step is the one training runs: the config is `cjepa_jax.config.default_config()` with the
 flags' overrides, the mesh is `sharding.make_mesh(config)` and the jitted step, its shardings and
@@ -78,6 +80,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--remat', default='none',
                  help="'none', 'full' or a jax.checkpoint_policies name.")
   p.add_argument('--scan', action='store_true', help='nn.scan over the blocks.')
+  p.add_argument('--attention', default='xla',
+                 help="Attention kernel: 'xla' or 'cudnn' (cuDNN flash attention, NVIDIA GPUs).")
   p.add_argument('--pred_depth', type=int, default=12)
   p.add_argument('--pred_width', type=int, default=384)
   p.add_argument('--vicreg_weight', type=float, default=0.0, help='> 0: C-JEPA.')
@@ -85,6 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--min_keep', type=int, default=0,
                  help=f'Mask min_keep; 0: the config default, or {_SMALL_GRID_MIN_KEEP} on grids '
                       f'of fewer than {_SMALL_GRID_PATCHES} patches (as the CIFAR-10 recipe).')
+  p.add_argument('--context_tokens', type=int, default=0,
+                 help='Context budget Kc (config.mask.context_tokens); 0: the reference-matching '
+                      'default (e.g. 68 at 224/14, 11 at 32/4).')
   p.add_argument('--mesh.data', dest='mesh_data', type=int, default=-1)
   p.add_argument('--mesh.fsdp', dest='mesh_fsdp', type=int, default=1)
   p.add_argument('--peak_tflops', type=float, default=0.0,
@@ -101,8 +108,8 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   for name in ('batch_size', 'image_size', 'pred_depth', 'pred_width'):
     if getattr(args, name) < 1:
       raise ValueError(f'--{name}={getattr(args, name)} must be >= 1.')
-  if args.depth < 0 or args.warmup < 0 or args.min_keep < 0:
-    raise ValueError('--depth, --warmup and --min_keep must be >= 0.')
+  if args.depth < 0 or args.warmup < 0 or args.min_keep < 0 or args.context_tokens < 0:
+    raise ValueError('--depth, --warmup, --min_keep and --context_tokens must be >= 0.')
   if args.steps < 1 and not args.compile_only:
     raise ValueError(f'--steps={args.steps}: time at least one step, or pass --compile_only.')
   c = config_lib.default_config()
@@ -119,12 +126,14 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   c.model.dtype = args.dtype
   c.model.remat_policy = args.remat
   c.model.scan = bool(args.scan)
+  c.model.attention = args.attention
   c.model.pred_depth = args.pred_depth
   c.model.pred_width = args.pred_width
   c.vicreg.weight = args.vicreg_weight
   c.vicreg.mode = args.vicreg_mode
   c.mesh.data = args.mesh_data
   c.mesh.fsdp = args.mesh_fsdp
+  c.mask.context_tokens = args.context_tokens
   if args.min_keep:
     c.mask.min_keep = args.min_keep
   else:
@@ -207,6 +216,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup:
   devices = list(mesh.devices.flat)
   log(f'{config.model.variant} depth {shape.depth} at {config.data.image_size} px, batch {b}, '
       f'{config.model.dtype}, remat {config.model.remat_policy}, scan {config.model.scan}, '
+      f'attention {config.model.attention}, '
       f'predictor {shape.pred_depth}x{shape.pred_width}; mesh {dict(mesh.shape)} over '
       f'{len(devices)} x {devices[0].device_kind}; context {shape.context_tokens} + '
       f'{shape.num_targets} x {shape.target_tokens} target tokens of {shape.num_patches}.')
@@ -266,7 +276,8 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup:
   result.update(
       variant=config.model.variant, depth=shape.depth, image_size=config.data.image_size,
       batch_size=b, dtype=config.model.dtype, remat=config.model.remat_policy,
-      scan=bool(config.model.scan), pred_depth=shape.pred_depth, pred_width=shape.pred_width,
+      scan=bool(config.model.scan), attention=config.model.attention,
+      pred_depth=shape.pred_depth, pred_width=shape.pred_width,
       vicreg_weight=config.vicreg.weight, vicreg_mode=config.vicreg.mode,
       context_tokens=shape.context_tokens, target_tokens=shape.target_tokens,
       mesh={k: int(v) for k, v in mesh.shape.items()}, devices=len(devices),

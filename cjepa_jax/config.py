@@ -60,6 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'bfloat16'       # Compute dtype; params stay float32.
   c.model.remat_policy = 'none'    # 'none', 'full' or a jax.checkpoint_policies name.
   c.model.scan = False             # nn.scan over blocks (fast compiles for deep models).
+  # jax.nn.dot_product_attention's kernel: 'xla' (every backend) or 'cudnn' (cuDNN flash
+  # attention: NVIDIA GPUs, bfloat16 / float16). Same function either way; checkpoints don't care.
+  c.model.attention = 'xla'
   c.model.pred_depth = 12
   c.model.pred_width = 384
 

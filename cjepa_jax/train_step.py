@@ -76,12 +76,33 @@ def compute_dtype(name: str) -> Any:
   return DTYPES[name]
 
 
+def check_attention(name: str, dtype: Any) -> str:
+  """Validates `config.model.attention` against the backend and dtype before anything compiles.
+
+  cuDNN's flash attention exists only on NVIDIA GPUs and only in 16-bit types; without this check
+  either mistake surfaces as a lowering error deep inside XLA.
+  """
+  if name not in vit.ATTENTION_IMPLS:
+    raise ValueError(f'config.model.attention={name!r} is not one of {vit.ATTENTION_IMPLS}.')
+  if name == 'cudnn':
+    backend = jax.default_backend()
+    if backend != 'gpu':
+      raise ValueError(f"config.model.attention='cudnn' (cuDNN flash attention) needs an NVIDIA "
+                       f"GPU, but this run's backend is {backend!r}: use 'xla'.")
+    if dtype not in (jnp.bfloat16, jnp.float16):
+      raise ValueError("config.model.attention='cudnn' runs in bfloat16 or float16 only: set "
+                       "--config.model.dtype=bfloat16, or use --config.model.attention=xla.")
+  return name
+
+
 def build_models(config: ml_collections.ConfigDict) -> Models:
   """Builds encoder, predictor, optional projector and mask spec from the config."""
   vit.parse_variant(config.model.variant)  # First: a bad variant explains the rest.
   spec = masks_lib.MaskSpec.from_config(config)
   dtype = compute_dtype(config.model.dtype)
-  common = dict(dtype=dtype, remat_policy=config.model.remat_policy, scan=config.model.scan)
+  attention = check_attention(config.model.attention, dtype)
+  common = dict(dtype=dtype, remat_policy=config.model.remat_policy, scan=config.model.scan,
+                attention_impl=attention)
   encoder = vit.Encoder(variant=config.model.variant, depth=config.model.depth or None, **common)
   enc = encoder.spec  # Raises a ValueError naming the valid sizes for an unknown variant.
   predictor = predictor_lib.Predictor(

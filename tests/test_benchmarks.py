@@ -135,6 +135,7 @@ def test_step_flops_match_xla():
     (['--steps', '0'], '--steps=0'),
     (['--batch_size', '0'], '--batch_size=0'),
     (['--variant', 'X/4'], 'Bad ViT variant'),
+    (['--context_tokens', '-1'], '--context_tokens'),
 ])
 def test_bad_flags_raise_value_error(argv, match):
   with pytest.raises(ValueError, match=match):
@@ -146,6 +147,14 @@ def test_small_grid_gets_the_cifar_min_keep():
   assert _cfg('--variant', 'H/14', '--image_size', '224').mask.min_keep == 10
   assert _cfg('--variant', 'Ti/4', '--image_size', '32', '--min_keep', '6').mask.min_keep == 6
   assert _cfg('--steps', '0', '--compile_only').total_steps >= 1
+
+
+def test_context_tokens_flag_sets_the_mask_budget():
+  # 0 keeps the reference-matching default (11 at 32/4 with min_keep 4); > 0 is the budget Kc.
+  small = ('--variant', 'Ti/4', '--image_size', '32')
+  assert step_lib.build_models(_cfg(*small)).mask_spec.num_context == 11
+  models = step_lib.build_models(_cfg(*small, '--context_tokens', '22'))
+  assert models.mask_spec.num_context == 22 and models.step_shape().context_tokens == 22
 
 
 def test_input_pipeline_benchmark_on_generated_jpegs():

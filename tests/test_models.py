@@ -471,3 +471,41 @@ def test_remat_same_gradients(enc_params):
     # Recomputation may fuse differently: compare each leaf relative to its own scale.
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
       np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_attention_impl_reaches_every_attention_call(monkeypatch, enc_params, pred_params, scan):
+  """`attention_impl` is handed to jax.nn.dot_product_attention by every block of both models.
+
+  The kernel itself is jax's; cuDNN's needs a GPU, so on CPU the call is recorded during an
+  abstract trace (eval_shape) and answered by the XLA kernel, whose outputs must be unchanged.
+  """
+  seen = []
+  real = jax.nn.dot_product_attention
+
+  def spy(*args, implementation=None, **kw):
+    seen.append(implementation)
+    return real(*args, implementation='xla', **kw)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', spy)
+  enc_p = vit.unscanned_to_scan(enc_params) if scan else enc_params
+  pred_p = vit.unscanned_to_scan(pred_params) if scan else pred_params
+  x = images(7)
+  want_enc = jit_apply(tiny_encoder(scan=scan))({'params': enc_p}, x)
+  want_pred = jit_apply(tiny_predictor(scan=scan))({'params': pred_p}, *predictor_inputs())
+  seen.clear()  # The jitted references above may trace through the spy too.
+
+  enc = tiny_encoder(scan=scan, attention_impl='cudnn')
+  got_enc = jax.jit(enc.apply)({'params': enc_p}, x)
+  pred = tiny_predictor(scan=scan, attention_impl='cudnn')
+  got_pred = jax.jit(pred.apply)({'params': pred_p}, *predictor_inputs())
+  # The unrolled models trace each of their DEPTH blocks once; nn.scan traces its one body more
+  # than once (shape inference), so only 'every call asked for cudnn' is exact there.
+  assert set(seen) == {'cudnn'} and (len(seen) >= 2 if scan else len(seen) == 2 * DEPTH), seen
+  np.testing.assert_array_equal(got_enc, want_enc)
+  np.testing.assert_array_equal(got_pred, want_pred)
+
+
+def test_unknown_attention_impl_is_refused():
+  with pytest.raises(ValueError, match="'flash'.*'xla', 'cudnn'"):
+    jax.eval_shape(tiny_encoder(attention_impl='flash').init, jax.random.key(0), images())

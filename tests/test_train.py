@@ -77,6 +77,18 @@ def test_reference_recipes_match_reference_hyperparameters():
     assert (c.vicreg.sim_coeff, c.vicreg.std_coeff, c.vicreg.cov_coeff) == (25, 25, 1)
 
 
+def test_cifar_recipe_gives_ijepa_its_own_lr_and_context():
+  """RESULTS.md's tuning: I-JEPA Kc 22 at lr 5e-4; both C-JEPA modes keep Kc 11 at lr 1e-3."""
+  want = {'ijepa': (22, 5e-4, 1e-4, 0.0), 'cjepa': (11, 1e-3, 2e-4, 0.001),
+          'cjepa_blocks': (11, 1e-3, 2e-4, 0.001)}
+  for objective, (kc, lr, start_lr, vicreg) in want.items():
+    c = load_recipe(ROOT / 'configs' / 'cifar10_vit_tiny.py', objective)
+    got = (step_lib.build_models(c).mask_spec.num_context, c.optim.lr, c.optim.start_lr,
+           c.vicreg.weight)
+    assert got == (kc, lr, start_lr, vicreg), (objective, got)
+    assert tuple(c.optim.ema) == (0.996, 1.0) and c.mask.min_keep == 4
+
+
 def tiny_cli_config(**overrides):
   c = load_recipe(ROOT / 'configs' / 'cifar10_vit_tiny.py')
   c.data.dataset = 'synthetic'
@@ -104,6 +116,8 @@ def tiny_cli_config(**overrides):
     ({'data.dataset': 'image_folder', 'data.data_dir': '/nonexistent/cifar'}, '/nonexistent'),
     ({'vicreg.mode': 'both'}, "'context' or 'blocks'"),
     ({'model.dtype': 'float64'}, 'bfloat16'),
+    ({'model.attention': 'flash'}, "'xla', 'cudnn'"),
+    ({'model.attention': 'cudnn'}, 'needs an NVIDIA GPU'),
 ])
 def test_config_errors_name_the_problem(tmp_path, overrides, message):
   config = tiny_cli_config(**overrides)

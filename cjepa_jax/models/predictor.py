@@ -45,7 +45,7 @@ class Predictor(nn.Module):
     grid: (grid_h, grid_w) patch grid of the images; indices are raster-order into it.
     width: predictor width (384 in every reference recipe).
     depth: number of blocks (12 for the ViT-H recipes, 16 for ViT-g).
-    dtype, remat_policy, scan: as vit.Encoder.
+    dtype, remat_policy, scan, attention_impl: as vit.Encoder.
   """
   embed_dim: int
   num_heads: int
@@ -55,6 +55,7 @@ class Predictor(nn.Module):
   dtype: Any = jnp.float32
   remat_policy: str = 'none'
   scan: bool = False
+  attention_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, ctx: jax.Array, ctx_idx: jax.Array, ctx_valid: jax.Array,
@@ -100,7 +101,8 @@ class Predictor(nn.Module):
                              einops.rearrange(tgt_valid.astype(bool), 'b m k -> (b m) k')], axis=1)
     x, _ = vit.transformer_blocks(
         x, valid, depth=self.depth, num_heads=self.num_heads, mlp_dim=4 * self.width,
-        dtype=self.dtype, remat_policy=self.remat_policy, scan=self.scan)
+        dtype=self.dtype, remat_policy=self.remat_policy, scan=self.scan,
+        attention_impl=self.attention_impl)
     x = vit.layer_norm('predictor_norm')(x[:, kc:])  # Keep the target tokens.
     x = nn.Dense(d, dtype=self.dtype, kernel_init=vit.dense_init,
                  bias_init=nn.initializers.zeros, name='predictor_proj')(x)

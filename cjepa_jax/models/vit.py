@@ -63,6 +63,10 @@ INIT_STD = 0.02
 dense_init = jax.nn.initializers.truncated_normal(
     stddev=INIT_STD, lower=-2.0 / INIT_STD, upper=2.0 / INIT_STD)
 
+# `implementation` of jax.nn.dot_product_attention: 'xla' (any backend; the default) or 'cudnn'
+# (cuDNN's fused flash attention: NVIDIA GPUs, bfloat16 / float16 only).
+ATTENTION_IMPLS = ('xla', 'cudnn')
+
 # jax.checkpoint_policies that are policies themselves (the others are factories needing names).
 _REMAT_POLICIES = (
     'checkpoint_dots', 'checkpoint_dots_with_no_batch_dims', 'dots_saveable',
@@ -121,9 +125,14 @@ def key_mask(valid: jax.Array | None) -> jax.Array | None:
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection: [B, K, D] -> [B, K, D]."""
+  """Multi-head self-attention with a fused qkv projection: [B, K, D] -> [B, K, D].
+
+  `attention_impl` picks jax.nn.dot_product_attention's kernel (ATTENTION_IMPLS); both compute the
+  same function, so parameters and checkpoints do not depend on it.
+  """
   num_heads: int
   dtype: Any = jnp.float32
+  attention_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -137,7 +146,8 @@ class Attention(nn.Module):
     # Column order (3, heads, head_dim), the reference's reshape(B, N, 3, H, D/H).
     q, k, v = einops.rearrange(qkv, 'b k (three h c) -> three b k h c', three=3,
                                h=self.num_heads)
-    y = jax.nn.dot_product_attention(q, k, v, mask=mask)  # scale 1/sqrt(head_dim).
+    y = jax.nn.dot_product_attention(q, k, v, mask=mask,  # scale 1/sqrt(head_dim).
+                                     implementation=self.attention_impl)
     return dense(d, name='proj')(einops.rearrange(y, 'b k h c -> b k (h c)'))
 
 
@@ -165,10 +175,12 @@ class Block(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
+  attention_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    x = x + Attention(self.num_heads, self.dtype, name='attn')(layer_norm('norm1')(x), mask)
+    attn = Attention(self.num_heads, self.dtype, self.attention_impl, name='attn')
+    x = x + attn(layer_norm('norm1')(x), mask)
     x = x + Mlp(self.mlp_dim, self.dtype, name='mlp')(layer_norm('norm2')(x))
     return x
 
@@ -190,7 +202,7 @@ def _remat_block_cls(remat_policy: str, scan: bool) -> type[nn.Module]:
 
 def transformer_blocks(x: jax.Array, valid: jax.Array | None, *, depth: int, num_heads: int,
                        mlp_dim: int, dtype: Any, remat_policy: str = 'none', scan: bool = False,
-                       return_intermediates: bool = False
+                       attention_impl: str = 'xla', return_intermediates: bool = False
                        ) -> tuple[jax.Array, jax.Array | None]:
   """Runs `depth` Blocks; call it from inside a compact method (the blocks become its children).
 
@@ -201,10 +213,14 @@ def transformer_blocks(x: jax.Array, valid: jax.Array | None, *, depth: int, num
     remat_policy: 'none', 'full' or a jax.checkpoint_policies name.
     scan: nn.scan over the blocks (params `blocks`, stacked [depth, ...]) instead of a Python loop
       (params `blocks_0` ... `blocks_{depth-1}`).
+    attention_impl: jax.nn.dot_product_attention's implementation, one of ATTENTION_IMPLS.
     return_intermediates: also return every block's output.
   Returns:
     ([B, K, D] float32 output of the last block, [depth, B, K, D] block outputs in `dtype` or None).
   """
+  if attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f'Unknown attention implementation {attention_impl!r}: use one of '
+                     f'{ATTENTION_IMPLS}.')
   mask = key_mask(valid)
   block_cls = _remat_block_cls(remat_policy, scan)
   x = x.astype(jnp.float32)
@@ -214,11 +230,12 @@ def transformer_blocks(x: jax.Array, valid: jax.Array | None, *, depth: int, num
       return carry, (carry.astype(dtype) if return_intermediates else None)
     scanned = nn.scan(body, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=nn.broadcast, length=depth)
-    x, inter = scanned(block_cls(num_heads, mlp_dim, dtype, name='blocks'), x, mask)
+    x, inter = scanned(block_cls(num_heads, mlp_dim, dtype, attention_impl, name='blocks'), x,
+                       mask)
     return x, inter
   outs = []
   for i in range(depth):
-    x = block_cls(num_heads, mlp_dim, dtype, name=f'blocks_{i}')(x, mask)
+    x = block_cls(num_heads, mlp_dim, dtype, attention_impl, name=f'blocks_{i}')(x, mask)
     if return_intermediates:
       outs.append(x.astype(dtype))
   return x, (jnp.stack(outs) if return_intermediates else None)
@@ -271,12 +288,14 @@ class Encoder(nn.Module):
     scan: nn.scan over the blocks (stacked params, see the module docstring).
     depth: optional override of the variant's depth (None = the variant's); for small recipes and
       tests, not a reference model.
+    attention_impl: the attention kernel, one of ATTENTION_IMPLS ('xla' or 'cudnn').
   """
   variant: str
   dtype: Any = jnp.float32
   remat_policy: str = 'none'
   scan: bool = False
   depth: int | None = None
+  attention_impl: str = 'xla'
 
   @property
   def spec(self) -> dict:
@@ -344,6 +363,6 @@ class Encoder(nn.Module):
     x, inter = transformer_blocks(
         x, valid, depth=s['depth'], num_heads=s['num_heads'], mlp_dim=s['mlp_dim'],
         dtype=self.dtype, remat_policy=self.remat_policy, scan=self.scan,
-        return_intermediates=return_intermediates)
+        attention_impl=self.attention_impl, return_intermediates=return_intermediates)
     out = layer_norm('norm')(x).astype(self.dtype)
     return (out, inter) if return_intermediates else out
