@@ -477,8 +477,8 @@ def test_remat_same_gradients(enc_params):
 def test_attention_impl_reaches_every_attention_call(monkeypatch, enc_params, pred_params, scan):
   """`attention_impl` is handed to jax.nn.dot_product_attention by every block of both models.
 
-  The kernel itself is jax's; cuDNN's needs a GPU, so on CPU the call is recorded during an
-  abstract trace (eval_shape) and answered by the XLA kernel, whose outputs must be unchanged.
+  The kernel itself is jax's; cuDNN's needs a GPU, so on CPU a spy records the requested
+  implementation while tracing and answers with the XLA kernel: the outputs must be unchanged.
   """
   seen = []
   real = jax.nn.dot_product_attention
