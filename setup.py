@@ -28,6 +28,7 @@ setuptools.setup(
     extras_require={
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pillow>=10.0'],
         'torch': ['torch>=2.2'],  # CPU wheel is enough: only for converting reference checkpoints.
+        'tensorboard': ['tensorboard>=2.15'],  # The viewer for the event files the trainer writes.
     },
     entry_points={
         'console_scripts': [

@@ -5,7 +5,7 @@ r"""Times the real jitted I-JEPA / C-JEPA train step on synthetic images: compil
        --attention xla|cudnn \
        --pred_depth 12 --pred_width 384 --vicreg_weight 0 --vicreg_mode context \
        --mesh.data -1 --mesh.fsdp 1 --peak_tflops X --depth N --min_keep K --context_tokens KC \
-       --compile_only --json]
+       --profile_dir DIR --profile_steps 2 --compile_only --json]
 
 The step is the one training runs: the config is `cjepa_jax.config.default_config()` with the
 flags' overrides, the mesh is `sharding.make_mesh(config)` and the jitted step, its shardings and
@@ -25,6 +25,12 @@ unknown (CPU) and no `--peak_tflops` is given; peak_memory_bytes = the largest
 `memory_stats()['peak_bytes_in_use']` over the local devices, null where the backend reports none
 (CPU). Also reported: XLA's own FLOP count and memory estimate of the compiled step (per device
 program; XLA counts the body of a scanned loop once, so with `--scan` its FLOPs are ~1/depth).
+
+`--profile_dir DIR` runs `--profile_steps` more steps after the timed ones (so the timing is not
+the profiler's) inside `jax.profiler.trace(DIR, create_perfetto_trace=True)`: an XPlane for
+TensorBoard / XProf and a Perfetto JSON trace that `benchmarks/suite_report.py` reads.
+`tensorflow_imported` in the JSON line says whether anything imported TensorFlow (it must not:
+the accelerator machines have none); `xla_flags` is the XLA_FLAGS the process ran with.
 
 With `--json` the last line of stdout is one JSON object with all of it and the settings.
 """
@@ -97,6 +103,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
   p.add_argument('--peak_tflops', type=float, default=0.0,
                  help='Per-device peak TFLOP/s for MFU; 0 looks the device kind up.')
   p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--profile_dir', default='',
+                 help='Trace --profile_steps extra steps, after the timed ones, into this folder.')
+  p.add_argument('--profile_steps', type=int, default=2, help='Steps traced with --profile_dir.')
   p.add_argument('--compile_only', action='store_true',
                  help='Lower and compile only: no state is allocated and no step runs.')
   p.add_argument('--json', action='store_true', help='Print one JSON object as the last line.')
@@ -110,6 +119,9 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
       raise ValueError(f'--{name}={getattr(args, name)} must be >= 1.')
   if args.depth < 0 or args.warmup < 0 or args.min_keep < 0 or args.context_tokens < 0:
     raise ValueError('--depth, --warmup, --min_keep and --context_tokens must be >= 0.')
+  if args.profile_dir and (args.compile_only or args.profile_steps < 1):
+    raise ValueError('--profile_dir needs steps to trace: --profile_steps >= 1 and no '
+                     '--compile_only.')
   if args.steps < 1 and not args.compile_only:
     raise ValueError(f'--steps={args.steps}: time at least one step, or pass --compile_only.')
   c = config_lib.default_config()
@@ -199,11 +211,13 @@ def _xla_costs(compiled: Any) -> tuple[float | None, int | None]:
 
 def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 2,
                   compile_only: bool = False, devices: Sequence[jax.Device] | None = None,
-                  log: Callable[[str], None] = print) -> dict[str, Any]:
+                  log: Callable[[str], None] = print, profile_dir: str = '',
+                  profile_steps: int = 2) -> dict[str, Any]:
   """Compiles and times the train step of `config` over `devices` (default: all).
 
   Returns the result dict: the keys of the `--json` line (see the module docstring); the timing
-  keys are None with `compile_only`.
+  keys are None with `compile_only`. With `profile_dir`, `profile_steps` more steps run after the
+  timed ones under `jax.profiler.trace(profile_dir)`.
   """
   mesh = sharding.make_mesh(config, None if devices is None else list(devices))
   run = train.setup(config, mesh)
@@ -238,7 +252,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup:
       + (f', XLA memory estimate {xla_memory / 2**30:.2f} GiB/device' if xla_memory else ''))
 
   result: dict[str, Any] = dict(
-      images_per_s=None, step_time_s=None, tflops=None, mfu=None,
+      images_per_s=None, step_time_s=None, tflops=None, mfu=None, profile_error=None,
       compile_s=t2 - t0, peak_memory_bytes=None,
       lower_s=t1 - t0, xla_compile_s=t2 - t1, step_time_mean_s=None, step_time_min_s=None,
       step_time_max_s=None, flops_per_step=flops_per_step, xla_flops_per_device=xla_flops,
@@ -272,6 +286,20 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup:
         + (f'; peak memory {mem / 2**30:.2f} GiB' if mem else '; peak memory n/a'))
     if not result['finite']:
       log('warning: the last step had a non-finite loss or gradient.')
+    if profile_dir:
+      # After the timed steps, so that the profiler's overhead is in none of them; a profiler
+      # that fails (no CUPTI, say) costs the trace, not the numbers above.
+      try:
+        os.makedirs(profile_dir, exist_ok=True)
+        with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+          for i in range(profile_steps):
+            with jax.profiler.StepTraceAnnotation('train_step', step_num=i):
+              state, metrics = compiled(state, batches[i % len(batches)])
+            jax.block_until_ready((state, metrics))
+        log(f'profile: {profile_steps} steps traced into {profile_dir}')
+      except Exception as e:  # pylint: disable=broad-except
+        result['profile_error'] = f'{type(e).__name__}: {e}'
+        log(f'warning: the profile failed: {result["profile_error"]}')
 
   result.update(
       variant=config.model.variant, depth=shape.depth, image_size=config.data.image_size,
@@ -284,6 +312,10 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup:
       device_kind=devices[0].device_kind, platform=devices[0].platform,
       jax_version=jax.__version__, steps=0 if compile_only else steps,
       warmup=0 if compile_only else warmup, compile_only=bool(compile_only),
+      profile_dir=profile_dir or None, profile_steps=profile_steps if profile_dir else 0,
+      xla_flags=os.environ.get('XLA_FLAGS', ''),
+      # The accelerator machines have no TensorFlow: nothing the step needs may import it.
+      tensorflow_imported='tensorflow' in sys.modules,
       date=datetime.date.today().isoformat())
   return result
 
@@ -293,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = parse_args(argv)
   config = build_config(args)
   result = run_benchmark(config, steps=args.steps, warmup=args.warmup,
-                         compile_only=args.compile_only)
+                         compile_only=args.compile_only, profile_dir=args.profile_dir,
+                         profile_steps=args.profile_steps)
   if args.json:
     print(json.dumps(result, sort_keys=True), flush=True)
   return result

@@ -12,44 +12,55 @@ reference (cjepa_jax/optim.py).
 
 from __future__ import annotations
 
+import inspect
+import math
+import re
+from typing import Any
+
 import ml_collections
+
+# `  c.key.sub = value  # meaning` lines of default_config().
+re_key = re.compile(r'^c\.([\w.]+)\s*=')
 
 
 def default_config() -> ml_collections.ConfigDict:
   """Returns the base config (ImageNet-1K, ViT-H/14 I-JEPA, reference hyperparameters)."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0                     # Seeds the init, the masks and the data order.
   c.batch_size = 2048            # Global batch, over all processes and devices.
-  c.epochs = 300
+  c.epochs = 300                 # Run length in epochs (when total_steps is 0).
   c.total_steps = 0              # > 0: the run's length in steps; replaces `epochs`.
   c.ipe_scale = 1.0              # Reference: stretches the EMA and wd schedules past the run.
-  c.log_every_steps = 50
-  c.ckpt_every_steps = 1000
-  c.keep_ckpts = 3
+  c.log_every_steps = 50         # Metrics window: metrics.jsonl, TensorBoard, progress line.
+  c.ckpt_every_steps = 1000      # Checkpoint interval (and always the last step).
+  c.keep_ckpts = 3               # How many of the latest checkpoints to keep.
   c.keep_every_steps = 0         # > 0: also keep every checkpoint at a multiple of this, forever.
   c.init_from = ''               # Checkpoint to start from (e.g. a converted reference one).
+  # Resuming a workdir with a config that changes the run's meaning (batch, objective, schedules,
+  # data) is refused unless this is True; the changed keys are then logged one by one.
+  c.allow_config_change = False
   c.peak_tflops = 0.0            # Per-device peak for MFU; 0 means look the device kind up.
 
   c.data = ml_collections.ConfigDict()
   c.data.dataset = 'imagenet2012'  # Any tfds name, 'image_folder' or 'synthetic'.
   c.data.data_dir = ''             # tfds data_dir (local or gs://) or the image-folder root.
-  c.data.train_split = 'train'
-  c.data.eval_split = 'validation'
+  c.data.train_split = 'train'     # Split (tfds) or sub-folder (image_folder) to train on.
+  c.data.eval_split = 'validation'  # Split / sub-folder the probes and the kNN monitor test on.
   c.data.num_train_examples = 1_281_167  # Defines an epoch; set by the recipe for its dataset.
-  c.data.num_classes = 1000
-  c.data.image_size = 224
+  c.data.num_classes = 1000        # Labels of the probes (the train split's class count).
+  c.data.image_size = 224          # Training resolution (pixels, square).
   c.data.crop_scale = (0.3, 1.0)   # RandomResizedCrop, as the reference.
-  c.data.crop_ratio = (3 / 4, 4 / 3)
-  c.data.interpolation = 'bilinear'
-  c.data.mean = (0.485, 0.456, 0.406)
-  c.data.std = (0.229, 0.224, 0.225)
+  c.data.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect range.
+  c.data.interpolation = 'bilinear'  # Resize method of the crops.
+  c.data.mean = (0.485, 0.456, 0.406)  # Per-channel normalisation mean (ImageNet's).
+  c.data.std = (0.229, 0.224, 0.225)   # Per-channel normalisation std (ImageNet's).
   # Augmentations for ablations; off in every reference recipe.
-  c.data.flip = False
-  c.data.color_jitter = 0.0
-  c.data.grayscale = 0.0
-  c.data.blur = 0.0
-  c.data.shuffle_buffer = 10_000
-  c.data.prefetch = 2
+  c.data.flip = False              # Random horizontal flip.
+  c.data.color_jitter = 0.0        # Colour-jitter strength in [0, 1].
+  c.data.grayscale = 0.0           # Probability of a grayscale image.
+  c.data.blur = 0.0                # Probability of a Gaussian blur.
+  c.data.shuffle_buffer = 10_000   # tf.data shuffle buffer per host.
+  c.data.prefetch = 2              # Batches prefetched by tf.data.
   # Evaluation: resize the short side to eval_resize * image_size / 224, centre-crop image_size
   # (256 -> the standard 0.875 crop at any size; 224 -> no crop).
   c.data.eval_resize = 256
@@ -63,19 +74,19 @@ def default_config() -> ml_collections.ConfigDict:
   # jax.nn.dot_product_attention's kernel: 'xla' (every backend) or 'cudnn' (cuDNN flash
   # attention: NVIDIA GPUs, bfloat16 / float16). Same function either way; checkpoints don't care.
   c.model.attention = 'xla'
-  c.model.pred_depth = 12
-  c.model.pred_width = 384
+  c.model.pred_depth = 12          # Predictor blocks.
+  c.model.pred_width = 384         # Predictor width (the narrow predictor).
 
   c.mask = ml_collections.ConfigDict()
-  c.mask.npred = 4
-  c.mask.nenc = 1
-  c.mask.pred_scale = (0.15, 0.2)
-  c.mask.pred_aspect = (0.75, 1.5)
-  c.mask.enc_scale = (0.85, 1.0)
-  c.mask.enc_aspect = (1.0, 1.0)
-  c.mask.min_keep = 10
-  c.mask.allow_overlap = False
-  c.mask.reference_quirks = False
+  c.mask.npred = 4                 # Target blocks per image (M).
+  c.mask.nenc = 1                  # Context blocks per image (only 1 is supported).
+  c.mask.pred_scale = (0.15, 0.2)  # Target block area, as a fraction of the image.
+  c.mask.pred_aspect = (0.75, 1.5)  # Target block height / width.
+  c.mask.enc_scale = (0.85, 1.0)   # Context block area fraction (targets then removed).
+  c.mask.enc_aspect = (1.0, 1.0)   # Context block height / width.
+  c.mask.min_keep = 10             # A context / target keeps more than this many patches.
+  c.mask.allow_overlap = False     # Keep target patches in the context.
+  c.mask.reference_quirks = False  # The reference collator's quirks (see masks.py).
   c.mask.context_tokens = 0        # Fixed context budget Kc; 0 picks the reference-matching default.
 
   c.loss = ml_collections.ConfigDict()
@@ -84,36 +95,36 @@ def default_config() -> ml_collections.ConfigDict:
   c.vicreg = ml_collections.ConfigDict()
   c.vicreg.weight = 0.0            # 0: plain I-JEPA. C-JEPA: 0.001.
   c.vicreg.mode = 'context'        # 'context' or 'blocks' (see losses.py).
-  c.vicreg.sim_coeff = 25.0
-  c.vicreg.std_coeff = 25.0
-  c.vicreg.cov_coeff = 1.0
+  c.vicreg.sim_coeff = 25.0        # VICReg invariance coefficient.
+  c.vicreg.std_coeff = 25.0        # VICReg variance coefficient.
+  c.vicreg.cov_coeff = 1.0         # VICReg covariance coefficient.
   c.vicreg.projector = '2048-2048-2048'  # 'blocks' mode only: hidden-...-output widths.
   c.vicreg.projector_norm = 'batch'      # 'batch' (official VICReg), 'layer' or 'none'.
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-3
-  c.optim.start_lr = 2e-4
-  c.optim.final_lr = 1e-6
-  c.optim.warmup_epochs = 40.0
+  c.optim.lr = 1e-3                # Peak learning rate (after warm-up).
+  c.optim.start_lr = 2e-4          # Learning rate at step 0 (linear warm-up to lr).
+  c.optim.final_lr = 1e-6          # Learning rate at the end of the cosine decay.
+  c.optim.warmup_epochs = 40.0     # Linear warm-up length in epochs.
   c.optim.warmup_steps = 0         # > 0 replaces warmup_epochs.
-  c.optim.weight_decay = 0.04
-  c.optim.final_weight_decay = 0.4
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.04      # AdamW weight decay at step 0 (cosine to final).
+  c.optim.final_weight_decay = 0.4  # Weight decay at the end.
+  c.optim.b1 = 0.9                 # Adam beta1, in [0, 1).
+  c.optim.b2 = 0.999               # Adam beta2, in [0, 1).
+  c.optim.eps = 1e-8               # Adam epsilon.
   c.optim.grad_clip = 0.0          # > 0: clip the global gradient norm; off as in the reference.
-  c.optim.ema = (0.996, 1.0)
+  c.optim.ema = (0.996, 1.0)       # Target-encoder EMA momentum, start -> end (linear), in [0, 1].
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                 # -1: all devices not used by the other axis.
-  c.mesh.fsdp = 1
+  c.mesh.fsdp = 1                  # FSDP axis size: params and optimizer state sharded over it.
 
   c.evals = ml_collections.ConfigDict()
   c.evals.knn_every_steps = 0      # > 0: kNN probe during pretraining (probe.py).
-  c.evals.knn_train_examples = 10_000
-  c.evals.knn_eval_examples = 2_000
-  c.evals.knn_k = 20
-  c.evals.knn_temperature = 0.07
+  c.evals.knn_train_examples = 10_000  # kNN monitor: train images (the memory bank; 0: all).
+  c.evals.knn_eval_examples = 2_000    # kNN monitor: eval images (0: all).
+  c.evals.knn_k = 20               # kNN monitor: neighbours.
+  c.evals.knn_temperature = 0.07   # kNN monitor: softmax temperature of the votes.
   c.evals.knn_batch_size = 0       # 0: the training batch size.
   return c
 
@@ -135,3 +146,189 @@ def set_cifar10_image_folder(data: ml_collections.ConfigDict) -> None:
   data.eval_resize = 224
   data.mean = (0.4914, 0.4822, 0.4465)
   data.std = (0.2470, 0.2435, 0.2616)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: values that cannot be meant, refused where the config enters (the trainer and the
+# probe), each error naming the key and its valid range.
+
+def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+  if not ok:
+    raise ValueError(f'config.{key}={value!r} is invalid: {valid}.')
+
+
+def _is_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Refuses config values no run can mean (negative lr, EMA outside [0, 1], ...).
+
+  Shapes that need the model (mask blocks against the patch grid, the variant) are checked where
+  they are built (`masks.MaskSpec`, `models.vit`); this checks the scalar knobs.
+
+  Raises:
+    ValueError: one line naming the key, its value and the valid range.
+  """
+  _check(isinstance(config.batch_size, int) and config.batch_size > 0, 'batch_size',
+         config.batch_size, 'the global batch must be a positive integer')
+  _check(_is_number(config.epochs) and config.epochs >= 0, 'epochs', config.epochs,
+         'must be >= 0 (0 with total_steps > 0)')
+  _check(isinstance(config.total_steps, int) and config.total_steps >= 0, 'total_steps',
+         config.total_steps, 'must be an integer >= 0 (0: use epochs)')
+  for key in ('log_every_steps', 'ckpt_every_steps', 'keep_ckpts'):
+    value = config[key]
+    _check(isinstance(value, int) and value >= 1, key, value, 'must be an integer >= 1')
+  _check(isinstance(config.keep_every_steps, int) and config.keep_every_steps >= 0,
+         'keep_every_steps', config.keep_every_steps, 'must be an integer >= 0 (0: off)')
+  _check(_is_number(config.ipe_scale) and config.ipe_scale > 0, 'ipe_scale', config.ipe_scale,
+         'must be > 0 (1.0 in every reference recipe)')
+  _check(_is_number(config.peak_tflops) and config.peak_tflops >= 0, 'peak_tflops',
+         config.peak_tflops, 'must be >= 0 (0: look the device up)')
+
+  o = config.optim
+  for key in ('lr', 'start_lr', 'final_lr'):
+    _check(_is_number(o[key]) and o[key] >= 0, f'optim.{key}', o[key],
+           'a learning rate must be a finite number >= 0')
+  for key in ('weight_decay', 'final_weight_decay', 'grad_clip', 'warmup_epochs'):
+    _check(_is_number(o[key]) and o[key] >= 0, f'optim.{key}', o[key], 'must be >= 0')
+  _check(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0, 'optim.warmup_steps',
+         o.warmup_steps, 'must be an integer >= 0 (0: use warmup_epochs)')
+  for key in ('b1', 'b2'):
+    _check(_is_number(o[key]) and 0 <= o[key] < 1, f'optim.{key}', o[key],
+           "Adam's decay rates lie in [0, 1)")
+  _check(_is_number(o.eps) and o.eps > 0, 'optim.eps', o.eps, 'must be > 0')
+  ema = tuple(o.ema)
+  _check(len(ema) == 2 and all(_is_number(m) and 0 <= m <= 1 for m in ema), 'optim.ema', ema,
+         'EMA momenta (start, end) must both lie in [0, 1]')
+
+  d = config.data
+  _check(isinstance(d.num_classes, int) and d.num_classes >= 2, 'data.num_classes',
+         d.num_classes, 'a labelled dataset has at least 2 classes')
+  _check(isinstance(d.num_train_examples, int) and d.num_train_examples >= 1,
+         'data.num_train_examples', d.num_train_examples, 'must be a positive integer')
+  lo, hi = tuple(d.crop_scale)
+  _check(0 < lo <= hi <= 1, 'data.crop_scale', (lo, hi), 'need 0 < lo <= hi <= 1')
+  lo, hi = tuple(d.crop_ratio)
+  _check(0 < lo <= hi, 'data.crop_ratio', (lo, hi), 'need 0 < lo <= hi')
+  _check(len(tuple(d.std)) == 3 and all(_is_number(x) and x > 0 for x in d.std), 'data.std',
+         d.std, 'three positive per-channel values')
+  for key in ('color_jitter', 'grayscale', 'blur'):
+    _check(_is_number(d[key]) and 0 <= d[key] <= 1, f'data.{key}', d[key],
+           'a probability / strength in [0, 1]')
+
+  v = config.vicreg
+  _check(_is_number(v.weight) and v.weight >= 0, 'vicreg.weight', v.weight,
+         'must be >= 0 (0: plain I-JEPA)')
+  _check(v.mode in ('context', 'blocks'), 'vicreg.mode', v.mode, "use 'context' or 'blocks'")
+  for key in ('sim_coeff', 'std_coeff', 'cov_coeff'):
+    _check(_is_number(v[key]) and v[key] >= 0, f'vicreg.{key}', v[key], 'must be >= 0')
+  _check(config.loss.kind in ('smooth_l1', 'l2'), 'loss.kind', config.loss.kind,
+         "use 'smooth_l1' or 'l2'")
+
+  e = config.evals
+  for key in ('knn_every_steps', 'knn_batch_size', 'knn_train_examples', 'knn_eval_examples'):
+    _check(isinstance(e[key], int) and e[key] >= 0, f'evals.{key}', e[key],
+           'must be an integer >= 0 (0: off / the default / the whole split)')
+  _check(isinstance(e.knn_k, int) and e.knn_k >= 1, 'evals.knn_k', e.knn_k,
+         'must be an integer >= 1')
+  _check(_is_number(e.knn_temperature) and e.knn_temperature > 0, 'evals.knn_temperature',
+         e.knn_temperature, 'must be > 0')
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume: which keys may change between the starts of one run.
+
+# Keys whose change changes the train state's shapes or structure: a checkpoint saved with the
+# old value cannot be restored. (mesh.* may change: checkpoints restore onto any mesh.)
+STATE_SHAPING = ('model.variant', 'model.depth', 'model.pred_depth', 'model.pred_width',
+                 'model.scan', 'data.image_size', 'vicreg.projector', 'vicreg.projector_norm',
+                 'vicreg.weight>0 and mode', 'optim.grad_clip>0')
+# Keys that change neither shapes nor the run's meaning: free to change on resume.
+RESUME_FREE = ('log_every_steps', 'ckpt_every_steps', 'keep_ckpts', 'keep_every_steps',
+               'peak_tflops', 'init_from', 'allow_config_change', 'mesh.data', 'mesh.fsdp',
+               'model.remat_policy', 'model.attention', 'data.data_dir', 'data.prefetch')
+
+
+def flatten(config: ml_collections.ConfigDict | dict[str, Any], prefix: str = ''
+            ) -> dict[str, Any]:
+  """{'a.b': value} for every leaf; tuples and lists become lists (as in a saved config.json)."""
+  out = {}
+  items = config.items() if isinstance(config, dict) else config.items()
+  for key, value in items:
+    name = f'{prefix}{key}'
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      out.update(flatten(value, name + '.'))
+    else:
+      out[name] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def _state_signature(flat: dict[str, Any]) -> dict[str, Any]:
+  """What of a flat config shapes the train state (see STATE_SHAPING)."""
+  sig = {k: flat.get(k) for k in STATE_SHAPING if '>' not in k}
+  blocks = (flat.get('vicreg.weight') or 0) > 0 and flat.get('vicreg.mode') == 'blocks'
+  sig['vicreg projector (vicreg.weight > 0 and vicreg.mode)'] = blocks
+  sig['gradient clipping in the optimizer state (optim.grad_clip > 0)'] = (
+      (flat.get('optim.grad_clip') or 0) > 0)
+  if not blocks:  # Without a projector its widths do not shape anything.
+    sig.pop('vicreg.projector'), sig.pop('vicreg.projector_norm')
+  return sig
+
+
+def resume_changes(saved: dict[str, Any], new: ml_collections.ConfigDict
+                   ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
+  """Compares a checkpoint's saved config with the config of a resuming start.
+
+  Returns:
+    (shape_changes, meaning_changes): {key: (saved, new)}. Shape changes make the checkpoint
+    unrestorable; meaning changes (batch size, objective, schedules, data, ...) are allowed only
+    with `allow_config_change`. Keys the saved config lacks (added to the code since) are ignored.
+  """
+  old, cur = flatten(saved), flatten(new)
+  old_sig, new_sig = _state_signature(old), _state_signature(cur)
+  shape = {k: (old_sig[k], new_sig[k]) for k in new_sig if old_sig.get(k) != new_sig[k]}
+  meaning = {}
+  for key, value in cur.items():
+    if key in RESUME_FREE or key in STATE_SHAPING or key not in old:
+      continue
+    if old[key] != value:
+      meaning[key] = (old[key], value)
+  return shape, meaning
+
+
+# ----------------------------------------------------------------------------------------------
+# Help: every key with its default and meaning, read from this file's comments.
+
+def describe_keys() -> list[tuple[str, Any, str]]:
+  """[(key, default, meaning)] for every key of `default_config()`, in definition order.
+
+  The meaning is the comment on the key's line in `default_config` (or on the lines just above
+  it), so the help text cannot drift from this file.
+  """
+  defaults = flatten(default_config())
+  source = inspect.getsource(default_config).splitlines()
+  meanings: dict[str, str] = {}
+  pending: list[str] = []
+  for line in source:
+    stripped = line.strip()
+    if stripped.startswith('#'):
+      pending.append(stripped.lstrip('# ').strip())
+      continue
+    m = re_key.match(stripped)
+    if m:
+      key = m.group(1)
+      comment = stripped.partition('#')[2].strip() if '#' in stripped else ''
+      if key in defaults:
+        meanings[key] = comment or ' '.join(pending)
+    pending = []
+  return [(k, v, meanings.get(k, '')) for k, v in defaults.items()]
+
+
+def help_text() -> str:
+  """The config keys as `--config.KEY (default): meaning` lines, for `--help`."""
+  lines = ['Config keys (--config.KEY=VALUE; defaults of config.py, before the recipe\'s own):']
+  for key, default, meaning in describe_keys():
+    text = f'  --config.{key} (default {default!r})'
+    lines.append(text + (f': {meaning}' if meaning else ''))
+  return '\n'.join(lines)

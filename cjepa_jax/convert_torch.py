@@ -37,9 +37,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Mapping, Sequence
 import math
+import os
 import pickle
 import re
 import sys
+import zipfile
 from typing import Any
 
 from absl import logging
@@ -55,6 +57,7 @@ from cjepa_jax.models import vit
 
 REFERENCE_KEYS = ('encoder', 'target_encoder', 'predictor')
 _PREFIX = 'module.'
+_PROG = 'cjepa-convert-torch'  # The console script (also `python -m cjepa_jax.convert_torch`).
 _POS_EMBED_ATOL = 1e-5  # The reference stores float32(float64 sin-cos); ours is the same formula.
 
 # How a torch tensor becomes a flax leaf.
@@ -401,12 +404,22 @@ def load_torch_checkpoint(path: str, *, trust_pickle: bool = False) -> dict[str,
   Loads with `weights_only=True` (torch's safe unpickler: tensors, dicts, lists, numbers) unless
   `trust_pickle`; the reference checkpoints hold only such objects. Memory-maps the file so a
   ViT-H checkpoint (several GB with its optimizer state) is not read whole.
+
+  Raises:
+    ValueError: one line naming the problem and the fix: a missing file, a file that is not a
+      PyTorch checkpoint, objects the safe unpickler refuses (then, and only without
+      `trust_pickle`, the advice to pass --trust_pickle), or not the reference layout.
   """
   try:
     import torch  # pylint: disable=g-import-not-at-top  (only this path needs torch)
   except ImportError as e:
     raise ValueError('Reading a .pth.tar needs torch: pip install "cjepa_jax[torch]" (the CPU '
                      'wheel is enough).') from e
+  if not os.path.exists(path):
+    raise ValueError(f'No such checkpoint file: {path}; pass the .pth.tar file the reference code '
+                     'saved.')
+  if os.path.isdir(path):
+    raise ValueError(f'{path} is a directory; pass the .pth.tar file the reference code saved.')
   kwargs = dict(map_location='cpu', weights_only=not trust_pickle)
   try:
     try:
@@ -415,12 +428,12 @@ def load_torch_checkpoint(path: str, *, trust_pickle: bool = False) -> dict[str,
       if 'mmap' not in str(e):
         raise
       raw = torch.load(path, **kwargs)
-  except pickle.UnpicklingError as e:
-    raise ValueError(
-        f'{path} holds objects that torch.load(weights_only=True) refuses to unpickle ({e}). '
-        'If (and only if) you trust the file, rerun with --trust_pickle.') from e
-  except FileNotFoundError as e:
-    raise ValueError(f'No such checkpoint file: {path}.') from e
+  except MemoryError:
+    raise
+  # On a file that is not a checkpoint, torch.load raises whatever its unpickler trips on
+  # (KeyError, EOFError, RuntimeError, UnpicklingError, ...): each becomes one line.
+  except Exception as e:  # pylint: disable=broad-except
+    raise _load_error(path, e, trust_pickle) from e
   if not isinstance(raw, Mapping):
     raise ValueError(f'{path} holds a {type(raw).__name__}, not the reference dict with '
                      f'{list(REFERENCE_KEYS)}.')
@@ -445,6 +458,48 @@ def load_torch_checkpoint(path: str, *, trust_pickle: bool = False) -> dict[str,
   return out
 
 
+def _torch_file_format(path: str) -> str | None:
+  """'zip' (what torch.save writes since 1.6), 'pickle' (its legacy format) or None (neither)."""
+  if zipfile.is_zipfile(path):
+    return 'zip'
+  with open(path, 'rb') as f:
+    head = f.read(2)
+  # A pickle of protocol 2 or later opens with the PROTO opcode (0x80) and the protocol number.
+  return 'pickle' if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5 else None
+
+
+def _short_reason(e: BaseException, limit: int = 160) -> str:
+  """The gist of a torch.load exception on one line: its type and first sentence."""
+  msg = re.sub(r'\x1b\[[0-9;]*m', '', str(e))  # No ANSI codes (torch bolds its warnings).
+  # torch's weights-only refusals put paragraphs of general advice before the actual cause.
+  if 'WeightsUnpickler error:' in msg:
+    msg = msg.split('WeightsUnpickler error:', 1)[1]
+  msg = re.split(r'\n\s*\n', msg.strip())[0]   # The first paragraph,
+  msg = ' '.join(msg.split()).split('. ', 1)[0].rstrip('.')  # on one line, its first sentence.
+  if len(msg) > limit:
+    msg = msg[:limit - 3] + '...'
+  return f'{type(e).__name__}: {msg}' if msg else type(e).__name__
+
+
+def _load_error(path: str, e: Exception, trust_pickle: bool) -> ValueError:
+  """The one-line ValueError for a torch.load failure on the existing file `path`."""
+  reason = 'the file is empty' if os.path.getsize(path) == 0 else _short_reason(e)
+  if isinstance(e, OSError):
+    return ValueError(f'Cannot read {path} ({reason}); check the path and its permissions.')
+  # The safe unpickler refusing a real torch file is the one failure --trust_pickle can fix. A
+  # file of another kind makes it fail too (its bytes are not allowed opcodes), but there the
+  # advice would only lead to a second, different failure.
+  torch_format = _torch_file_format(path) is not None
+  if not trust_pickle and isinstance(e, pickle.UnpicklingError) and torch_format:
+    return ValueError(
+        f'{path} holds objects that torch.load(weights_only=True) refuses to unpickle ({reason}); '
+        'if the file comes from a source you trust, rerun with --trust_pickle (a full unpickle '
+        'can run arbitrary code, so never use it on files from elsewhere).')
+  what = 'could not be loaded as' if torch_format else 'is not'
+  return ValueError(f'{path} {what} a PyTorch checkpoint (torch.load failed: {reason}); pass the '
+                    '.pth.tar file the reference code saved.')
+
+
 def save_converted(out: str, state: Mapping[str, Any],
                    config: ml_collections.ConfigDict) -> str:
   """Writes `state` and `config` as step 0 of a cjepa_jax checkpoint under `out`; returns the
@@ -460,7 +515,7 @@ def save_converted(out: str, state: Mapping[str, Any],
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
-      prog='python -m cjepa_jax.convert_torch',
+      prog=_PROG,
       description='Converts a reference I-JEPA .pth.tar (facebookresearch/ijepa) into a cjepa_jax '
                   'checkpoint for the probes and for --config.init_from.')
   p.add_argument('--checkpoint', required=True, help='The reference .pth.tar file.')
@@ -477,7 +532,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument('--scan', action='store_true',
                  help='Store the blocks stacked, for runs with --config.model.scan=True.')
   p.add_argument('--trust_pickle', action='store_true',
-                 help='torch.load with weights_only=False (only for files you trust).')
+                 help='torch.load with weights_only=False: a full unpickle, which can run '
+                      'arbitrary code; only for files from a source you trust.')
   return p.parse_args(argv)
 
 
@@ -503,7 +559,7 @@ def run() -> None:
   try:
     main()
   except ValueError as e:
-    print(f'convert_torch: error: {e}', file=sys.stderr)
+    print(f'{_PROG}: error: {e}', file=sys.stderr)
     sys.exit(1)
 
 

@@ -334,12 +334,15 @@ def fail_fast() -> Iterator[None]:
   """On an exception in a multi-process run: log it, tell the other processes, exit with status 1.
 
   With a single process (or before `initialize()`), exceptions propagate unchanged. A
-  `SystemExit(0)` passes through in every case.
+  `SystemExit(0)`, or one marked `coordinated` (every process exits with it, e.g. after a
+  preemption save), passes through in every case.
   """
   try:
     yield
   except BaseException as e:  # pylint: disable=broad-except
-    if isinstance(e, SystemExit) and e.code in (None, 0):
+    # A clean exit (0, or a coordinated one such as preemption's code 75 that every process
+    # takes at the same step) is not a failure to broadcast.
+    if isinstance(e, SystemExit) and (e.code in (None, 0) or getattr(e, 'coordinated', False)):
       raise
     client = _client() if jax.distributed.is_initialized() else None
     if client is None or jax.process_count() == 1:

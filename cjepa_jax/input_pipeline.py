@@ -8,6 +8,9 @@ Sources (`config.data.dataset`):
     `config.data.data_dir` with `tfds.builder(name, data_dir=...)`; never downloads.
   * 'image_folder': `data_dir/<split>/<label>/<image>`; class names sorted -> label ids 0..C-1.
   * 'synthetic': random images and labels made in TensorFlow from the seed; no files.
+`class_names(config, split)` gives the class of each label id; `check_label_splits(config)` (the
+probes call it) refuses train / eval splits whose classes differ, so label ids never silently mean
+different classes.
 
 Training (`make_train_iterator`): each process reads its own disjoint part of the split (tfds:
 `tfds.split_for_jax_process`; image folder: files `process_index::process_count` of the sorted
@@ -198,6 +201,57 @@ def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
   return int(_tfds_read(builder, split, add_tfds_id=False).cardinality())
 
 
+def class_names(config: ml_collections.ConfigDict, split: str) -> list[str]:
+  """The class names of `split` in label order: label id i is class `class_names(...)[i]`.
+
+  image_folder: the sorted sub-folder names of `data_dir/split`, the order in which the pipeline
+  numbers the labels 0..C-1 (empty folders included: they still take a label id). tfds: the names
+  of the 'label' ClassLabel feature, one list for every split. synthetic: 'class_0', ...,
+  `config.data.num_classes` of them. Cheap: a directory listing or metadata.
+  """
+  name = config.data.dataset
+  if name == 'synthetic':
+    return [f'class_{i}' for i in range(int(config.data.num_classes))]
+  if name == 'image_folder':
+    return list(_image_folder_classes(config.data.data_dir, split))
+  features = _tfds_builder(config).info.features
+  label = features['label'] if 'label' in features else None
+  if not isinstance(label, tfds.features.ClassLabel):
+    raise ValueError(f'tfds dataset {name!r} has no ClassLabel feature \'label\' (its features: '
+                     f'{sorted(features)}); the probes need a classification dataset.')
+  return list(label.names)
+
+
+def check_label_splits(config: ml_collections.ConfigDict) -> list[str]:
+  """Fails fast (one-line ValueError naming the fix) unless probe labels mean the same class.
+
+  A probe fits on `config.data.train_split` and scores on `config.data.eval_split` by label id,
+  so both must have the same class names in the same order (else label i is one class in one
+  split and another in the other, and the accuracy is silently wrong), at least 2 classes, and
+  exactly `config.data.num_classes` of them (the classifier's width). Cheap: listings or
+  metadata, no images are read. Returns the class names in label order.
+  """
+  d = config.data
+  train, evals = class_names(config, d.train_split), class_names(config, d.eval_split)
+  where_train = _split_location(config, d.train_split)
+  where_eval = _split_location(config, d.eval_split)
+  for where, names in ((where_train, train), (where_eval, evals)):
+    if len(names) < 2:
+      shown = ', '.join(repr(n) for n in names) or 'none'
+      raise ValueError(f'{where} has {len(names)} class(es) ({shown}), but a classification probe '
+                       f'needs at least 2; {_two_classes_fix(config, where)}')
+  if train != evals:
+    raise ValueError(f'The train and eval splits have different classes, so their label ids would '
+                     f'not match: {_class_difference(train, evals, where_train, where_eval)}. '
+                     'Give both splits the same classes (for an image folder: the same '
+                     '<class name> sub-folders in both).')
+  if len(train) != d.num_classes:
+    raise ValueError(f'{where_train} has {len(train)} classes but config.data.num_classes='
+                     f'{d.num_classes}; set config.data.num_classes={len(train)} (e.g. '
+                     f'--config.data.num_classes={len(train)}).')
+  return train
+
+
 def eval_resize_size(config: ml_collections.ConfigDict) -> int:
   """Short side before the evaluation centre crop: round(eval_resize * image_size / 224).
 
@@ -279,6 +333,42 @@ def _check_data_config(config: ml_collections.ConfigDict) -> None:
   for key in ('color_jitter', 'grayscale', 'blur'):
     if d[key] < 0:
       raise ValueError(f'config.data.{key} must be >= 0, got {d[key]}.')
+
+
+def _split_location(config: ml_collections.ConfigDict, split: str) -> str:
+  """Where `split` is, for messages: its directory, or the tfds / synthetic split's name."""
+  name = config.data.dataset
+  if name == 'image_folder':
+    return os.path.join(config.data.data_dir, split)
+  if name == 'synthetic':
+    return f'split {split!r} of the synthetic dataset'
+  return f'split {split!r} of tfds dataset {name!r}'
+
+
+def _two_classes_fix(config: ml_collections.ConfigDict, where: str) -> str:
+  name = config.data.dataset
+  if name == 'image_folder':
+    return f'put the images of each class in their own sub-folder {where}/<class name>/.'
+  if name == 'synthetic':
+    return 'set config.data.num_classes >= 2.'
+  return 'use a classification dataset with at least 2 classes.'
+
+
+def _class_difference(train: Sequence[str], evals: Sequence[str], where_train: str,
+                      where_eval: str) -> str:
+  """The first class names that differ between two class lists, as a phrase for a message."""
+  only_train = [n for n in train if n not in set(evals)]
+  only_eval = [n for n in evals if n not in set(train)]
+  if not only_train and not only_eval:  # Same names, another order (the folders are sorted).
+    i = next(i for i, (a, b) in enumerate(zip(train, evals)) if a != b)
+    return f'label {i} is {train[i]!r} in {where_train} but {evals[i]!r} in {where_eval}'
+  parts = []
+  for names, here, there in ((only_train, where_train, where_eval),
+                             (only_eval, where_eval, where_train)):
+    if names:
+      more = f' (and {len(names) - 1} more)' if len(names) > 1 else ''
+      parts.append(f'{here} has class {names[0]!r}{more} that {there} lacks')
+  return '; '.join(parts)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -439,27 +529,38 @@ def _eval_source(config, split, count, process_index, process_count):
   return ds, total
 
 
+_IMAGE_FOLDER_LAYOUT = (
+    'An image folder is laid out as DATA_DIR/<split>/<class name>/<image>.jpg (e.g. unpack the '
+    'shared CIFAR-10: tar -xzf train.tar.gz -C DATA_DIR && tar -xzf test.tar.gz -C DATA_DIR); set '
+    'config.data.data_dir=DATA_DIR.')
+
+
+@functools.lru_cache(maxsize=16)
+def _image_folder_classes(data_dir: str, split: str) -> tuple[str, ...]:
+  """Sorted class sub-folder names of `data_dir/split`: class i has label id i."""
+  if not data_dir:
+    raise ValueError("config.data.dataset='image_folder' needs config.data.data_dir. "
+                     f'{_IMAGE_FOLDER_LAYOUT}')
+  root = os.path.join(data_dir, split)
+  if not tf.io.gfile.isdir(root):
+    raise ValueError(f'Image folder split {root} does not exist. {_IMAGE_FOLDER_LAYOUT}')
+  return tuple(sorted(c.rstrip('/') for c in tf.io.gfile.listdir(root)
+                      if tf.io.gfile.isdir(os.path.join(root, c))))
+
+
 @functools.lru_cache(maxsize=16)
 def _list_image_folder(data_dir: str, split: str) -> tuple[list[str], list[int]]:
   """Sorted (paths, labels) of `data_dir/split/<class>/<image>`; classes sorted -> 0..C-1."""
-  layout = ('An image folder is laid out as DATA_DIR/<split>/<class name>/<image>.jpg (e.g. '
-            'unpack the shared CIFAR-10: tar -xzf train.tar.gz -C DATA_DIR && '
-            'tar -xzf test.tar.gz -C DATA_DIR); set config.data.data_dir=DATA_DIR.')
-  if not data_dir:
-    raise ValueError(f"config.data.dataset='image_folder' needs config.data.data_dir. {layout}")
   root = os.path.join(data_dir, split)
-  if not tf.io.gfile.isdir(root):
-    raise ValueError(f'Image folder split {root} does not exist. {layout}')
-  classes = sorted(c.rstrip('/') for c in tf.io.gfile.listdir(root)
-                   if tf.io.gfile.isdir(os.path.join(root, c)))
   paths, labels = [], []
-  for label, cls in enumerate(classes):
+  for label, cls in enumerate(_image_folder_classes(data_dir, split)):
     files = sorted(f for f in tf.io.gfile.listdir(os.path.join(root, cls))
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     paths.extend(os.path.join(root, cls, f) for f in files)
     labels.extend([label] * len(files))
   if not paths:
-    raise ValueError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) under {root}/<class>/. {layout}')
+    raise ValueError(f'No images ({", ".join(IMAGE_EXTENSIONS)}) under {root}/<class>/. '
+                     f'{_IMAGE_FOLDER_LAYOUT}')
   return paths, labels
 
 

@@ -163,6 +163,18 @@ class MaskSpec:
     if not 0 <= self.context_tokens <= h * w:
       raise ValueError(f'MaskSpec.context_tokens={self.context_tokens} must be in [0, {h * w}] '
                        '(the number of patches); 0 picks the reference-matching default.')
+    # The sampler caps a block's sides at grid - 1 (as the reference's `while h >= height`). For
+    # the context block that cap is the recipe (enc_scale up to 1.0); a target block that needs it
+    # would silently shrink below its pred_scale, so that is refused.
+    keep = math.floor(h * w * self.pred_scale[1])
+    tall = round(math.sqrt(keep * self.pred_aspect[1]))
+    wide = round(math.sqrt(keep / self.pred_aspect[0]))
+    if tall > h - 1 or wide > w - 1:
+      raise ValueError(
+          f'mask.pred_scale={self.pred_scale} with mask.pred_aspect={self.pred_aspect} asks for '
+          f'target blocks up to {tall}x{wide} patches, but the {h}x{w} grid holds at most '
+          f'{h - 1}x{w - 1}: lower mask.pred_scale or narrow mask.pred_aspect (or use a larger '
+          'image).')
     for what, scale, aspect in (('pred', self.pred_scale, self.pred_aspect),
                                 ('enc', self.enc_scale, self.enc_aspect)):
       smallest = min(a * b for a, b in self._sizes(scale, aspect))

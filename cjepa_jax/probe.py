@@ -17,6 +17,10 @@ predictor or the optimizer state. Parameters are replicated over the mesh; batch
 every device.
 
 Protocol (the I-JEPA paper's, after MSN / DINO, with the deviations marked):
+  * Labels: before anything is restored, the train and eval splits must have the same classes in
+    the same order, at least 2, and `data.num_classes` of them (see
+    `input_pipeline.check_label_splits`); otherwise label ids would silently mean different
+    classes.
   * Features of the frozen encoder on the evaluation preprocessing (resize the short side, centre
     crop, normalise), extracted once per split by one jitted, batch-sharded function. The padded
     rows of the last batch (`valid = False`) are dropped.
@@ -70,6 +74,7 @@ import numpy as np
 import optax
 
 from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax import cli
 from cjepa_jax import distributed  # Defines the multi-process flags that `run_main` reads.
 from cjepa_jax import sharding
 from cjepa_jax import train_step as step_lib
@@ -599,10 +604,16 @@ def make_knn_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, encoder: v
   the kNN are jitted once and reused by every call; the data are re-read each call (nothing is
   cached on the host). Call it on every process (it runs collectives); the parameters may be
   FSDP-sharded (e.g. `state['target_params']`).
+
+  Raises ValueError at once (not at the first evaluation, hours into a run) when the two splits'
+  classes differ or do not match `data.num_classes` (`input_pipeline.check_label_splits`).
   """
+  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+
   evals = config.get('evals', ml_collections.ConfigDict())
   batch_size = int(evals.get('knn_batch_size', 0) or config.batch_size)
   sharding.check_batch_divisible(batch_size, mesh, jax.process_count())
+  input_pipeline.check_label_splits(config)
   k = int(evals.get('knn_k', 20))
   temperature = float(evals.get('knn_temperature', 0.07))
   n_train = int(evals.get('knn_train_examples', 0)) or None
@@ -670,7 +681,12 @@ def probe(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   Returns the results dict that `workdir/probe_results.json` holds (accuracies as fractions).
   """
+  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+
   check_config(config)
+  # Before restoring or extracting anything: mismatched class folders would give silently wrong
+  # accuracies, and a listing is all it takes to find out.
+  input_pipeline.check_label_splits(config)
   mesh = sharding.make_mesh(config)
   sharding.check_batch_divisible(config.batch_size, mesh, jax.process_count())
   encoder, params, info = restore_encoder(config, mesh)
@@ -761,19 +777,14 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError('--config and --workdir are required, e.g. --config '
                          'configs/probe_linear.py --config.pretrained=runs/cifar10_ijepa '
                          '--workdir runs/cifar10_ijepa/probe')
-  try:
-    probe(config, workdir)
-  except (ValueError, FileNotFoundError) as e:
-    # Configuration and data problems: the message names the fix; no traceback needed.
-    logging.error('%s: %s', type(e).__name__, e)
-    print(f'cjepa-probe: error: {e}', file=sys.stderr)
-    sys.exit(1)
+  probe(config, workdir)   # Bad input: one line and exit 1 (cli.run).
 
 
 def run() -> None:
-  """Console-script entry point (`cjepa-probe`): jax.distributed start-up, then `main`."""
+  """Console-script entry point (`cjepa-probe`): flags, jax.distributed start-up, then `main`."""
   _define_flags()
-  distributed.run_main(main)
+  cli.run('cjepa-probe', main, doc=__doc__, module=sys.argv[0] if __name__ == '__main__'
+          else __name__)
 
 
 if __name__ == '__main__':

@@ -9,6 +9,13 @@ data position all continue, so the run ends as if it had never stopped.
 
 Writes `DIR/config.json`, `DIR/metrics.jsonl`, TensorBoard events in DIR and
 `DIR/checkpoints/<step>/`.
+
+Faults (README, "Faults"): SIGTERM / SIGINT save the current step and exit with code 75
+(`preemption.py`); a checkpoint directory that cannot be written stops the run before any compile,
+a failed save within the step; a checkpoint that fails its checksums is reported and the newest
+earlier one that verifies is used; resuming with a config that changes the state's shapes is
+refused, one that changes the run's meaning needs `--config.allow_config_change=True`; a run that
+is already complete says so and exits 0.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import os
 import sys
 import time
 from typing import Any, Callable, NamedTuple
+
+import shutil
 
 from absl import app
 from absl import flags
@@ -30,16 +39,16 @@ import numpy as np
 import optax
 
 from cjepa_jax import checkpoint as checkpoint_lib
-from cjepa_jax import distributed
+from cjepa_jax import cli
+from cjepa_jax import config as config_lib
 from cjepa_jax import flops as flops_lib
 from cjepa_jax import metrics as metrics_lib
 from cjepa_jax import optim
+from cjepa_jax import preemption
 from cjepa_jax import sharding
 from cjepa_jax import train_step as step_lib
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Recipe file (configs/*.py[:arg]).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and logs go.')
+_FLAGS: dict[str, Any] = {}  # Defined by `run()`, not at import.
 
 # Scalars logged as the log step's value; everything else in the step's metrics is averaged over
 # the window. The step computes `target_effective_rank` on log steps only (NaN on the others).
@@ -48,6 +57,14 @@ _LAST_VALUE = ('lr', 'weight_decay', 'ema_momentum', 'target_effective_rank')
 
 class NonFiniteError(FloatingPointError):
   """The loss or the gradients became NaN or inf."""
+
+
+class Preempted(Exception):
+  """SIGTERM / SIGINT: the state of `step` was checkpointed; the CLI exits with code 75."""
+
+  def __init__(self, step: int):
+    super().__init__(f'preempted at step {step}; its checkpoint is saved')
+    self.step = step
 
 
 class _LogWindow:
@@ -101,9 +118,47 @@ class _LogWindow:
     self.window, self.timed_steps, self.t_window = [], 0, time.perf_counter()
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  with open(os.path.join(workdir, 'config.json'), 'w', encoding='utf-8') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+def save_config(config: ml_collections.ConfigDict, workdir: str, start_step: int = 0) -> None:
+  """Writes `workdir/config.json`; a different earlier one is kept as `config.<start_step>.json`.
+
+  Called once a start has run its first step cleanly, so config.json always describes the
+  checkpoints written since; `config.<N>.json` is the config that ran up to step N.
+  """
+  path = os.path.join(workdir, 'config.json')
+  text = config.to_json_best_effort(indent=2, sort_keys=True)
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      if f.read() == text:
+        return
+    os.replace(path, os.path.join(workdir, f'config.{start_step}.json'))
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
+
+
+def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict,
+                        step_dir: str) -> None:
+  """Refuses a resume whose config changes the state's shapes, or (unless allowed) its meaning.
+
+  Raises:
+    ValueError: naming the keys that differ (saved -> now) and how to continue.
+  """
+  shape, meaning = config_lib.resume_changes(saved, config)
+  def listing(changes):
+    return '; '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in
+                     ((k, *v) for k, v in sorted(changes.items())))
+  if shape:
+    raise ValueError(
+        f'The checkpoint {step_dir} was saved with another model ({listing(shape)}), so this '
+        'config cannot resume it: use a new --workdir, or start a new workdir from its weights '
+        'with --config.init_from=<this workdir> (the checkpoint is kept).')
+  if meaning and not config.allow_config_change:
+    raise ValueError(
+        f'Resuming {step_dir} with a config that changes the run ({listing(meaning)}): pass the '
+        'saved values again, use a new --workdir, or add --config.allow_config_change=True to '
+        'continue with the new values.')
+  for key, (old, new) in sorted(meaning.items()):
+    logging.warning('Resuming with a changed config (allow_config_change): %s %r -> %r.',
+                    key, old, new)
 
 
 def _abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
@@ -160,34 +215,81 @@ def _with_shardings(abstract_tree: Any, shardings: Any) -> Any:
                       abstract_tree, shardings)
 
 
+def _remove_if_empty(workdir: str) -> None:
+  """Removes a workdir this start created when a failed start left nothing in it but empty dirs."""
+  for root, dirs, files in os.walk(workdir):
+    if files:
+      return
+    del root, dirs
+  shutil.rmtree(workdir, ignore_errors=True)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) pretraining; returns the last logged metrics."""
+  """Runs (or resumes) pretraining; returns the last logged metrics.
+
+  Returns `{'step': N, 'already_complete': True}` without training when the workdir's latest
+  checkpoint is the run's last step.
+
+  Raises:
+    ValueError (config, data, checkpoint problems), NonFiniteError, Preempted (SIGTERM / SIGINT:
+    the current step was saved).
+  """
+  config_lib.validate(config)
+  created = not os.path.exists(workdir)
+  try:
+    return _train(config, workdir)
+  except BaseException:
+    if created and jax.process_index() == 0:
+      _remove_if_empty(workdir)   # A failed first start leaves no empty workdir behind.
+    raise
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
   mesh = sharding.make_mesh(config)
-  run = setup(config, mesh)
+  run = setup(config, mesh)   # Builds and checks the models; nothing is compiled yet.
   models, total_steps, steps_per_epoch = run.models, run.total_steps, run.steps_per_epoch
   input_pipeline.check_dataset(config)  # Fails fast, naming how to prepare the data.
-  if is_main:
-    save_config(config, workdir)
-  logging.info('Mesh %s over %d devices (%d processes); %d steps of batch %d (%d per epoch).',
-               dict(mesh.shape), jax.device_count(), jax.process_count(), total_steps,
-               config.batch_size, steps_per_epoch)
-
+  # Opens (creating) WORKDIR/checkpoints and checks that it is writable, before any compile.
   ckpt = checkpoint_lib.Checkpointer(
       workdir, keep=config.keep_ckpts, keep_every_steps=config.keep_every_steps,
       save_every_steps=config.ckpt_every_steps)
-  start_step = ckpt.latest_step()
-  if start_step is not None:
+  try:
+    return _loop(config, workdir, mesh, run, models, total_steps, steps_per_epoch, ckpt,
+                 input_pipeline, is_main)
+  finally:
+    ckpt.close()
+
+
+def _loop(config, workdir, mesh, run, models, total_steps, steps_per_epoch, ckpt,
+          input_pipeline, is_main) -> dict[str, Any]:
+  """Restore or initialise, then train; `ckpt` is closed by the caller."""
+  ckpt.report_incomplete()   # Cut-off saves: reported (and moved aside) before any training.
+  latest = ckpt.latest_step()
+  extra: dict[str, Any] = {}
+  if latest is not None:
+    check_resume_config(ckpt.restore_config(latest), config,
+                        str(ckpt.directory / str(latest)))
+    start_step, state = ckpt.restore_latest(
+        _with_shardings(run.abstract_state, run.state_shardings))
     logging.info('Resuming from the checkpoint of step %d in %s.', start_step, workdir)
-    state = ckpt.restore(start_step, _with_shardings(run.abstract_state, run.state_shardings))
+    extra = ckpt.restore_extra(start_step)
+    last_good: int | None = start_step
   else:
     state = run.init_fn()
     if config.init_from:
       state = load_init_from(config.init_from, state, run.state_shardings)
+    last_good = None
   start_step = int(jax.device_get(state['step']))
+  if start_step >= total_steps:
+    logging.info('Already complete at step %d (of %d) in %s: nothing to do.', start_step,
+                 total_steps, workdir)
+    return {'step': start_step, 'already_complete': True}
+  logging.info('Mesh %s over %d devices (%d processes); %d steps of batch %d (%d per epoch).',
+               dict(mesh.shape), jax.device_count(), jax.process_count(), total_steps,
+               config.batch_size, steps_per_epoch)
 
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
   batch_sharding = sharding.batch_sharding(mesh)
@@ -201,35 +303,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from cjepa_jax import probe  # pylint: disable=g-import-not-at-top
     knn_eval = probe.make_knn_evaluator(config, mesh, models.encoder)
   pending: tuple[int, jax.Array] | None = None   # (step, finite flag), checked one step late.
-  last_good = start_step
-  data_skipped = 0
+  # Images the input pipeline skipped as unreadable, over the whole run (kept in checkpoints).
+  skipped_before = int(extra.get('data_skipped', 0))
+  data_skipped = skipped_before
   try:
-    for step in range(start_step + 1, total_steps + 1):
-      host_batch = next(data)
-      data_skipped = int(host_batch.pop('data_skipped', data_skipped))
-      batch = input_pipeline.to_global_array(host_batch, batch_sharding)
-      state, step_metrics = run.jitted_step(state, batch)
-      # Check the previous step's flag now, while the device is already busy with this step.
-      if pending is not None:
-        _check_finite(*pending, last_good, workdir)
-      pending = (step, step_metrics['finite'])
-      log.add(step, step_metrics)
+    with preemption.Preemption() as preempt:
+      for step in range(start_step + 1, total_steps + 1):
+        host_batch = next(data)
+        if 'data_skipped' in host_batch:
+          data_skipped = skipped_before + int(host_batch.pop('data_skipped'))
+        batch = input_pipeline.to_global_array(host_batch, batch_sharding)
+        state, step_metrics = run.jitted_step(state, batch)
+        if step == start_step + 1 and is_main:
+          save_config(config, workdir, start_step)  # Compiled and running: this start is good.
+        ckpt.check()   # A background save that failed stops the run here, with its cause.
+        # Check the previous step's flag now, while the device is already busy with this step.
+        if pending is not None:
+          _check_finite(*pending, last_good, workdir)
+        pending = (step, step_metrics['finite'])
+        log.add(step, step_metrics)
 
-      knn_now = bool(knn_every) and (step % knn_every == 0 or step == total_steps)
-      log_now = bool(step_lib.is_log_step(step, config, total_steps))
-      save_now = step % config.ckpt_every_steps == 0 or step == total_steps
-      if log_now or save_now:
-        _check_finite(*pending, last_good, workdir)   # Never log or save a non-finite state.
-        pending = None
-      if log_now:
-        evaluate = (lambda: knn_eval(state['target_params'])) if knn_now else None
-        log.flush(step, evaluate, compiles=run.trace_count[0], data_skipped=data_skipped)
-      if save_now:
-        ckpt.save(step, state, config, force=step == total_steps)
-        last_good = step
-  finally:
+        knn_now = bool(knn_every) and (step % knn_every == 0 or step == total_steps)
+        log_now = bool(step_lib.is_log_step(step, config, total_steps))
+        save_now = step % config.ckpt_every_steps == 0 or step == total_steps
+        preempted = preempt.reached(step)
+        if log_now or save_now or preempted:
+          _check_finite(*pending, last_good, workdir)   # Never log or save a non-finite state.
+          pending = None
+        if log_now:
+          evaluate = (lambda: knn_eval(state['target_params'])) if knn_now else None
+          log.flush(step, evaluate, compiles=run.trace_count[0], data_skipped=data_skipped)
+        if save_now or preempted:
+          saved = ckpt.save(step, state, config, force=step == total_steps or preempted,
+                            extra={'data_skipped': data_skipped})
+          last_good = step
+        if preempted:
+          ckpt.wait()   # The save must be durable before the process goes.
+          preempt.log_stop(step, saved, str(ckpt.directory))
+          raise Preempted(step)
     ckpt.wait()
-    ckpt.close()
+  finally:
     writer.close()
   if run.trace_count[0] != 1:
     logging.warning('The train step compiled %d times; expected once.', run.trace_count[0])
@@ -272,40 +385,48 @@ def _place_like(tree: Any, like: Any, shardings: Any, name: str) -> Any:
   return jax.tree_util.tree_map_with_path(place, tree, like, shardings)
 
 
-def _check_finite(step: int, finite: jax.Array, last_good: int, workdir: str) -> None:
+def _check_finite(step: int, finite: jax.Array, last_good: int | None, workdir: str) -> None:
   if not bool(jax.device_get(finite)):
+    if last_good is None:
+      kept = 'No checkpoint was written before it.'
+    else:
+      kept = (f'The last good checkpoint (step {last_good}) in {workdir}/checkpoints is kept and '
+              'nothing later was saved.')
     raise NonFiniteError(
-        f'Non-finite loss or gradients at step {step}. The last good checkpoint (step '
-        f'{last_good}) in {workdir}/checkpoints is kept and nothing later was saved. Lower '
-        '--config.optim.lr, set --config.optim.grad_clip=1.0, or use --config.model.dtype=float32 '
-        'to find the cause, then restart with the same --workdir.')
+        f'Non-finite loss or gradients at step {step}. {kept} Lower --config.optim.lr, set '
+        '--config.optim.grad_clip=1.0, or use --config.model.dtype=float32 to find the cause, '
+        'then restart with the same --workdir.')
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if _CONFIG.value is None or _WORKDIR.value is None:
+  config, workdir = _FLAGS['config'].value, _FLAGS['workdir'].value
+  if config is None or workdir is None:
     raise app.UsageError('--config and --workdir are required, e.g. --config '
                          'configs/cifar10_vit_tiny.py --workdir /tmp/cjepa_run')
   metrics_lib.quiet_library_logs()
   try:
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, NonFiniteError) as e:
-    if jax.process_count() > 1:
-      # distributed.fail_fast logs it here and shows its message on every other process as it
-      # stops them; a SystemExit would reach them only as 'SystemExit: 1'.
-      raise
-    # Configuration and data problems: the message names the fix; no traceback needed.
-    logging.error('%s: %s', type(e).__name__, e)
-    print(f'cjepa-train: error: {e}', file=sys.stderr)
-    sys.exit(1)
+    result = train_and_evaluate(config, workdir)
+  except Preempted as e:
+    raise cli.Exit(preemption.EXIT_CODE) from e
+  if result.get('already_complete'):
+    raise cli.Exit(0, f'already complete at step {result["step"]} in {workdir}; nothing to do '
+                      '(to train further, raise --config.total_steps or --config.epochs and add '
+                      '--config.allow_config_change=True).')
   if jax.process_index() == 0:
     print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}))
 
 
 def run() -> None:
-  """Console-script entry point (`cjepa-train`): jax.distributed start-up, then `main`."""
-  distributed.run_main(main)
+  """Console-script entry point (`cjepa-train`): flags, jax.distributed start-up, then `main`."""
+  from cjepa_jax import distributed  # pylint: disable=g-import-not-at-top,unused-import  (flags)
+  _FLAGS['config'] = config_flags.DEFINE_config_file(
+      'config', None, 'Recipe file (configs/*.py[:arg]).', lock_config=True)
+  _FLAGS['workdir'] = flags.DEFINE_string('workdir', None,
+                                          'Where checkpoints, metrics and logs go.')
+  cli.run('cjepa-train', main, doc=__doc__, module=sys.argv[0] if __name__ == '__main__'
+          else __name__, extra_help=config_lib.help_text)
 
 
 if __name__ == '__main__':

@@ -181,6 +181,7 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models,
   loss_kind = config.loss.kind
   vicreg_cfg = config.vicreg
   use_blocks = models.projector is not None
+  use_vicreg = config.vicreg.weight > 0
   lr_fn = optim.lr_schedule(config, total_steps, steps_per_epoch)
   wd_fn = optim.wd_schedule(config, total_steps)
   ema_fn = optim.ema_schedule(config, total_steps)
@@ -223,7 +224,8 @@ def make_train_step(config: ml_collections.ConfigDict, models: Models,
     rank = jax.lax.cond(is_log_step(step + 1, config, total_steps), effective_rank,
                         lambda x: jnp.full((), jnp.nan, jnp.float32),
                         pooled - jnp.mean(pooled, axis=0))
-    metrics = dict(terms)
+    # An objective without VICReg logs no VICReg terms (they would read as if they mattered).
+    metrics = {k: v for k, v in terms.items() if use_vicreg or not k.startswith('vicreg')}
     metrics.update(
         loss=loss,
         lr=lr_fn(step), weight_decay=wd_fn(step), ema_momentum=momentum,

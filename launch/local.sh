@@ -89,11 +89,25 @@ print(s.getsockname()[1])')"
     # Wait for every process. When one fails the others stop by themselves: within seconds after a
     # Python exception (cjepa_jax.distributed.fail_fast), after JAX's heartbeat timeout (100 s)
     # after a crash; Ctrl-C stops them all.
+    # Ctrl-C / SIGTERM reach every process (the trap above): they checkpoint the same step and
+    # exit with code 75, which this script passes on ("saved; run the same command to resume").
     status=0
     for pid in "${pids[@]}"; do
-      wait "${pid}" || status=1
+      # A trapped signal makes `wait` return early: wait again until the process has exited.
+      while true; do
+        rc=0
+        wait "${pid}" || rc=$?
+        kill -0 "${pid}" 2>/dev/null || break
+      done
+      if (( rc == 75 && (status == 0 || status == 75) )); then
+        status=75
+      elif (( rc != 0 )); then
+        status=1
+      fi
     done
-    if (( status )); then
+    if (( status == 75 )); then
+      echo "local.sh: stopped by a signal after checkpointing; run the same command to resume." >&2
+    elif (( status )); then
       echo "local.sh: at least one of the ${num} processes failed." >&2
     fi
     exit "${status}"

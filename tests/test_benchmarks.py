@@ -11,8 +11,10 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tarfile
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from cjepa_jax import train_step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'benchmarks' / 'step.py'
+SUITE = REPO / 'benchmarks' / 'gpu_suite.sh'
 
 # The brief's smoke command, plus a peak so that the MFU arithmetic is checked too.
 CLI_ARGS = ['--variant', 'Ti/4', '--depth', '1', '--image_size', '32', '--batch_size', '8',
@@ -33,14 +36,15 @@ JSON_KEYS = ('images_per_s', 'step_time_s', 'tflops', 'mfu', 'compile_s', 'peak_
              'device_kind', 'jax_version')
 
 
-def _load_step_module():
-  spec = importlib.util.spec_from_file_location('benchmark_step', SCRIPT)
+def _load_module(name, path):
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
-bench = _load_step_module()
+bench = _load_module('benchmark_step', SCRIPT)
+report = _load_module('benchmark_suite_report', REPO / 'benchmarks' / 'suite_report.py')
 
 
 def test_cli_json_line_on_eight_devices_without_tensorflow():
@@ -67,6 +71,8 @@ def test_cli_json_line_on_eight_devices_without_tensorflow():
   assert r['device_kind'] == 'cpu' and r['jax_version'] == jax.__version__
   assert r['peak_memory_bytes'] is None  # The CPU backend reports no memory stats.
   assert r['finite'] is True
+  assert r['tensorflow_imported'] is False and r['profile_dir'] is None
+  assert '--xla_force_host_platform_device_count=8' in r['xla_flags']
   for key in ('images_per_s', 'step_time_s', 'tflops', 'mfu', 'compile_s', 'flops_per_step'):
     assert r[key] > 0, key
   assert r['lower_s'] < r['compile_s']
@@ -133,6 +139,8 @@ def test_step_flops_match_xla():
 
 @pytest.mark.parametrize('argv, match', [
     (['--steps', '0'], '--steps=0'),
+    (['--profile_dir', 'p', '--compile_only'], '--profile_dir'),
+    (['--profile_dir', 'p', '--profile_steps', '0'], '--profile_dir'),
     (['--batch_size', '0'], '--batch_size=0'),
     (['--variant', 'X/4'], 'Bad ViT variant'),
     (['--context_tokens', '-1'], '--context_tokens'),
@@ -169,3 +177,95 @@ def test_input_pipeline_benchmark_on_generated_jpegs():
   assert out['generated'] == 24 and out['dataset'] == 'image_folder'
   assert out['images_per_s'] > 0 and out['images_per_s_per_core'] > 0
   assert out['data_skipped'] == 0
+
+
+# benchmarks/gpu_suite.sh --dry-run: its CPU matrix, one run each (see the script).
+DRY_RUNS = ('tiny', 'tiny_scan_remat_dots', 'tiny_lhs', 'tiny_cudnn')
+
+
+def test_gpu_suite_dry_run(tmp_path):
+  """The H200 suite end to end on tiny shapes: every run a JSON line, a profile, a summary."""
+  out = tmp_path / 'suite'
+  env = dict(os.environ, PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL='3')
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run(['bash', str(SUITE), str(out), '--dry-run'], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+  rows = [json.loads(line) for line in (out / 'results.jsonl').read_text().splitlines()]
+  assert tuple(r['name'] for r in rows) == DRY_RUNS
+  by_name = {r['name']: r for r in rows}
+  for name in DRY_RUNS[:-1]:
+    r = by_name[name]
+    assert r['status'] == 'ok', r
+    assert r['tensorflow_imported'] is False and r['platform'] == 'cpu'
+    assert (r['variant'], r['depth'], r['image_size'], r['batch_size']) == ('Ti/4', 1, 32, 8)
+    for key in ('images_per_s', 'step_time_s', 'tflops', 'mfu', 'compile_s', 'wall_s'):
+      assert r[key] > 0, (name, key)
+    assert r['finite'] is True
+  assert by_name['tiny']['profile_steps'] == 2 and by_name['tiny']['profile_error'] is None
+  assert (by_name['tiny_scan_remat_dots']['scan'], by_name['tiny_scan_remat_dots']['remat']) == (
+      True, 'dots_with_no_batch_dims_saveable')
+  assert 'latency_hiding_scheduler=true' in by_name['tiny_lhs']['xla_flags']
+  assert 'latency_hiding' not in by_name['tiny']['xla_flags']
+  # cuDNN attention is refused on the CPU: recorded as an error, and the suite went on.
+  cudnn = by_name['tiny_cudnn']
+  assert cudnn['status'] == 'error' and 'cudnn' in cudnn['error'] and cudnn['rc'] == 2
+  # The profile comes back as one archive (the device tool returns files 2 folders deep at most).
+  assert not (out / 'profile').exists()
+  with tarfile.open(out / 'profile.tar.gz') as tar:
+    names = [m.name for m in tar.getmembers() if m.isfile()]
+  assert any(n.startswith('profile/tiny/') and n.endswith('.xplane.pb') for n in names), names
+  assert any(n.endswith('perfetto_trace.json.gz') for n in names), names
+  summary = (out / 'summary.md').read_text()
+  assert '| tiny (Ti/4 d1, b8) | ok |' in summary and '| tiny_cudnn | error:' in summary
+  assert '3 of 4 runs ok.' in summary and 'Top ' in summary
+  files = sorted(p.name for p in out.iterdir())
+  assert files == ['env.txt', 'nvidia-smi-q.txt', 'nvidia-smi.txt', 'profile.tar.gz',
+                   'results.jsonl', 'suite.log', 'summary.md']
+  if shutil.which('nvidia-smi') is None:
+    assert (out / 'nvidia-smi.txt').read_text().strip() == 'absent'
+  assert 'tensorflow imported False' in (out / 'env.txt').read_text()
+
+
+def test_gpu_suite_is_shellcheck_clean():
+  assert subprocess.run(['bash', '-n', str(SUITE)], check=False).returncode == 0
+  if shutil.which('shellcheck') is None:
+    pytest.skip('shellcheck is not installed')
+  proc = subprocess.run(['shellcheck', str(SUITE)], capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stdout
+
+
+def _record(tmp_path, rc, stdout='', stderr='', skipped=''):
+  (tmp_path / 'out').write_text(stdout)
+  (tmp_path / 'err').write_text(stderr)
+  args = report.argparse.Namespace(
+      name='H14', rc=rc, wall_s=3.0, stdout=str(tmp_path / 'out'), stderr=str(tmp_path / 'err'),
+      xla_flags='', args='--variant H/14', skipped=skipped)
+  return report.record(args)
+
+
+def test_suite_report_record_statuses(tmp_path):
+  line = json.dumps({'images_per_s': 500.0, 'tensorflow_imported': False})
+  assert _record(tmp_path, 0, 'log line\n' + line)['status'] == 'ok'
+  tf = _record(tmp_path, 0, json.dumps({'images_per_s': 500.0, 'tensorflow_imported': True}))
+  assert tf['status'] == 'error' and 'TensorFlow' in tf['error']
+  assert _record(tmp_path, 0, json.dumps({'images_per_s': 1.0}))['status'] == 'error'
+  late = _record(tmp_path, 124, 'compiling', 'still compiling')
+  assert late['status'] == 'timeout' and late['error'] == 'still compiling'
+  oom = _record(tmp_path, 1, '', 'Traceback\nRESOURCE_EXHAUSTED: out of memory')
+  assert oom['status'] == 'error' and oom['error'].endswith('out of memory')
+  assert _record(tmp_path, 0, skipped='budget')['status'] == 'skipped'
+
+
+def test_suite_report_table_mfu_against_both_peaks():
+  row = dict(name='H14_scan', status='ok', variant='H/14', depth=32, batch_size=128, scan=True,
+             remat='none', attention='xla', platform='gpu', devices=1, images_per_s=600.0,
+             step_time_s=0.2133, step_time_min_s=0.21, step_time_max_s=0.22, tflops=395.5,
+             peak_memory_bytes=40 * 2**30, compile_s=30.0)
+  text = report.table([row, dict(row, name='H14_cudnn', images_per_s=660.0, attention='cudnn'),
+                       dict(name='H14', status='timeout', error='compiling')], 'H14_scan')
+  lines = text.splitlines()
+  assert lines[2] == ('| H14_scan (H/14 d32, b128, scan) | ok | 600.0 | 213.3 (210.0 / 220.0) | '
+                      '395.5 | 40.0% | 50.1% | 40.00 | 30.0 | 1.000 |')
+  assert lines[3].endswith('| 1.100 |')
+  assert lines[4].startswith('| H14 | timeout: compiling |') and lines[4].count('|') == 11

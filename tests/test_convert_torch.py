@@ -10,6 +10,7 @@ randomised (norm scales and biases included) so that a swapped or untransposed t
 """
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -371,11 +372,13 @@ def test_unsafe_pickle_needs_trust_pickle(reference, tmp_path):
   raw['extra'] = _NotAWeight()
   pth = tmp_path / 'unsafe.pth.tar'
   torch.save(raw, pth)
-  with pytest.raises(ValueError, match='--trust_pickle'):
+  with pytest.raises(ValueError, match='rerun with --trust_pickle.*arbitrary code'):
     convert_torch.load_torch_checkpoint(str(pth))
   try:
     loaded = convert_torch.load_torch_checkpoint(str(pth), trust_pickle=True)
-  except (pickle.UnpicklingError, AttributeError, ModuleNotFoundError):
+  except ValueError as e:
+    if not isinstance(e.__cause__, (pickle.UnpicklingError, AttributeError, ModuleNotFoundError)):
+      raise
     pytest.skip('the test module is not importable by name here')
   assert sorted(loaded) == sorted(convert_torch.REFERENCE_KEYS)
 
@@ -387,4 +390,66 @@ def test_cli_reports_bad_input_without_traceback(reference, tmp_path, monkeypatc
     convert_torch.run()
   assert e.value.code == 1
   err = capsys.readouterr().err
-  assert err.startswith('convert_torch: error: ') and '(768, 3, 8, 8)' in err and 'Ti/8' in err
+  assert err.startswith('cjepa-convert-torch: error: ') and '(768, 3, 8, 8)' in err
+  assert 'Ti/8' in err
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> str:
+  """`cjepa-convert-torch ARGS` (its console entry point): asserts exit 1; returns stderr."""
+  monkeypatch.setattr('sys.argv', ['cjepa-convert-torch', *args])
+  with pytest.raises(SystemExit) as e:
+    convert_torch.run()
+  assert e.value.code == 1
+  return capsys.readouterr().err
+
+
+@pytest.mark.parametrize('trust', [False, True])
+@pytest.mark.parametrize('kind', ['text', 'empty', 'png'])
+def test_non_torch_file_is_refused_in_one_line(tmp_path, monkeypatch, capsys, kind, trust):
+  """A text / empty / image file: one line naming it, no traceback, no --trust_pickle advice.
+
+  (An image makes the safe unpickler fail on its first byte as on a disallowed object; advising
+  --trust_pickle there would only lead to another failure.)
+  """
+  path = tmp_path / {'text': 'notes.txt', 'empty': 'empty.pth.tar', 'png': 'image.png'}[kind]
+  if kind == 'text':
+    path.write_text('hello, not a checkpoint\n')
+  elif kind == 'empty':
+    path.write_bytes(b'')
+  else:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    Image.new('RGB', (4, 4)).save(path)
+  err = run_cli(monkeypatch, capsys, '--checkpoint', str(path), '--variant', VARIANT, '--out',
+                str(tmp_path / 'out'), *(['--trust_pickle'] if trust else []))
+  lines = [line for line in err.splitlines() if line.startswith('cjepa-convert-torch')]
+  assert len(lines) == 1 and 'Traceback' not in err, err
+  assert lines[0].startswith(f'cjepa-convert-torch: error: {path} is not a PyTorch checkpoint '
+                             '(torch.load failed: ')
+  assert lines[0].endswith('; pass the .pth.tar file the reference code saved.')
+  assert '--trust_pickle' not in err
+  assert not (tmp_path / 'out').exists()
+
+
+def test_trust_pickle_advice_only_without_the_flag(tmp_path, monkeypatch, capsys):
+  """A real torch file of an unimportable class: advice (and why it is unsafe) only without it."""
+  module_dir = tmp_path / 'modules'
+  module_dir.mkdir()
+  (module_dir / 'cjepa_gone_module.py').write_text('class Thing:\n  pass\n')
+  sys.path.insert(0, str(module_dir))
+  try:
+    import cjepa_gone_module  # pylint: disable=g-import-not-at-top,import-error
+    pth = tmp_path / 'odd.pth.tar'
+    torch.save({'encoder': {}, 'thing': cjepa_gone_module.Thing()}, pth)
+  finally:
+    sys.path.remove(str(module_dir))
+    sys.modules.pop('cjepa_gone_module', None)
+  args = ('--checkpoint', str(pth), '--variant', VARIANT, '--out', str(tmp_path / 'out'))
+  err = run_cli(monkeypatch, capsys, *args)
+  assert err.startswith(f'cjepa-convert-torch: error: {pth} holds objects that '
+                        'torch.load(weights_only=True) refuses'), err
+  assert 'cjepa_gone_module.Thing' in err and 'rerun with --trust_pickle' in err
+  assert 'can run arbitrary code' in err and len(err.strip().splitlines()) == 1
+  err = run_cli(monkeypatch, capsys, *args, '--trust_pickle')
+  assert err.startswith(f'cjepa-convert-torch: error: {pth} could not be loaded as a PyTorch '
+                        'checkpoint (torch.load failed: ModuleNotFoundError: '), err
+  assert '--trust_pickle' not in err and len(err.strip().splitlines()) == 1

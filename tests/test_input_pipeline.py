@@ -415,6 +415,60 @@ def test_clear_errors(flat_folder, tmp_path):
     ip.eval_resize_size(_config(root, eval_resize=200))
 
 
+def _write_classes(root: pathlib.Path, split: str, classes) -> None:
+  """One tiny JPEG per class: root/split/<class>/0.jpg."""
+  for cls in classes:
+    (root / split / cls).mkdir(parents=True)
+    Image.new('RGB', (8, 8), (10, 20, 30)).save(root / split / cls / '0.jpg')
+
+
+def test_label_splits_of_image_folders(flat_folder, tmp_path):
+  root, _, _ = flat_folder
+  c = _config(root, num_classes=3)
+  # The names in label order: the order the pipeline numbers the sorted class folders in.
+  assert ip.class_names(c, 'train') == ip.class_names(c, 'val') == list(CLASSES)
+  assert ip.check_label_splits(c) == list(CLASSES)
+  with pytest.raises(ValueError, match=r'has 3 classes but config\.data\.num_classes=1000; set '
+                                       r'config\.data\.num_classes=3'):
+    ip.check_label_splits(_config(root))
+
+  _write_classes(tmp_path / 'one', 'train', ['ant'])
+  _write_classes(tmp_path / 'one', 'val', ['ant'])
+  with pytest.raises(ValueError, match=r"train has 1 class\(es\) \('ant'\).*at least 2"):
+    ip.check_label_splits(_config(tmp_path / 'one', num_classes=1))
+
+  _write_classes(tmp_path / 'renamed', 'train', ['ant', 'bee', 'cat'])
+  _write_classes(tmp_path / 'renamed', 'val', ['ant', 'bee', 'cow'])
+  train_dir, val_dir = tmp_path / 'renamed' / 'train', tmp_path / 'renamed' / 'val'
+  with pytest.raises(ValueError) as e:
+    ip.check_label_splits(_config(tmp_path / 'renamed', num_classes=3))
+  message = str(e.value)
+  assert '\n' not in message
+  assert f"{train_dir} has class 'cat' that {val_dir} lacks" in message
+  assert f"{val_dir} has class 'cow' that {train_dir} lacks" in message
+
+  _write_classes(tmp_path / 'fewer', 'train', ['ant', 'bee', 'cat'])
+  _write_classes(tmp_path / 'fewer', 'val', ['ant', 'cat'])
+  with pytest.raises(ValueError, match="has class 'bee' that .* lacks"):
+    ip.check_label_splits(_config(tmp_path / 'fewer', num_classes=3))
+
+
+def test_label_splits_of_synthetic_and_tfds():
+  c = config_lib.default_config()
+  c.data.update(dataset='synthetic', num_classes=4, eval_split='validation')
+  assert ip.check_label_splits(c) == ['class_0', 'class_1', 'class_2', 'class_3']
+  c.data.num_classes = 1
+  with pytest.raises(ValueError, match='set config.data.num_classes >= 2'):
+    ip.check_label_splits(c)
+  # tfds: the names come from the builder's metadata (nothing needs to be prepared).
+  c.data.update(dataset='cifar10', data_dir='/nonexistent/tfds', num_classes=10,
+                eval_split='test')
+  assert len(ip.check_label_splits(c)) == 10  # Names ('0'.. until prepared): one list per split.
+  c.data.num_classes = 100
+  with pytest.raises(ValueError, match="split 'train' of tfds dataset 'cifar10' has 10 classes"):
+    ip.check_label_splits(c)
+
+
 def test_shared_cifar10(shared_cifar10_tarballs, tmp_path):
   """Real photographs: the first 20 test images of each class (a full unpack is 10k files)."""
   with tarfile.open(shared_cifar10_tarballs / 'test.tar.gz') as tar:

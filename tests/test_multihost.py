@@ -254,7 +254,8 @@ def test_single_process_trainer_resumes_the_two_process_checkpoint(job):
   # One process, one device, the default mesh: the checkpoint's 4 FSDP shards become one array.
   results, _ = run_processes(
       [[sys.executable, '-m', 'cjepa_jax.train',
-        *_train_command(job.workdir, job.data_dir, '--config.total_steps=6')]],
+        *_train_command(job.workdir, job.data_dir, '--config.total_steps=6',
+                        '--config.allow_config_change=True')]],
       [cpu_env(1)], timeout=TIMEOUT_S)
   (r,) = results
   assert r.returncode == 0, r.stderr[-4000:]
@@ -284,3 +285,51 @@ def test_error_on_one_process_stops_both_with_its_message(tmp_path, data_dir):
   assert f'[process 1/2] {message}' in results[1].stderr, results[1].stderr[-3000:]
   assert f'[process 0/2] ' in results[0].stderr
   assert f'stopping: process 1 failed: {message}' in results[0].stderr, results[0].stderr[-3000:]
+
+
+# Process 1 gets a real SIGTERM at step 1; every process waits 1 s per step from then on so that
+# JAX's preemption notifier (it polls once a second) reports it before the 4-step run ends.
+_SIGTERM_TRAINER = r'''
+import os, runpy, signal, sys, time
+from cjepa_jax import preemption
+original = preemption.Preemption.reached
+def reached(self, step):
+  if step == 1 and '--process_id=1' in sys.argv:
+    os.kill(os.getpid(), signal.SIGTERM)
+  time.sleep(1.0)
+  return original(self, step)
+preemption.Preemption.reached = reached
+runpy.run_module('cjepa_jax.train', run_name='__main__', alter_sys=True)
+'''
+
+
+def test_sigterm_on_one_process_saves_one_agreed_step_and_resume_matches(tmp_path, job, data_dir):
+  """SIGTERM to process 1: both processes save the same step, exit 75; the resumed job's step-4
+  state is bit-identical to the uninterrupted job's."""
+  workdir = tmp_path / 'run'
+
+  def launch(*pre):
+    address = f'127.0.0.1:{free_port()}'
+    commands = [[sys.executable, *pre, *_train_command(workdir, data_dir, *JOB_ARGS),
+                 f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}']
+                for i in range(2)]
+    results, _ = run_processes(commands, [cpu_env(2), cpu_env(2)], timeout=TIMEOUT_S)
+    return results
+
+  results = launch('-c', _SIGTERM_TRAINER)
+  assert [r.returncode for r in results] == [75, 75], results[0].stderr[-3000:]
+  steps = checkpoint_lib.Checkpointer(str(workdir)).all_steps()
+  assert len(steps) == 1 and 1 <= steps[0] < 4, steps
+  saved = steps[0]
+  for r in results:
+    assert f'saved the checkpoint of step {saved}' in r.stderr, r.stderr[-3000:]
+  assert 'SIGTERM received (process 1)' in results[1].stderr
+
+  results = launch('-m', 'cjepa_jax.train')
+  assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
+  assert f'Resuming from the checkpoint of step {saved}' in results[0].stderr
+  ours = jax.tree.leaves(checkpoint_lib.restore_subtree(str(workdir / 'checkpoints' / '4'), ()))
+  theirs = jax.tree.leaves(checkpoint_lib.restore_subtree(
+      str(job.workdir / 'checkpoints' / '4'), ()))
+  for x, y in zip(ours, theirs, strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

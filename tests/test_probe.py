@@ -13,6 +13,7 @@ from PIL import Image
 
 from cjepa_jax import checkpoint as checkpoint_lib
 from cjepa_jax import config as config_lib
+from cjepa_jax import input_pipeline
 from cjepa_jax import optim
 from cjepa_jax import probe
 from cjepa_jax import sharding
@@ -327,6 +328,57 @@ def test_knn_evaluator_for_the_trainer(pretrained, image_folder):
   assert train_f['last'].shape == (48, 192) and test_f['last'].shape == (24, 192)
   want = knn_numpy(train_f['last'], train_y, test_f['last'], 3, 20, 0.07)
   assert first['knn_top1'] == np.mean(np.argmax(want, 1) == test_y)
+
+
+def write_classes(root, split, classes):
+  """One tiny PNG per class: root/split/<class>/0.png."""
+  for name in classes:
+    (root / split / name).mkdir(parents=True)
+    Image.new('RGB', (8, 8), (90, 90, 90)).save(root / split / name / '0.png')
+
+
+def test_probe_refuses_mismatched_class_folders_before_restoring(tmp_path):
+  """Label id 2 would be 'sky' in train and 'snow' in test: refused, naming both, at once."""
+  write_classes(tmp_path / 'data', 'train', CLASSES)
+  write_classes(tmp_path / 'data', 'test', ('apple', 'grass', 'snow'))
+  # No checkpoint there: had the probe restored first, the error would be 'No complete checkpoint'.
+  config = probe_config(tmp_path / 'nothing_here', tmp_path / 'data')
+  train_dir, test_dir = tmp_path / 'data' / 'train', tmp_path / 'data' / 'test'
+  with pytest.raises(ValueError) as e:
+    probe.probe(config, str(tmp_path / 'out'))
+  message = str(e.value)
+  assert f"{train_dir} has class 'sky' that {test_dir} lacks" in message, message
+  assert f"{test_dir} has class 'snow' that {train_dir} lacks" in message and '\n' not in message
+  assert not (tmp_path / 'out').exists()
+
+
+def test_probe_refuses_one_class_and_a_wrong_num_classes(image_folder, tmp_path):
+  write_classes(tmp_path / 'data', 'train', ('apple',))
+  write_classes(tmp_path / 'data', 'test', ('apple',))
+  config = probe_config('random', tmp_path / 'data')
+  config.data.num_classes = 1
+  with pytest.raises(ValueError, match=r'has 1 class\(es\).*needs at least 2'):
+    probe.probe(config, str(tmp_path / 'out'))
+  config = probe_config('random', image_folder)
+  config.data.num_classes = 10
+  with pytest.raises(ValueError, match=r'has 3 classes but config\.data\.num_classes=10'):
+    probe.probe(config, str(tmp_path / 'out'))
+
+
+def test_knn_evaluator_checks_the_splits_when_made(tmp_path):
+  """The trainer's monitor fails when it is built, not at its first evaluation hours later."""
+  write_classes(tmp_path / 'data', 'train', ('apple',))
+  write_classes(tmp_path / 'data', 'test', CLASSES)
+  config = pretrain_config()
+  config.data.update(dataset='image_folder', data_dir=str(tmp_path / 'data'), eval_split='test')
+  mesh = sharding.make_mesh(config)
+  encoder = probe.encoder_from_model_config(config.model)
+  with pytest.raises(ValueError, match=r'train has 1 class\(es\)'):
+    probe.make_knn_evaluator(config, mesh, encoder)
+  write_classes(tmp_path / 'data', 'train', CLASSES[1:])  # Now the same 3 classes as 'test'.
+  # pylint: disable-next=protected-access
+  input_pipeline._image_folder_classes.cache_clear()  # Listings are cached per process.
+  assert callable(probe.make_knn_evaluator(config, mesh, encoder))
 
 
 def test_bad_config_values_are_named(image_folder, tmp_path):

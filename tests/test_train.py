@@ -118,6 +118,16 @@ def tiny_cli_config(**overrides):
     ({'model.dtype': 'float64'}, 'bfloat16'),
     ({'model.attention': 'flash'}, "'xla', 'cudnn'"),
     ({'model.attention': 'cudnn'}, 'needs an NVIDIA GPU'),
+    ({'optim.lr': -1.0}, 'config.optim.lr=-1.0 is invalid'),
+    ({'optim.start_lr': -1e-4}, 'config.optim.start_lr'),
+    ({'optim.final_lr': float('nan')}, 'config.optim.final_lr'),
+    ({'optim.weight_decay': -0.1}, 'config.optim.weight_decay'),
+    ({'optim.ema': (0.996, 1.5)}, 'in [0, 1]'),
+    ({'optim.b2': 1.0}, 'config.optim.b2'),
+    ({'vicreg.weight': -0.001}, 'config.vicreg.weight'),
+    ({'data.num_classes': 1}, 'config.data.num_classes'),
+    ({'log_every_steps': 0}, 'config.log_every_steps'),
+    ({'mask.pred_scale': (0.5, 0.9)}, 'the 8x8 grid holds at most 7x7'),
 ])
 def test_config_errors_name_the_problem(tmp_path, overrides, message):
   config = tiny_cli_config(**overrides)
@@ -150,7 +160,7 @@ def read_metrics(workdir):
   return {r['step']: r for r in rows}  # A resumed run re-logs steps: the last row wins.
 
 
-METRIC_KEYS = ('loss', 'jepa', 'vicreg', 'lr', 'weight_decay', 'ema_momentum', 'grad_norm',
+METRIC_KEYS = ('loss', 'jepa', 'lr', 'weight_decay', 'ema_momentum', 'grad_norm',
                'update_norm', 'param_norm', 'target_feature_std', 'target_effective_rank',
                'images_per_s', 'step_time_s', 'tflops', 'mfu', 'compiles', 'data_skipped')
 
@@ -169,6 +179,8 @@ def check_logged_run(workdir, result, steps):
   assert sorted(rows) == list(range(2, steps + 1, 2))
   for key in METRIC_KEYS:
     assert key in rows[steps], key
+  # The recipe is I-JEPA: VICReg's terms play no part, so they are not logged.
+  assert not [k for k in rows[steps] if k.startswith('vicreg')], rows[steps]
   assert all(r['compiles'] == 1 for r in rows.values())
   assert all(np.isfinite(r['loss']) for r in rows.values())
   # The step computes RankMe on log steps only (NaN otherwise); every logged value is real.
@@ -197,10 +209,37 @@ def test_cli_trains_on_8_devices_with_fsdp(tmp_path):
   assert 0.0 <= row['knn_top1'] <= row['knn_top5'] <= 1.0
 
 
-def test_misspelled_config_key_is_an_error(tmp_path):
-  result = run_cli(tmp_path, '--config.totl_steps=6')
-  assert result.returncode != 0
-  assert 'totl_steps' in result.stderr
+def test_misspelled_config_key_is_one_line_and_leaves_no_workdir(tmp_path):
+  workdir = tmp_path / 'run'
+  result = run_cli(workdir, '--config.totl_steps=6')
+  assert result.returncode == 1
+  lines = [l for l in result.stderr.splitlines() if l.strip()]
+  assert lines == ["cjepa-train: error: unknown config key 'totl_steps': did you mean "
+                   "'total_steps'? (--help lists every key)"], result.stderr
+  assert not workdir.exists()
+
+
+def test_bad_flag_and_bad_value_are_one_line_each(tmp_path):
+  for extra, needle in ((('--no_such_flag=1',), 'no_such_flag'),
+                        (('--config.optim.lr=-1',), 'config.optim.lr=-1.0 is invalid'),
+                        (('--config.batch_size=abc',), 'batch_size')):
+    result = run_cli(tmp_path / 'run', *extra)
+    assert result.returncode == 1, (extra, result.stderr[-2000:])
+    errors = [l for l in result.stderr.splitlines() if 'error' in l.lower()]
+    assert len(errors) == 1 and errors[0].startswith('cjepa-train: error: '), result.stderr
+    assert needle in errors[0], errors
+    assert 'Traceback' not in result.stderr
+    assert not (tmp_path / 'run').exists()
+
+
+def test_help_lists_every_config_key_with_default_and_meaning():
+  from cjepa_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  result = run_python(['-m', 'cjepa_jax.train', '--help'])
+  assert result.returncode == 0, result.stderr[-2000:]
+  for key, default, meaning in config_lib.describe_keys():
+    assert f'--config.{key} (default {default!r}): {meaning}' in result.stdout, key
+    assert meaning, f'config.{key} has no comment in config.py'
+  assert '--workdir' in result.stdout and '--config:' in result.stdout
 
 
 # The child process: the real entry point, with Checkpointer.save patched to SIGKILL the process
@@ -210,10 +249,10 @@ _KILL_HARNESS = textwrap.dedent('''
     from cjepa_jax import checkpoint, train
     kill_step = int(os.environ['KILL_AT'])
     original = checkpoint.Checkpointer.save
-    def save(self, step, state, config=None, *, force=False):
+    def save(self, step, state, config=None, **kwargs):
       if step == kill_step:
         self.wait()
-      result = original(self, step, state, config, force=force)
+      result = original(self, step, state, config, **kwargs)
       if step == kill_step:
         os.kill(os.getpid(), signal.SIGKILL)   # The async save is still in flight.
       return result
@@ -274,7 +313,158 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
   with pytest.raises(train.NonFiniteError, match='step 6') as e:
     train.train_and_evaluate(config, str(tmp_path))
   assert 'last good checkpoint (step 4)' in str(e.value)
+  assert str(e.value).count('\n') == 0
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
   assert ckpt.all_steps() == [4]
   rows = read_metrics(tmp_path)
   assert sorted(rows) == [2, 4]  # Nothing non-finite was logged either.
+
+
+def test_non_finite_loss_before_any_checkpoint_names_none(tmp_path, monkeypatch):
+  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  real = input_pipeline.make_train_iterator
+
+  def poisoned(config, *, start_step=0, **kwargs):
+    for batch in real(config, start_step=start_step, **kwargs):
+      yield dict(batch, image=np.full_like(batch['image'], np.nan))
+
+  monkeypatch.setattr(input_pipeline, 'make_train_iterator', poisoned)
+  with pytest.raises(train.NonFiniteError, match='step 1') as e:
+    train.train_and_evaluate(tiny_cli_config(total_steps=4, ckpt_every_steps=4), str(tmp_path))
+  assert 'No checkpoint was written before it.' in str(e.value)
+  assert 'last good' not in str(e.value)
+
+
+# SIGTERM, a real one: the child sends it to itself when the loop asks about step SIGNAL_AT (the
+# handler runs in the main thread between bytecodes, as for a signal from outside).
+_SIGTERM_HARNESS = textwrap.dedent('''
+    import os, signal, sys
+    from cjepa_jax import preemption, train
+    at = int(os.environ['SIGNAL_AT'])
+    sig = getattr(signal, os.environ.get('SIGNAL', 'SIGTERM'))
+    original = preemption.Preemption.reached
+    def reached(self, step):
+      if step == at:
+        os.kill(os.getpid(), sig)
+      return original(self, step)
+    preemption.Preemption.reached = reached
+    sys.argv = ['train'] + sys.argv[1:]
+    train.run()
+''')
+
+
+@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGINT'])
+def test_signal_saves_the_step_in_flight_and_resume_is_bit_identical(tmp_path, straight_run,
+                                                                     sig):
+  """SIGTERM (or Ctrl-C) at step 5: step 5 is saved, exit 75; the resumed run equals the straight one.
+
+  Checkpoints every 4 steps, so without the preemption save step 5 would be lost.
+  """
+  straight, _ = straight_run
+  workdir = tmp_path / 'run'
+  common = ('--config.total_steps=12', '--config.ckpt_every_steps=4')
+  result = run_python(['-c', _SIGTERM_HARNESS, *tiny_cli_args(workdir, *common)],
+                      SIGNAL_AT='5', SIGNAL=sig)
+  assert result.returncode == 75, result.stderr[-3000:]
+  assert f'{sig} received' in result.stderr and 'saved the checkpoint of step 5' in result.stderr
+  assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [4, 5]
+  resumed = run_cli(workdir, *common)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resuming from the checkpoint of step 5' in resumed.stderr
+  a, b = read_metrics(straight), read_metrics(workdir)
+  for step in (8, 10, 12):  # Step 6's window lost step 5 to the restart; the later ones are whole.
+    for key in ('loss', 'jepa', 'lr', 'grad_norm', 'param_norm'):
+      assert a[step][key] == b[step][key], (step, key)
+  la = jax.tree.leaves(checkpoint_lib.restore_subtree(str(straight), ()))
+  lb = jax.tree.leaves(checkpoint_lib.restore_subtree(str(workdir), ()))
+  for x, y in zip(la, lb, strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _copy_run(src, dst):
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_rerunning_a_finished_run_says_already_complete(tmp_path, straight_run):
+  workdir = _copy_run(straight_run[0], tmp_path / 'run')
+  before = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
+  result = run_cli(workdir, '--config.total_steps=12', '--config.ckpt_every_steps=4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'already complete at step 12' in result.stderr
+  assert 'compiled 0 times' not in result.stderr
+  assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == before
+
+
+def test_resume_refuses_config_drift_and_keeps_config_json(tmp_path, straight_run):
+  workdir = _copy_run(straight_run[0], tmp_path / 'run')
+  saved = (workdir / 'config.json').read_text()
+  common = ('--config.total_steps=14', '--config.ckpt_every_steps=4')
+  # A change of shapes: refused, whatever allow_config_change says, with the way forward.
+  result = run_cli(workdir, *common, '--config.model.pred_width=96',
+                   '--config.allow_config_change=True')
+  assert result.returncode == 1
+  assert 'model.pred_width: 48 -> 96' in result.stderr and 'init_from' in result.stderr
+  # A change of meaning: refused unless allowed.
+  result = run_cli(workdir, *common, '--config.batch_size=8', '--config.optim.lr=1e-3')
+  assert result.returncode == 1
+  line, = [l for l in result.stderr.splitlines() if 'error' in l]
+  assert 'batch_size: 16 -> 8' in line and 'optim.lr: 0.0005 -> 0.001' in line, line
+  assert 'allow_config_change=True' in line
+  assert (workdir / 'config.json').read_text() == saved  # Failed starts leave it alone.
+  # Allowed: logged key by key, config.json describes the new start, the old one is kept.
+  result = run_cli(workdir, *common, '--config.optim.lr=1e-3', '--config.allow_config_change=True')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'changed config (allow_config_change): optim.lr 0.0005 -> 0.001' in result.stderr
+  assert (workdir / 'config.12.json').read_text() == saved
+  assert json.loads((workdir / 'config.json').read_text())['optim']['lr'] == 1e-3
+
+
+def test_unwritable_checkpoint_directory_fails_before_compiling(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  config = tiny_cli_config(total_steps=4)
+  with pytest.raises(ValueError, match='not writable') as e:
+    train.train_and_evaluate(config, str(blocker / 'run'))
+  assert str(blocker) in str(e.value)
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_still_ends_exactly(tmp_path, straight_run):
+  """Bytes of step 12's largest data file flipped (same size): it fails its checksums, the run
+  warns, resumes from step 8 and ends bit-identical to the straight run; nothing is deleted."""
+  straight = straight_run[0]
+  workdir = _copy_run(straight, tmp_path / 'run')
+  files = [p for p in (workdir / 'checkpoints' / '12' / 'state').rglob('*') if p.is_file()]
+  target = max(files, key=lambda p: p.stat().st_size)
+  data = bytearray(target.read_bytes())
+  for i in range(len(data) // 2, len(data) // 2 + 64):
+    data[i] ^= 0xFF
+  target.write_bytes(bytes(data))
+  result = run_cli(workdir, '--config.total_steps=12', '--config.ckpt_every_steps=4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert str(workdir / 'checkpoints' / '12') in result.stderr
+  assert 'Resuming from the checkpoint of step 8' in result.stderr
+  damaged = list((workdir / 'checkpoints').glob('12.damaged-*'))
+  assert len(damaged) == 1 and (damaged[0] / 'state').is_dir()  # Moved aside, not deleted.
+  assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [4, 8, 12]
+  la = jax.tree.leaves(checkpoint_lib.restore_subtree(str(straight), ()))
+  lb = jax.tree.leaves(checkpoint_lib.restore_subtree(str(workdir), ()))
+  for x, y in zip(la, lb, strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_data_skipped_continues_across_a_resume(tmp_path, monkeypatch):
+  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  real = input_pipeline.make_train_iterator
+
+  def skipping(config, *, start_step=0, **kwargs):  # 1 unreadable image every step, per start.
+    for i, batch in enumerate(real(config, start_step=start_step, **kwargs), start=1):
+      yield dict(batch, data_skipped=i)
+
+  monkeypatch.setattr(input_pipeline, 'make_train_iterator', skipping)
+  train.train_and_evaluate(tiny_cli_config(total_steps=4, ckpt_every_steps=4), str(tmp_path))
+  train.train_and_evaluate(tiny_cli_config(total_steps=8, ckpt_every_steps=4,
+                                           allow_config_change=True), str(tmp_path))
+  rows = read_metrics(tmp_path)
+  assert [rows[s]['data_skipped'] for s in (2, 4, 6, 8)] == [2, 4, 6, 8]
