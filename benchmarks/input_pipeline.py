@@ -60,6 +60,7 @@ def write_jpegs(root: str, count: int, size: tuple[int, int] = (500, 375), seed:
 
 def main(argv):
   del argv
+  input_pipeline.hide_accelerators_from_tf()
   config = config_lib.default_config()
   config.data.dataset = _DATASET.value
   config.data.data_dir = _DATA_DIR.value

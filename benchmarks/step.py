@@ -9,7 +9,7 @@ r"""Times the real jitted I-JEPA / C-JEPA train step on synthetic images: compil
 
 The step is the one training runs: the config is `cjepa_jax.config.default_config()` with the
 flags' overrides, the mesh is `sharding.make_mesh(config)` and the jitted step, its shardings and
-the state initialiser come from `train.setup(config, mesh)`. Nothing here imports TensorFlow or the
+the state initialiser come from `train_step.setup(config, mesh)`. Nothing here imports TensorFlow or the
 input pipeline: batches are random-normal images made on the devices with the batch sharding (a few
 distinct ones, cycled), so the numbers are the step alone, with no input cost.
 
@@ -58,7 +58,7 @@ import ml_collections  # noqa: E402
 from cjepa_jax import config as config_lib  # noqa: E402
 from cjepa_jax import flops as flops_lib  # noqa: E402
 from cjepa_jax import sharding  # noqa: E402
-from cjepa_jax import train  # noqa: E402  (imports the input pipeline only inside its loop)
+from cjepa_jax import train_step as step_lib  # noqa: E402  (no TensorFlow, no absl flags)
 
 # The run length the schedules are laid over; any value past the timed steps will do.
 _TOTAL_STEPS = 1_000_000
@@ -220,7 +220,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup:
   timed ones under `jax.profiler.trace(profile_dir)`.
   """
   mesh = sharding.make_mesh(config, None if devices is None else list(devices))
-  run = train.setup(config, mesh)
+  run = step_lib.setup(config, mesh)
   models, state_shardings, abstract_state = run.models, run.state_shardings, run.abstract_state
   init_fn, jitted_step = run.init_fn, run.jitted_step
   shape = models.step_shape()
@@ -263,13 +263,13 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup:
     jax.block_until_ready((state, batches))
     metrics = None
     for i in range(warmup):
-      state, metrics = compiled(state, batches[i % len(batches)])
+      state, metrics, _ = compiled(state, batches[i % len(batches)])
       jax.block_until_ready((state, metrics))
     times = []
     for i in range(steps):
       batch = batches[(warmup + i) % len(batches)]
       t = time.perf_counter()
-      state, metrics = compiled(state, batch)
+      state, metrics, _ = compiled(state, batch)
       jax.block_until_ready((state, metrics))
       times.append(time.perf_counter() - t)
     step_time = statistics.median(times)
@@ -294,7 +294,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup:
         with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
           for i in range(profile_steps):
             with jax.profiler.StepTraceAnnotation('train_step', step_num=i):
-              state, metrics = compiled(state, batches[i % len(batches)])
+              state, metrics, _ = compiled(state, batches[i % len(batches)])
             jax.block_until_ready((state, metrics))
         log(f'profile: {profile_steps} steps traced into {profile_dir}')
       except Exception as e:  # pylint: disable=broad-except

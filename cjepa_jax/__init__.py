@@ -1,17 +1,35 @@
 """cjepa_jax: I-JEPA and C-JEPA self-supervised pretraining in JAX/Flax.
 
-Modules, one per concept:
-  models/vit.py        ViT encoder (context and EMA target encoder).
-  models/predictor.py  The narrow JEPA predictor.
-  masks.py             Multi-block masks with static shapes.
-  losses.py            The JEPA loss and the VICReg (C-JEPA) terms.
-  optim.py             AdamW, the lr / weight-decay / EMA schedules, the EMA update.
-  config.py            The default config every recipe in configs/ starts from.
-  sharding.py          Device mesh and FSDP shardings.
-  train_step.py        The pure, jitted train step.
-  train.py             The `cjepa-train` entry point.
-  input_pipeline.py    tf.data input (imported only by the trainer, never by the step).
-  checkpoint.py        Orbax checkpointing with exact resume.
+Modules, one per concept (data flows down this list's library part; no library module imports an
+entry point):
+
+Models
+  models/vit.py         ViT encoder (context and EMA target encoder).
+  models/predictor.py   The narrow JEPA predictor.
+  models/projector.py   The VICReg projector (C-JEPA 'blocks' mode).
+  models/jepa.py        The model bundle: every module of a run from a config or a saved model
+                        config, abstract params, and the one "does this tree fit" check.
+Objective and step
+  masks.py              Multi-block masks with static shapes (and a mask-statistics CLI).
+  losses.py             The JEPA loss and the VICReg terms (`VICRegSpec`).
+  optim.py              The schedules (built once), AdamW, the EMA update.
+  train_step.py         The train state, the pure step, and `setup` (models, optimizer,
+                        shardings, the jitted step) without absl or TensorFlow.
+  sharding.py           Device mesh and FSDP shardings.
+  flops.py              Analytic FLOP count and device peaks for MFU.
+Run machinery
+  config.py             Every config key with its default and meaning; validation; resume rules.
+  checkpoint.py         Orbax checkpoints: exact resume, checksums, failed saves, init_from.
+  input_pipeline.py     tf.data / tfds input split across hosts (the only TensorFlow user).
+  metrics.py            metrics.jsonl, TensorBoard and the progress line.
+  preemption.py         SIGTERM / SIGINT -> save the step in flight, exit 75.
+  distributed.py        jax.distributed start-up and fail-fast errors across processes.
+  evals/                Frozen-encoder evaluation: features, kNN, linear probe, a registry.
+Entry points (absl flags are defined in their `run()`, never at import)
+  cli.py                The CLIs' one error path (one line, exit 1) and `--help`.
+  train.py              `cjepa-train`: the training loop.
+  probe.py              `cjepa-probe`: evaluators on a checkpoint.
+  convert_torch.py      `cjepa-convert-torch`: reference PyTorch checkpoints -> orbax.
 """
 
 __version__ = "0.1.0"

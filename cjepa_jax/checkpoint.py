@@ -80,6 +80,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from cjepa_jax.models import jepa
+
 CHECKPOINTS_DIR = 'checkpoints'
 STATE_ITEM = 'state'
 CONFIG_ITEM = 'config'
@@ -874,3 +876,40 @@ def restore_subtree(path: str, keys: Sequence[str] = (), *,
     restored = restored[key]
   _verify(state_dir.parent, restored, prefix=keys)
   return restored
+
+
+def load_init_from(path: str, state: dict[str, Any], shardings: dict[str, Any]
+                   ) -> dict[str, Any]:
+  """`config.init_from`: another run's (or a converted reference) weights, at step 0.
+
+  Takes `params` (encoder, predictor, and projector when the checkpoint has one) and
+  `target_params` from the checkpoint at `path` (a workdir or a step directory); everything else
+  in `state` (step, optimizer moments, rng) stays fresh. Shapes must match the current config's
+  models; the result is placed with `shardings` (the state's).
+  """
+  loaded_params = restore_subtree(path, ('params',))
+  loaded_target = restore_subtree(path, ('target_params',))
+  params = dict(state['params'])
+  for name, tree in loaded_params.items():
+    if name not in params:
+      raise ValueError(f'config.init_from={path!r} has params[{name!r}], which this config does '
+                       f'not build (it has {sorted(params)}).')
+    params[name] = _place_like(tree, params[name], shardings['params'][name], f'params/{name}')
+  target = _place_like(loaded_target, state['target_params'], shardings['target_params'],
+                       'target_params')
+  logging.info('Initialised %s and target_params from %s.', sorted(loaded_params), path)
+  return dict(state, params=params, target_params=target)
+
+
+def _place_like(tree: Any, like: Any, shardings: Any, name: str) -> Any:
+  """`tree` placed with `shardings`, after checking it has `like`'s structure and shapes."""
+  mismatch = jepa.tree_mismatch(tree, like)
+  if mismatch is not None and mismatch.path is None:
+    raise ValueError(f'The init_from checkpoint\'s {name} does not have the structure of this '
+                     "config's model: check model.variant, model.depth, model.pred_depth and "
+                     'model.scan against the checkpoint (its config.json).')
+  if mismatch is not None:
+    raise ValueError(f'init_from: {name}{mismatch.path} has shape {mismatch.got} in the '
+                     f'checkpoint but {mismatch.want} in this model.')
+  return jax.tree.map(lambda x, ref, s: jax.device_put(jnp.asarray(x, ref.dtype), s),
+                      tree, like, shardings)

@@ -72,7 +72,8 @@ def fail(prog: str, error: BaseException | str) -> None:
 
 
 def _help(prog: str, doc: str, module: str, extra_help: Callable[[], str] | None) -> str:
-  parts = [doc.strip(), '', f'{prog} flags:', flags.FLAGS.module_help(module) or '  (none)']
+  parts = [doc.strip(), '', f'{prog} flags:', flags.FLAGS.module_help(module) or '  (none)',
+           '', 'Multi-process flags:', flags.FLAGS.module_help(distributed.__name__)]
   if extra_help is not None:
     parts += ['', extra_help()]
   return '\n'.join(parts)
@@ -126,4 +127,5 @@ def run(prog: str, main: Callable[[Sequence[str]], Any], *, doc: str, module: st
           raise  # fail_fast shows it on every process and stops them all.
         fail(prog, e)
 
+  distributed.define_flags()
   app.run(wrapped, flags_parser=_flags_parser(prog, doc, module, extra_help))

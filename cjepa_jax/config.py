@@ -120,7 +120,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1                  # FSDP axis size: params and optimizer state sharded over it.
 
   c.evals = ml_collections.ConfigDict()
-  c.evals.knn_every_steps = 0      # > 0: kNN probe during pretraining (probe.py).
+  c.evals.knn_every_steps = 0      # > 0: kNN probe during pretraining (evals/knn.py).
   c.evals.knn_train_examples = 10_000  # kNN monitor: train images (the memory bank; 0: all).
   c.evals.knn_eval_examples = 2_000    # kNN monitor: eval images (0: all).
   c.evals.knn_k = 20               # kNN monitor: neighbours.

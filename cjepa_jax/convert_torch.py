@@ -40,7 +40,6 @@ import math
 import os
 import pickle
 import re
-import sys
 import zipfile
 from typing import Any
 
@@ -51,7 +50,9 @@ import ml_collections
 import numpy as np
 
 from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax import cli
 from cjepa_jax import config as config_lib
+from cjepa_jax.models import jepa
 from cjepa_jax.models import predictor as predictor_lib
 from cjepa_jax.models import vit
 
@@ -316,8 +317,10 @@ def convert_predictor(torch_state_dict: Mapping[str, np.ndarray], variant: str, 
 
 def _check_against_model(params: Any, abstract: Any, name: str) -> None:
   """Same tree and shapes as the flax model's `init` (abstract: nothing is allocated)."""
-  if jax.tree.map(np.shape, params) != jax.tree.map(lambda x: x.shape, abstract):
-    raise AssertionError(f'Converted {name} params do not match the flax model (a converter bug).')
+  mismatch = jepa.tree_mismatch(params, abstract)
+  if mismatch is not None:
+    raise AssertionError(f'Converted {name} params do not match the flax model ({mismatch}): a '
+                         'converter bug.')
 
 
 def convert_reference(checkpoint: Mapping[str, Any], variant: str, *, depth: int | None = None,
@@ -372,19 +375,14 @@ def convert_reference(checkpoint: Mapping[str, Any], variant: str, *, depth: int
   config.data.image_size = image_size
 
   # The params must be exactly what the flax models' init makes (the trainer and probes check).
-  enc_model = vit.Encoder(variant, depth=depth)
+  # Checked in the unscanned layout the conversion produces (stacked afterwards when scan).
+  enc_model = jepa.encoder_from_model_config(dict(config.model.to_dict(), scan=False))
   s = enc_model.spec
   grid = (image_size // patch,) * 2
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  abstract_enc = jax.eval_shape(enc_model.init, jax.random.key(0), images)['params']
+  abstract_enc = jepa.abstract_encoder_params(enc_model, image_size)
   pred_model = predictor_lib.Predictor(embed_dim=s['width'], num_heads=s['num_heads'], grid=grid,
                                        width=pred_width, depth=pred_depth)
-  idx = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  ok = jax.ShapeDtypeStruct((1, 1), jnp.bool_)
-  abstract_pred = jax.eval_shape(
-      pred_model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 1, s['width']), jnp.float32),
-      idx, ok, jax.ShapeDtypeStruct((1, 1, 1), jnp.int32),
-      jax.ShapeDtypeStruct((1, 1, 1), jnp.bool_))['params']
+  abstract_pred = jepa.abstract_predictor_params(pred_model)
   for tree, abstract, what in ((encoder, abstract_enc, 'encoder'), (target, abstract_enc,
                                                                     'target_encoder'),
                                (predictor, abstract_pred, 'predictor')):
@@ -558,9 +556,8 @@ def run() -> None:
   """Console entry point: bad input prints the message (no traceback) and exits 1."""
   try:
     main()
-  except ValueError as e:
-    print(f'{_PROG}: error: {e}', file=sys.stderr)
-    sys.exit(1)
+  except cli.USER_ERRORS as e:
+    cli.fail(_PROG, e)
 
 
 if __name__ == '__main__':

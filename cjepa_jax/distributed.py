@@ -15,9 +15,9 @@ Every process runs the same program; `initialize()` connects them before anythin
     (harmless; it only starts a local coordinator);
   * otherwise: one process, nothing to do.
 
-Both entry points (`cjepa_jax.train`, `cjepa_jax.probe`) import this module, so the flags are
-defined once and shared; `run_main(main)` is their `app.run` with `initialize()` and fail-fast
-error handling around `main`.
+The entry points (`cjepa_jax.train`, `cjepa_jax.probe`) run through `cli.run`, which calls
+`define_flags()` (nothing is defined at import) and wraps `main` in `initialize()` and
+`fail_fast()`; `run_main(main)` does the same for scripts without the CLI error handling.
 
 Errors. A multi-process JAX job has no built-in "one process raised, stop everyone": the others
 block in their next collective. What happens here:
@@ -56,18 +56,31 @@ from absl import flags
 from absl import logging
 import jax
 
-_COORDINATOR_ADDRESS = flags.DEFINE_string(
-    'coordinator_address', None,
-    'HOST:PORT of process 0\'s coordination service, for runs of several processes started by hand '
-    '(env CJEPA_COORDINATOR_ADDRESS). Unset under SLURM and on Cloud TPU VMs: detected there.')
-_NUM_PROCESSES = flags.DEFINE_integer(
-    'num_processes', None, 'Number of processes in the run (env CJEPA_NUM_PROCESSES).')
-_PROCESS_ID = flags.DEFINE_integer(
-    'process_id', None, 'This process\'s index in [0, num_processes) (env CJEPA_PROCESS_ID).')
-_LOCAL_DEVICE_IDS = flags.DEFINE_list(
-    'local_device_ids', None,
-    'Comma-separated local device ids this process may use (env CJEPA_LOCAL_DEVICE_IDS); default: '
-    'all of them, or the GPU numbered SLURM_LOCALID under SLURM.')
+_FLAGS: dict[str, Any] = {}  # The flag holders, once `define_flags()` has run.
+
+
+def define_flags() -> None:
+  """Defines --coordinator_address, --num_processes, --process_id, --local_device_ids (once).
+
+  The entry points call it (through `cli.run` / `run_main`) before absl parses the command line,
+  so importing this module defines nothing.
+  """
+  if _FLAGS:
+    return
+  _FLAGS['coordinator_address'] = flags.DEFINE_string(
+      'coordinator_address', None,
+      'HOST:PORT of process 0\'s coordination service, for runs of several processes started by '
+      'hand (env CJEPA_COORDINATOR_ADDRESS). Unset under SLURM and on Cloud TPU VMs: detected '
+      'there.')
+  _FLAGS['num_processes'] = flags.DEFINE_integer(
+      'num_processes', None, 'Number of processes in the run (env CJEPA_NUM_PROCESSES).')
+  _FLAGS['process_id'] = flags.DEFINE_integer(
+      'process_id', None, 'This process\'s index in [0, num_processes) (env CJEPA_PROCESS_ID).')
+  _FLAGS['local_device_ids'] = flags.DEFINE_list(
+      'local_device_ids', None,
+      'Comma-separated local device ids this process may use (env CJEPA_LOCAL_DEVICE_IDS); '
+      'default: all of them, or the GPU numbered SLURM_LOCALID under SLURM.')
+
 
 ENV_COORDINATOR_ADDRESS = 'CJEPA_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'CJEPA_NUM_PROCESSES'
@@ -203,14 +216,9 @@ def resolve_args(
 
 def _flag_values() -> dict[str, Any]:
   """The distributed flags' values, or all None when absl has not parsed the command line."""
-  if not flags.FLAGS.is_parsed():
+  if not _FLAGS or not flags.FLAGS.is_parsed():
     return {}
-  return {
-      'coordinator_address': _COORDINATOR_ADDRESS.value,
-      'num_processes': _NUM_PROCESSES.value,
-      'process_id': _PROCESS_ID.value,
-      'local_device_ids': _LOCAL_DEVICE_IDS.value,
-  }
+  return {name: holder.value for name, holder in _FLAGS.items()}
 
 
 def _running_on_cloud_tpu() -> bool:
@@ -371,5 +379,6 @@ def run_main(main: Callable[[Sequence[str]], Any]) -> None:
     with fail_fast():
       return main(argv)
 
+  define_flags()
   app.run(wrapped)
 

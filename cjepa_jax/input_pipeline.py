@@ -69,11 +69,18 @@ SYNTHETIC_EVAL_EXAMPLES = 10_000
 _CROP_ATTEMPTS = 10
 # Stream identifiers folded into the seed so each random decision has its own stream.
 _ORDER, _SHUFFLE, _AUGMENT, _SYNTHETIC = 1, 2, 3, 4
-# TensorFlow only feeds the host; JAX owns the accelerators.
-try:
-  tf.config.set_visible_devices([], 'GPU')
-except RuntimeError:  # TensorFlow already initialised its devices.
-  pass
+
+def hide_accelerators_from_tf() -> None:
+  """Keeps TensorFlow off the GPUs (it feeds the host; JAX owns the accelerators).
+
+  Called by the entry points' `main` before any input is built (not at import). A library user
+  on GPUs calls it once before building a pipeline; otherwise TensorFlow reserves GPU memory.
+  """
+  try:
+    tf.config.set_visible_devices([], 'GPU')
+  except RuntimeError:  # TensorFlow already initialised its devices: too late, and harmless on CPU.
+    pass
+
 
 _RESIZE_METHODS = {
     'bilinear': tf.image.ResizeMethod.BILINEAR,

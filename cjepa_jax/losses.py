@@ -21,6 +21,7 @@ the statistics are global by construction (the official code all-gathers for the
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -221,11 +222,41 @@ def _blocks_terms(emb: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Arra
   return jnp.mean(per_pair_inv), jnp.mean(per_block_var), 2.0 * jnp.mean(per_block_cov)
 
 
-def _cfg(vicreg: Mapping[str, Any], key: str) -> Any:
-  try:
-    return vicreg[key]
-  except KeyError:
-    raise ValueError(f'The vicreg config lacks key {key!r} (see cjepa_jax/config.py).') from None
+@dataclasses.dataclass(frozen=True)
+class VICRegSpec:
+  """The VICReg part of the objective, resolved from `config.vicreg` once (hashable, static).
+
+  weight: 0 is plain I-JEPA; C-JEPA uses 0.001. mode: 'context' or 'blocks' (see `cjepa_loss`).
+  sim_coeff, std_coeff, cov_coeff: VICReg's invariance / variance / covariance coefficients.
+  """
+  weight: float
+  mode: str
+  sim_coeff: float
+  std_coeff: float
+  cov_coeff: float
+
+  def __post_init__(self):
+    if self.mode not in VICREG_MODES:
+      raise ValueError(f'Unknown vicreg.mode {self.mode!r}: use one of {VICREG_MODES}.')
+    if self.weight < 0:
+      raise ValueError(f'vicreg.weight must be >= 0 (0 is plain I-JEPA); got {self.weight}.')
+
+  @classmethod
+  def from_config(cls, vicreg: Mapping[str, Any]) -> VICRegSpec:
+    """From `config.vicreg` (a ConfigDict or a plain mapping with the five keys)."""
+    values = {}
+    for f in dataclasses.fields(cls):
+      try:
+        value = vicreg[f.name]
+      except KeyError:
+        raise ValueError(f'The vicreg config lacks key {f.name!r} (see cjepa_jax/config.py).'
+                         ) from None
+      values[f.name] = str(value) if f.name == 'mode' else float(value)
+    return cls(**values)
+
+  @property
+  def enabled(self) -> bool:
+    return self.weight > 0
 
 
 def cjepa_loss(
@@ -238,7 +269,7 @@ def cjepa_loss(
     block_embeddings: jax.Array | None = None,
     block_valid: jax.Array | None = None,
     kind: str = 'smooth_l1',
-    vicreg: Mapping[str, Any],
+    vicreg: VICRegSpec,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """I-JEPA loss plus the weighted VICReg terms (C-JEPA).
 
@@ -269,19 +300,13 @@ def cjepa_loss(
     block_embeddings: [B, M, P] ('blocks' mode).
     block_valid: [B, M] bool; None means `tgt_valid.any(-1)`.
     kind: 'smooth_l1' or 'l2', the JEPA term.
-    vicreg: the `config.vicreg` ConfigDict (or a mapping) with weight, mode, sim_coeff,
-      std_coeff, cov_coeff.
+    vicreg: the VICReg weight, mode and coefficients (`VICRegSpec.from_config(config.vicreg)`).
 
   Returns:
     (loss, metrics) with float32 scalars; metrics has 'loss', 'jepa', 'vicreg' (unweighted
     coefficient sum), 'vicreg_inv', 'vicreg_var', 'vicreg_cov'.
   """
-  mode = _cfg(vicreg, 'mode')
-  if mode not in VICREG_MODES:
-    raise ValueError(f'Unknown vicreg.mode {mode!r}: use one of {VICREG_MODES}.')
-  weight = float(_cfg(vicreg, 'weight'))
-  if weight < 0:
-    raise ValueError(f'vicreg.weight must be >= 0 (0 is plain I-JEPA); got {weight}.')
+  mode, weight = vicreg.mode, vicreg.weight
   if pred.shape != target.shape or pred.ndim != 4 or tgt_valid.shape != pred.shape[:3]:
     raise ValueError(f'cjepa_loss wants pred and target [B, M, K, D] and tgt_valid [B, M, K]; '
                      f'got {pred.shape}, {target.shape}, {tgt_valid.shape}.')
@@ -318,8 +343,7 @@ def cjepa_loss(
       raise ValueError("vicreg.mode 'blocks' with weight > 0 needs block_embeddings "
                        '(projector(pool_blocks(pred)) [B, M, P]).')
 
-  vic = (_cfg(vicreg, 'sim_coeff') * inv + _cfg(vicreg, 'std_coeff') * var
-         + _cfg(vicreg, 'cov_coeff') * cov)
+  vic = vicreg.sim_coeff * inv + vicreg.std_coeff * var + vicreg.cov_coeff * cov
   loss = jepa + weight * vic if (weight > 0 and have_terms) else jepa
   metrics = {'loss': loss, 'jepa': jepa, 'vicreg': vic, 'vicreg_inv': inv, 'vicreg_var': var,
              'vicreg_cov': cov}

@@ -18,7 +18,7 @@ cosine past the end, which only matters for ipe_scale < 1; holding is the intend
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -139,20 +139,38 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decay, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int,
-                   steps_per_epoch: int) -> optax.GradientTransformation:
+class Schedules(NamedTuple):
+  """The run's schedules, each a function of the optimizer step k (0 before the first update).
+
+  Built once per run (`make_schedules`) and handed to both the optimizer and the train step, which
+  logs their values and applies the EMA momentum.
+  """
+  lr: optax.Schedule
+  weight_decay: optax.Schedule
+  ema: optax.Schedule
+
+
+def make_schedules(config: ml_collections.ConfigDict, total_steps: int,
+                   steps_per_epoch: int) -> Schedules:
+  """The lr, weight-decay and EMA-momentum schedules of a run of `total_steps` steps."""
+  return Schedules(lr=lr_schedule(config, total_steps, steps_per_epoch),
+                   weight_decay=wd_schedule(config, total_steps),
+                   ema=ema_schedule(config, total_steps))
+
+
+def make_optimizer(config: ml_collections.ConfigDict,
+                   schedules: Schedules) -> optax.GradientTransformation:
   """AdamW with the scheduled lr and decoupled, scheduled, masked weight decay.
 
   optax.adamw's update is -lr * (adam_step + wd * p), i.e. p <- p - lr * wd * p - lr * adam_step,
   which is torch.optim.AdamW exactly (it multiplies the decay by lr too). Optional global-norm
-  clipping first when optim.grad_clip > 0 (the reference does not clip). For logging, evaluate
-  `lr_schedule(...)(step)` and `wd_schedule(...)(step)` at the step.
+  clipping first when optim.grad_clip > 0 (the reference does not clip).
   """
   o = config.optim
   adamw = optax.adamw(
-      learning_rate=lr_schedule(config, total_steps, steps_per_epoch),
+      learning_rate=schedules.lr,
       b1=o.b1, b2=o.b2, eps=o.eps,
-      weight_decay=wd_schedule(config, total_steps),
+      weight_decay=schedules.weight_decay,
       mask=weight_decay_mask)
   if o.grad_clip > 0:
     return optax.chain(optax.clip_by_global_norm(o.grad_clip), adamw)

@@ -36,14 +36,12 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-import optax
 
 from cjepa_jax import checkpoint as checkpoint_lib
 from cjepa_jax import cli
 from cjepa_jax import config as config_lib
 from cjepa_jax import flops as flops_lib
 from cjepa_jax import metrics as metrics_lib
-from cjepa_jax import optim
 from cjepa_jax import preemption
 from cjepa_jax import sharding
 from cjepa_jax import train_step as step_lib
@@ -51,8 +49,8 @@ from cjepa_jax import train_step as step_lib
 _FLAGS: dict[str, Any] = {}  # Defined by `run()`, not at import.
 
 # Scalars logged as the log step's value; everything else in the step's metrics is averaged over
-# the window. The step computes `target_effective_rank` on log steps only (NaN on the others).
-_LAST_VALUE = ('lr', 'weight_decay', 'ema_momentum', 'target_effective_rank')
+# the window. (`target_effective_rank` is computed by the trainer on log steps only.)
+_LAST_VALUE = ('lr', 'weight_decay', 'ema_momentum')
 
 
 class NonFiniteError(FloatingPointError):
@@ -95,7 +93,7 @@ class _LogWindow:
 
   def flush(self, step: int, evaluate: Callable[[], dict[str, float]] | None = None,
             **extra: Any) -> None:
-    """Writes the window's averages; `evaluate` (e.g. the kNN probe) runs after the timing."""
+    """Writes the window's averages; `evaluate` (RankMe, the kNN probe) runs after the timing."""
     host = jax.device_get(self.window)
     now = time.perf_counter()
     scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != 'finite'}
@@ -161,53 +159,14 @@ def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict
                     key, old, new)
 
 
-def _abstract_batch(config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
-  size = config.data.image_size
-  s = sharding.batch_sharding(mesh)
-  return {
-      'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=s),
-      'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=s),
-  }
+def is_log_step(step: int, config: ml_collections.ConfigDict, total_steps: int) -> bool:
+  """Whether the trainer logs after update number `step` (1 after the first update).
 
-
-class Setup(NamedTuple):
-  """What `setup` builds for a run (also what benchmarks/step.py times)."""
-  models: step_lib.Models
-  tx: optax.GradientTransformation
-  state_shardings: Any           # NamedShardings of the train state (FSDP over 'fsdp').
-  abstract_state: Any            # ShapeDtypeStructs of the train state.
-  init_fn: Callable[[], Any]     # Jitted: a fresh state, created directly sharded.
-  jitted_step: Callable[[Any, Any], tuple[Any, Any]]
-  trace_count: list[int]         # [n]: how often the step was traced, i.e. compiled.
-  total_steps: int
-  steps_per_epoch: int
-
-
-def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
-  """Models, optimizer, state shardings and the jitted step; validates the config on the way."""
-  sharding.check_batch_divisible(config.batch_size, mesh, jax.process_count())
-  models = step_lib.build_models(config)
-  total_steps, steps_per_epoch = optim.run_length(config)
-  tx = optim.make_optimizer(config, total_steps, steps_per_epoch)
-
-  abstract_state = jax.eval_shape(lambda: step_lib.init_state(models, tx, config.seed))
-  state_shardings = sharding.fsdp_shardings(mesh, abstract_state)
-  init_fn = jax.jit(lambda: step_lib.init_state(models, tx, config.seed),
-                    out_shardings=state_shardings)
-
-  step_fn = step_lib.make_train_step(config, models, tx, total_steps, steps_per_epoch)
-  trace_count = [0]
-
-  def counted_step(state, batch):
-    trace_count[0] += 1  # Runs once per trace: a second trace means a recompilation.
-    return step_fn(state, batch)
-
-  batch_shardings = {k: v.sharding for k, v in _abstract_batch(config, mesh).items()}
-  jitted_step = jax.jit(counted_step, in_shardings=(state_shardings, batch_shardings),
-                        out_shardings=(state_shardings, sharding.replicated(mesh)),
-                        donate_argnums=0)
-  return Setup(models, tx, state_shardings, abstract_state, init_fn, jitted_step, trace_count,
-               total_steps, steps_per_epoch)
+  Every `log_every_steps`, every kNN evaluation and the last step.
+  """
+  log = step % config.log_every_steps == 0 or step == total_steps
+  knn_every = config.evals.knn_every_steps
+  return bool(log or (knn_every and step % knn_every == 0))
 
 
 def _with_shardings(abstract_tree: Any, shardings: Any) -> Any:
@@ -249,7 +208,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config)
-  run = setup(config, mesh)   # Builds and checks the models; nothing is compiled yet.
+  run = step_lib.setup(config, mesh)   # Builds and checks the models; compiles nothing.
   models, total_steps, steps_per_epoch = run.models, run.total_steps, run.steps_per_epoch
   input_pipeline.check_dataset(config)  # Fails fast, naming how to prepare the data.
   # Opens (creating) WORKDIR/checkpoints and checks that it is writable, before any compile.
@@ -280,7 +239,7 @@ def _loop(config, workdir, mesh, run, models, total_steps, steps_per_epoch, ckpt
   else:
     state = run.init_fn()
     if config.init_from:
-      state = load_init_from(config.init_from, state, run.state_shardings)
+      state = checkpoint_lib.load_init_from(config.init_from, state, run.state_shardings)
     last_good = None
   start_step = int(jax.device_get(state['step']))
   if start_step >= total_steps:
@@ -298,10 +257,10 @@ def _loop(config, workdir, mesh, run, models, total_steps, steps_per_epoch, ckpt
   peak = flops_lib.peak_tflops(override=config.peak_tflops) * 1e12 * jax.device_count()
 
   log = _LogWindow(config, total_steps, steps_per_epoch, flops_per_step, peak, writer)
-  knn_every = config.evals.knn_every_steps
-  if knn_every:
-    from cjepa_jax import probe  # pylint: disable=g-import-not-at-top
-    knn_eval = probe.make_knn_evaluator(config, mesh, models.encoder)
+  rank_fn = jax.jit(lambda x: step_lib.effective_rank(x - jnp.mean(x, axis=0)))
+  # Evaluators run during pretraining (today the kNN monitor), each with its period in steps.
+  from cjepa_jax.evals import registry as evals_registry  # pylint: disable=g-import-not-at-top
+  in_training = evals_registry.in_training(config, mesh, models.encoder)
   pending: tuple[int, jax.Array] | None = None   # (step, finite flag), checked one step late.
   # Images the input pipeline skipped as unreadable, over the whole run (kept in checkpoints).
   skipped_before = int(extra.get('data_skipped', 0))
@@ -313,7 +272,7 @@ def _loop(config, workdir, mesh, run, models, total_steps, steps_per_epoch, ckpt
         if 'data_skipped' in host_batch:
           data_skipped = skipped_before + int(host_batch.pop('data_skipped'))
         batch = input_pipeline.to_global_array(host_batch, batch_sharding)
-        state, step_metrics = run.jitted_step(state, batch)
+        state, step_metrics, pooled = run.jitted_step(state, batch)
         if step == start_step + 1 and is_main:
           save_config(config, workdir, start_step)  # Compiled and running: this start is good.
         ckpt.check()   # A background save that failed stops the run here, with its cause.
@@ -323,16 +282,22 @@ def _loop(config, workdir, mesh, run, models, total_steps, steps_per_epoch, ckpt
         pending = (step, step_metrics['finite'])
         log.add(step, step_metrics)
 
-        knn_now = bool(knn_every) and (step % knn_every == 0 or step == total_steps)
-        log_now = bool(step_lib.is_log_step(step, config, total_steps))
+        evals_now = [ev for _, every, ev in in_training
+                     if step % every == 0 or step == total_steps]
+        log_now = is_log_step(step, config, total_steps)
         save_now = step % config.ckpt_every_steps == 0 or step == total_steps
         preempted = preempt.reached(step)
         if log_now or save_now or preempted:
           _check_finite(*pending, last_good, workdir)   # Never log or save a non-finite state.
           pending = None
         if log_now:
-          evaluate = (lambda: knn_eval(state['target_params'])) if knn_now else None
-          log.flush(step, evaluate, compiles=run.trace_count[0], data_skipped=data_skipped)
+          def diagnostics(evals_now=evals_now, pooled=pooled, target=state['target_params']):
+            # RankMe of this step's pooled target features: an SVD of [B, D], on log steps only.
+            out = {'target_effective_rank': float(rank_fn(pooled))}
+            for evaluator in evals_now:
+              out.update(evaluator.evaluate(target))
+            return out
+          log.flush(step, diagnostics, compiles=run.trace_count[0], data_skipped=data_skipped)
         if save_now or preempted:
           saved = ckpt.save(step, state, config, force=step == total_steps or preempted,
                             extra={'data_skipped': data_skipped})
@@ -347,42 +312,6 @@ def _loop(config, workdir, mesh, run, models, total_steps, steps_per_epoch, ckpt
   if run.trace_count[0] != 1:
     logging.warning('The train step compiled %d times; expected once.', run.trace_count[0])
   return log.last
-
-
-def load_init_from(path: str, state: dict[str, Any], shardings: dict[str, Any]
-                   ) -> dict[str, Any]:
-  """Starts from another run's (or a converted reference) weights: step 0, fresh optimizer.
-
-  Takes `params` (encoder, predictor, and projector when the checkpoint has one) and
-  `target_params` from the checkpoint at `path` (a workdir or a step directory); everything else
-  (step, optimizer moments, rng) stays fresh. Shapes must match the current config's models.
-  """
-  loaded_params = checkpoint_lib.restore_subtree(path, ('params',))
-  loaded_target = checkpoint_lib.restore_subtree(path, ('target_params',))
-  params = dict(state['params'])
-  for name, tree in loaded_params.items():
-    if name not in params:
-      raise ValueError(f'config.init_from={path!r} has params[{name!r}], which this config does '
-                       f'not build (it has {sorted(params)}).')
-    params[name] = _place_like(tree, params[name], shardings['params'][name], f'params/{name}')
-  target = _place_like(loaded_target, state['target_params'], shardings['target_params'],
-                       'target_params')
-  logging.info('Initialised %s and target_params from %s.', sorted(loaded_params), path)
-  return dict(state, params=params, target_params=target)
-
-
-def _place_like(tree: Any, like: Any, shardings: Any, name: str) -> Any:
-  """`tree` placed with `shardings`, after checking it has `like`'s structure and shapes."""
-  if jax.tree.structure(tree) != jax.tree.structure(like):
-    raise ValueError(f'The init_from checkpoint\'s {name} does not have the structure of this '
-                     "config's model: check model.variant, model.depth, model.pred_depth and "
-                     'model.scan against the checkpoint (its config.json).')
-  def place(path, x, ref, s):
-    if x.shape != ref.shape:
-      raise ValueError(f'init_from: {name}{jax.tree_util.keystr(path)} has shape {x.shape} in '
-                       f'the checkpoint but {ref.shape} in this model.')
-    return jax.device_put(jnp.asarray(x, ref.dtype), s)
-  return jax.tree_util.tree_map_with_path(place, tree, like, shardings)
 
 
 def _check_finite(step: int, finite: jax.Array, last_good: int | None, workdir: str) -> None:
@@ -406,6 +335,8 @@ def main(argv: list[str]) -> None:
     raise app.UsageError('--config and --workdir are required, e.g. --config '
                          'configs/cifar10_vit_tiny.py --workdir /tmp/cjepa_run')
   metrics_lib.quiet_library_logs()
+  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+  input_pipeline.hide_accelerators_from_tf()
   try:
     result = train_and_evaluate(config, workdir)
   except Preempted as e:
@@ -420,7 +351,6 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (`cjepa-train`): flags, jax.distributed start-up, then `main`."""
-  from cjepa_jax import distributed  # pylint: disable=g-import-not-at-top,unused-import  (flags)
   _FLAGS['config'] = config_flags.DEFINE_config_file(
       'config', None, 'Recipe file (configs/*.py[:arg]).', lock_config=True)
   _FLAGS['workdir'] = flags.DEFINE_string('workdir', None,

@@ -276,8 +276,7 @@ def test_checkpoint_contract(reference):
 
 
 def test_training_can_start_from_it(reference):
-  """train.load_init_from (config.init_from) accepts the converted checkpoint as is."""
-  from cjepa_jax import train  # pylint: disable=g-import-not-at-top
+  """checkpoint.load_init_from (config.init_from) accepts the converted checkpoint as is."""
   images = jax.ShapeDtypeStruct((1, IMAGE, IMAGE, 3), jnp.float32)
   enc = jax.eval_shape(vit.Encoder(VARIANT).init, jax.random.key(0), images)['params']
   pred = ckpt_lib.restore_subtree(reference['out'], ('params', 'predictor'))
@@ -286,7 +285,7 @@ def test_training_can_start_from_it(reference):
            'target_params': zeros(enc)}
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = jax.tree.map(lambda _: dev, state)
-  loaded = train.load_init_from(reference['out'], state, shardings)
+  loaded = ckpt_lib.load_init_from(reference['out'], state, shardings)
   np.testing.assert_array_equal(
       loaded['params']['encoder']['norm']['scale'],
       reference['sds']['encoder']['module.norm.weight'])

@@ -29,7 +29,8 @@ vicreg_invariance = jax.jit(losses.vicreg_invariance)
 
 
 def cjepa_loss(*args, vicreg, kind='smooth_l1', **kwargs):
-  return jax.jit(functools.partial(losses.cjepa_loss, vicreg=vicreg, kind=kind))(*args, **kwargs)
+  spec = losses.VICRegSpec.from_config(vicreg)  # The config's values, resolved as the step does.
+  return jax.jit(functools.partial(losses.cjepa_loss, vicreg=spec, kind=kind))(*args, **kwargs)
 
 
 # ----------------------------------------- numpy references (float64, written independently)

@@ -38,6 +38,7 @@ from cjepa_jax import checkpoint as checkpoint_lib
 from cjepa_jax import input_pipeline
 from cjepa_jax import optim
 from cjepa_jax import train_step as step_lib
+from cjepa_jax.models import jepa
 from multiprocess_utils import ROOT, cpu_env, free_port, gloo_unavailable_reason, run_processes
 
 pytestmark = pytest.mark.skipif(gloo_unavailable_reason() is not None,
@@ -235,8 +236,8 @@ def test_checkpoint_of_two_processes_restores_in_one(job):
   step_dir = str(job.workdir / 'checkpoints' / '4')
   state = checkpoint_lib.restore_subtree(step_dir, ())
   assert int(state['step']) == 4
-  models = step_lib.build_models(config)
-  tx = optim.make_optimizer(config, *optim.run_length(config))
+  models = jepa.build_models(config)
+  tx = optim.make_optimizer(config, optim.make_schedules(config, *optim.run_length(config)))
   abstract = jax.eval_shape(lambda: step_lib.init_state(models, tx, config.seed))
   for key in ('params', 'target_params'):
     shapes = jax.tree.map(lambda x: x.shape, state[key])

@@ -205,7 +205,7 @@ def test_adamw_steps_match_numpy(clip):
             'bias': rng.normal(size=(4,)).astype(np.float32)}
   grads_seq = [{k: rng.normal(size=x.shape).astype(np.float32) for k, x in params.items()}
                for _ in range(3)]
-  tx = optim.make_optimizer(c, total, spe)
+  tx = optim.make_optimizer(c, optim.make_schedules(c, total, spe))
   state = tx.init(params)
   p = jax.tree.map(jnp.asarray, params)
 

@@ -15,9 +15,14 @@ from cjepa_jax import checkpoint as checkpoint_lib
 from cjepa_jax import config as config_lib
 from cjepa_jax import input_pipeline
 from cjepa_jax import optim
-from cjepa_jax import probe
 from cjepa_jax import sharding
 from cjepa_jax import train_step as step_lib
+from cjepa_jax.evals import features as features_lib
+from cjepa_jax.evals import knn as knn_lib
+from cjepa_jax.evals import linear as linear_lib
+from cjepa_jax.evals import registry
+from cjepa_jax.evals import runner
+from cjepa_jax.models import jepa
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ('apple', 'grass', 'sky')           # Sorted: labels 0, 1, 2.
@@ -64,12 +69,12 @@ def test_knn_matches_numpy_reference_sharded(n_train):
   train_y = rng.integers(0, 5, size=n_train).astype(np.int32)
   test = rng.normal(size=(300, 12)).astype(np.float32)  # > one query chunk of 256.
   want = knn_numpy(train, train_y, test, 5, 20, 0.07)
-  got = probe.knn_scores(train, train_y, test, num_classes=5, k=20, temperature=0.07,
-                         mesh=mesh8())
+  got = knn_lib.knn_scores(train, train_y, test, num_classes=5, k=20, temperature=0.07,
+                           mesh=mesh8())
   np.testing.assert_allclose(got, want, rtol=2e-4)
   np.testing.assert_array_equal(np.argmax(got, 1), np.argmax(want, 1))
   test_y = rng.integers(0, 5, size=300)
-  result = probe.knn_probe(train, train_y, test, test_y, num_classes=5, k=20, temperature=0.07)
+  result = knn_lib.knn_probe(train, train_y, test, test_y, num_classes=5, k=20, temperature=0.07)
   assert result['top1'] == np.mean(np.argmax(want, 1) == test_y)
   top5 = np.argsort(-want, axis=1)[:, :5]
   assert result['top5'] == np.mean(np.any(top5 == test_y[:, None], axis=1)) == 1.0  # C = 5.
@@ -80,7 +85,7 @@ def test_knn_separates_clusters():
   rng = np.random.default_rng(1)
   train, train_y = clusters(rng, 400, 6, 32, spread=4.0)
   test, test_y = clusters(np.random.default_rng(1), 400, 6, 32, spread=4.0)  # Same centres.
-  result = probe.knn_probe(train, train_y, test[:200], test_y[:200], num_classes=6)
+  result = knn_lib.knn_probe(train, train_y, test[:200], test_y[:200], num_classes=6)
   assert result['top1'] >= 0.98
   assert result['top5'] == 1.0
 
@@ -123,13 +128,13 @@ def test_train_linear_matches_numpy_adam_per_grid_point():
   rng = np.random.default_rng(2)
   x, y = clusters(rng, 64, 3, 8, spread=1.0)
   idx = np.arange(64)
-  mean, std = probe.feature_stats(x, idx)
+  mean, std = linear_lib.feature_stats(x, idx)
   np.testing.assert_allclose(mean, x.astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(std, x.astype(np.float64).std(0), rtol=1e-5)
   grid = [(0.05, 0.0), (0.02, 0.1)]
-  params = probe.train_linear(x, y, idx, mean, std, num_classes=3, lrs=[g[0] for g in grid],
-                              wds=[g[1] for g in grid], epochs=8, batch_size=0, seed=0,
-                              mesh=mesh8())
+  params = linear_lib.train_linear(x, y, idx, mean, std, num_classes=3,
+                                   lrs=[g[0] for g in grid], wds=[g[1] for g in grid], epochs=8,
+                                   batch_size=0, seed=0, mesh=mesh8())
   for g, (lr, wd) in enumerate(grid):
     w, b = train_linear_numpy(x, y, mean, std, 3, lr, wd, steps=8)
     np.testing.assert_allclose(np.asarray(params['kernel'][g]), w, rtol=1e-3, atol=1e-5)
@@ -144,7 +149,7 @@ def test_linear_probe_separates_and_chooses_on_holdout_only():
   rng = np.random.default_rng(3)
   x, y = clusters(rng, 500, 5, 16, spread=3.0)
   train_x, train_y, test_x, test_y = x[:400], y[:400], x[400:], y[400:]
-  result = probe.linear_probe(train_x, train_y, test_x, test_y, mesh=mesh8(), **LINEAR)
+  result = linear_lib.linear_probe(train_x, train_y, test_x, test_y, mesh=mesh8(), **LINEAR)
   assert result['top1'] >= 0.98 and result['top5'] == 1.0
   assert result['retrained'] and result['dim'] == 16
   assert len(result['sweep']) == 4
@@ -155,7 +160,7 @@ def test_linear_probe_separates_and_chooses_on_holdout_only():
   # Garbage test split (noise features, permuted labels): same choice, same sweep numbers.
   garbage_x = rng.normal(size=test_x.shape).astype(np.float32) * 10
   garbage_y = rng.permutation(test_y)
-  other = probe.linear_probe(train_x, train_y, garbage_x, garbage_y, mesh=mesh8(), **LINEAR)
+  other = linear_lib.linear_probe(train_x, train_y, garbage_x, garbage_y, mesh=mesh8(), **LINEAR)
   assert (other['best_lr'], other['best_wd']) == (result['best_lr'], result['best_wd'])
   assert other['sweep'] == result['sweep']
   assert other['top1'] < 0.5
@@ -165,9 +170,9 @@ def test_linear_probe_rejects_a_sweep_without_holdout():
   x = np.zeros((10, 4), np.float32)
   y = np.zeros(10, np.int32)
   with pytest.raises(ValueError, match='holdout_fraction > 0'):
-    probe.linear_probe(x, y, x, y, **dict(LINEAR, holdout_fraction=0.0))
+    linear_lib.linear_probe(x, y, x, y, **dict(LINEAR, holdout_fraction=0.0))
   with pytest.raises(ValueError, match='num_classes'):
-    probe.linear_probe(x, y + 7, x, y, **LINEAR)
+    linear_lib.linear_probe(x, y + 7, x, y, **LINEAR)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,9 +211,9 @@ def pretrained(tmp_path_factory):
   """
   workdir = tmp_path_factory.mktemp('pretrain')
   config = pretrain_config()
-  models = step_lib.build_models(config)
+  models = jepa.build_models(config)
   total, per_epoch = optim.run_length(config)
-  tx = optim.make_optimizer(config, total, per_epoch)
+  tx = optim.make_optimizer(config, optim.make_schedules(config, total, per_epoch))
   state = jax.device_get(jax.jit(lambda: step_lib.init_state(models, tx, config.seed))())
   rng = np.random.default_rng(0)
   state['params']['encoder'] = jax.tree.map(
@@ -258,7 +263,7 @@ def test_probe_restores_the_checkpoint_and_writes_results(pretrained, image_fold
   for name, want in (('target', state['target_params']),
                      ('context', state['params']['encoder'])):
     config.encoder = name
-    encoder, params, info = probe.restore_encoder(config, mesh)
+    encoder, params, info = features_lib.restore_encoder(config, mesh)
     assert info['step'] == 2 and info['image_size'] == 32 and encoder.num_layers == 1
     assert jax.tree.structure(params) == jax.tree.structure(want)
     for got, ref in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
@@ -270,8 +275,8 @@ def test_probe_restores_the_checkpoint_and_writes_results(pretrained, image_fold
 
   config.encoder = 'target'
   out = tmp_path / 'probe'
-  results = probe.probe(config, str(out))
-  saved = json.loads((out / probe.RESULTS_FILE).read_text())
+  results = runner.run(config, str(out))
+  saved = json.loads((out / runner.RESULTS_FILE).read_text())
   assert saved == json.loads(json.dumps(results))
   assert saved['checkpoint'] == str(workdir / 'checkpoints' / '2') and saved['step'] == 2
   assert saved['num_train'] == saved['num_test'] == 3 * PER_CLASS
@@ -287,9 +292,9 @@ def test_probe_restores_the_checkpoint_and_writes_results(pretrained, image_fold
 def test_last4_of_one_block_is_the_normed_output(pretrained):
   """With depth 1, 'last4' re-applies the final LayerNorm to the only block: equals 'last'."""
   _, state, config, models = pretrained
-  encoder = probe.encoder_from_model_config(config.model)
+  encoder = jepa.encoder_from_model_config(config.model)
   images = np.random.default_rng(5).normal(size=(4, 32, 32, 3)).astype(np.float32)
-  feats = jax.jit(lambda p, x: probe.pooled_features(encoder, p, x, ('last', 'last4')))(
+  feats = jax.jit(lambda p, x: features_lib.pooled_features(encoder, p, x, ('last', 'last4')))(
       state['target_params'], images)
   tokens = jax.jit(models.encoder.apply)({'params': state['target_params']}, images)
   np.testing.assert_allclose(feats['last'], np.asarray(tokens, np.float64).mean(1), atol=1e-5)
@@ -299,8 +304,8 @@ def test_last4_of_one_block_is_the_normed_output(pretrained):
 def test_random_baseline_runs(image_folder, tmp_path):
   config = probe_config('random', image_folder)
   config.features = 'last'
-  results = probe.probe(config, str(tmp_path))
-  saved = json.loads((tmp_path / probe.RESULTS_FILE).read_text())
+  results = runner.run(config, str(tmp_path))
+  saved = json.loads((tmp_path / runner.RESULTS_FILE).read_text())
   assert saved['checkpoint'] == 'random' and saved['step'] is None
   assert saved['model']['variant'] == 'Ti/4' and saved['model']['depth'] == 1
   assert set(saved['linear']['per_features']) == {'last'}
@@ -316,19 +321,33 @@ def test_knn_evaluator_for_the_trainer(pretrained, image_folder):
   config.data.eval_split = 'test'
   mesh = sharding.make_mesh(config)
   params = jax.device_put(state['target_params'], sharding.replicated(mesh))
-  evaluate = probe.make_knn_evaluator(config, mesh, models.encoder)
+  evaluate = knn_lib.make_knn_evaluator(config, mesh, models.encoder)
   first, second = evaluate(params), evaluate(params)
   assert first == second and set(first) == {'knn_top1', 'knn_top5'}
   assert evaluate.feature_fn._cache_size() == 1  # pylint: disable=protected-access
 
-  train_f, train_y = probe.extract_features(evaluate.feature_fn, params, config, 'train', mesh=mesh,
-                                            batch_size=8, num_examples=48)
-  test_f, test_y = probe.extract_features(evaluate.feature_fn, params, config, 'test', mesh=mesh,
-                                          batch_size=8, num_examples=24)
+  extract = features_lib.extract_features
+  train_f, train_y = extract(evaluate.feature_fn, params, config, 'train', mesh=mesh,
+                             batch_size=8, num_examples=48)
+  test_f, test_y = extract(evaluate.feature_fn, params, config, 'test', mesh=mesh,
+                           batch_size=8, num_examples=24)
   assert train_f['last'].shape == (48, 192) and test_f['last'].shape == (24, 192)
   want = knn_numpy(train_f['last'], train_y, test_f['last'], 3, 20, 0.07)
   assert first['knn_top1'] == np.mean(np.argmax(want, 1) == test_y)
 
+
+
+def test_in_training_is_the_knn_monitor_every_knn_every_steps(image_folder):
+  """What the trainer runs: nothing by default, else the kNN monitor with its period."""
+  config = pretrain_config()
+  config.data.update(dataset='image_folder', data_dir=str(image_folder), eval_split='test')
+  mesh = sharding.make_mesh(config)
+  encoder = jepa.encoder_from_model_config(config.model)
+  assert registry.in_training(config, mesh, encoder) == []
+  config.evals.knn_every_steps = 5
+  [(name, every, evaluator)] = registry.in_training(config, mesh, encoder)
+  assert (name, every) == ('knn', 5) and callable(evaluator.evaluate)
+  assert evaluator.evaluate.feature_fn is not None  # make_knn_evaluator's, unchanged.
 
 def write_classes(root, split, classes):
   """One tiny PNG per class: root/split/<class>/0.png."""
@@ -345,7 +364,7 @@ def test_probe_refuses_mismatched_class_folders_before_restoring(tmp_path):
   config = probe_config(tmp_path / 'nothing_here', tmp_path / 'data')
   train_dir, test_dir = tmp_path / 'data' / 'train', tmp_path / 'data' / 'test'
   with pytest.raises(ValueError) as e:
-    probe.probe(config, str(tmp_path / 'out'))
+    runner.run(config, str(tmp_path / 'out'))
   message = str(e.value)
   assert f"{train_dir} has class 'sky' that {test_dir} lacks" in message, message
   assert f"{test_dir} has class 'snow' that {train_dir} lacks" in message and '\n' not in message
@@ -358,11 +377,11 @@ def test_probe_refuses_one_class_and_a_wrong_num_classes(image_folder, tmp_path)
   config = probe_config('random', tmp_path / 'data')
   config.data.num_classes = 1
   with pytest.raises(ValueError, match=r'has 1 class\(es\).*needs at least 2'):
-    probe.probe(config, str(tmp_path / 'out'))
+    runner.run(config, str(tmp_path / 'out'))
   config = probe_config('random', image_folder)
   config.data.num_classes = 10
   with pytest.raises(ValueError, match=r'has 3 classes but config\.data\.num_classes=10'):
-    probe.probe(config, str(tmp_path / 'out'))
+    runner.run(config, str(tmp_path / 'out'))
 
 
 def test_knn_evaluator_checks_the_splits_when_made(tmp_path):
@@ -372,23 +391,66 @@ def test_knn_evaluator_checks_the_splits_when_made(tmp_path):
   config = pretrain_config()
   config.data.update(dataset='image_folder', data_dir=str(tmp_path / 'data'), eval_split='test')
   mesh = sharding.make_mesh(config)
-  encoder = probe.encoder_from_model_config(config.model)
+  encoder = jepa.encoder_from_model_config(config.model)
   with pytest.raises(ValueError, match=r'train has 1 class\(es\)'):
-    probe.make_knn_evaluator(config, mesh, encoder)
+    knn_lib.make_knn_evaluator(config, mesh, encoder)
   write_classes(tmp_path / 'data', 'train', CLASSES[1:])  # Now the same 3 classes as 'test'.
   # pylint: disable-next=protected-access
   input_pipeline._image_folder_classes.cache_clear()  # Listings are cached per process.
-  assert callable(probe.make_knn_evaluator(config, mesh, encoder))
+  assert callable(knn_lib.make_knn_evaluator(config, mesh, encoder))
 
 
 def test_bad_config_values_are_named(image_folder, tmp_path):
   config = probe_config('', image_folder)
   with pytest.raises(ValueError, match='--config.pretrained'):
-    probe.probe(config, str(tmp_path))
+    runner.run(config, str(tmp_path))
   config = probe_config('random', image_folder)
   config.features = 'last5'
   with pytest.raises(ValueError, match='config.features'):
-    probe.probe(config, str(tmp_path))
+    runner.run(config, str(tmp_path))
   config = probe_config(tmp_path / 'nothing_here', image_folder)
   with pytest.raises(ValueError, match='No complete checkpoint'):
-    probe.probe(config, str(tmp_path))
+    runner.run(config, str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# The registry: one interface, one feature extraction per run.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_unknown_evaluator_is_one_line_naming_the_known(image_folder):
+  config = probe_config('random', image_folder)
+  mesh = sharding.make_mesh(config)
+  encoder = jepa.encoder_from_model_config(config.model)
+  assert registry.names() == ('knn', 'linear')
+  with pytest.raises(ValueError, match=r"^Unknown evaluator 'svm'; known: knn, linear\.$"):
+    registry.build('svm', config, mesh, encoder)
+
+
+def test_evaluators_share_one_extraction_per_split(image_folder, monkeypatch):
+  """kNN and linear built on one FeatureCache: each split is extracted once, for one params."""
+  calls = []
+  rng = np.random.default_rng(7)
+  x, y = clusters(rng, 40, 3, 8, spread=4.0)
+
+  def fake_extract(feature_fn, params, config, split, **kwargs):
+    del feature_fn, config, kwargs
+    calls.append((split, id(params)))
+    return {'last': x, 'last4': x}, y
+
+  monkeypatch.setattr(features_lib, 'extract_features', fake_extract)
+  config = probe_config('random', image_folder)
+  config.linear.update(lrs=(1e-1,), wds=(0.0,), epochs=2)
+  mesh = sharding.make_mesh(config)
+  encoder = jepa.encoder_from_model_config(config.model)
+  cache = features_lib.FeatureCache.from_config(config, mesh, encoder)
+  params = {'fake': 1}
+  knn = registry.build('knn', config, mesh, encoder, features=cache).evaluate(params)
+  linear = registry.build('linear', config, mesh, encoder, features=cache).evaluate(params)
+  assert set(knn) == set(linear) == {'last', 'last4'}
+  assert knn['last'] == knn['last4'] and knn['last']['top1'] >= 0.9
+  assert calls == [('train', id(params)), ('test', id(params))]
+  # Other parameters: extracted anew, never answered from the old ones' features.
+  other = {'fake': 2}
+  cache.get(other, 'train', ('last', 'last4'))
+  assert calls[-1] == ('train', id(other))

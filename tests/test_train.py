@@ -17,6 +17,7 @@ from cjepa_jax import checkpoint as checkpoint_lib
 from cjepa_jax import optim
 from cjepa_jax import train
 from cjepa_jax import train_step as step_lib
+from cjepa_jax.models import jepa
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / 'configs').glob('*.py'))
@@ -45,10 +46,10 @@ def test_every_recipe_builds_and_initialises(path, arg):
   doc = open(path, encoding='utf-8').read().split('"""')[1].strip()
   assert 'python -m cjepa_jax.train --config configs/' + path.name in doc.splitlines()[2] or \
       'python -m cjepa_jax.train --config configs/' + path.name in doc, 'docstring lacks command'
-  models = step_lib.build_models(config)
+  models = jepa.build_models(config)
   total, spe = optim.run_length(config)
   assert total == config.epochs * (config.data.num_train_examples // config.batch_size)
-  tx = optim.make_optimizer(config, total, spe)
+  tx = optim.make_optimizer(config, optim.make_schedules(config, total, spe))
   state = jax.eval_shape(lambda: step_lib.init_state(models, tx, 0))
   n_enc = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['params']['encoder']))
   n_target = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['target_params']))
@@ -83,7 +84,7 @@ def test_cifar_recipe_gives_ijepa_its_own_lr_and_context():
           'cjepa_blocks': (11, 1e-3, 2e-4, 0.001)}
   for objective, (kc, lr, start_lr, vicreg) in want.items():
     c = load_recipe(ROOT / 'configs' / 'cifar10_vit_tiny.py', objective)
-    got = (step_lib.build_models(c).mask_spec.num_context, c.optim.lr, c.optim.start_lr,
+    got = (jepa.build_models(c).mask_spec.num_context, c.optim.lr, c.optim.start_lr,
            c.vicreg.weight)
     assert got == (kc, lr, start_lr, vicreg), (objective, got)
     assert tuple(c.optim.ema) == (0.996, 1.0) and c.mask.min_keep == 4
@@ -368,6 +369,8 @@ def test_signal_saves_the_step_in_flight_and_resume_is_bit_identical(tmp_path, s
   assert result.returncode == 75, result.stderr[-3000:]
   assert f'{sig} received' in result.stderr and 'saved the checkpoint of step 5' in result.stderr
   assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [4, 5]
+  if sig == 'SIGINT':
+    return  # Ctrl-C takes the same path from here on; the SIGTERM case checks the resume.
   resumed = run_cli(workdir, *common)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Resuming from the checkpoint of step 5' in resumed.stderr
@@ -463,8 +466,8 @@ def test_data_skipped_continues_across_a_resume(tmp_path, monkeypatch):
       yield dict(batch, data_skipped=i)
 
   monkeypatch.setattr(input_pipeline, 'make_train_iterator', skipping)
-  train.train_and_evaluate(tiny_cli_config(total_steps=4, ckpt_every_steps=4), str(tmp_path))
-  train.train_and_evaluate(tiny_cli_config(total_steps=8, ckpt_every_steps=4,
+  train.train_and_evaluate(tiny_cli_config(total_steps=2, ckpt_every_steps=2), str(tmp_path))
+  train.train_and_evaluate(tiny_cli_config(total_steps=4, ckpt_every_steps=2,
                                            allow_config_change=True), str(tmp_path))
   rows = read_metrics(tmp_path)
-  assert [rows[s]['data_skipped'] for s in (2, 4, 6, 8)] == [2, 4, 6, 8]
+  assert [rows[s]['data_skipped'] for s in (2, 4)] == [2, 4]

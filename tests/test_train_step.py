@@ -11,6 +11,7 @@ from cjepa_jax import optim
 from cjepa_jax import sharding
 from cjepa_jax import train
 from cjepa_jax import train_step as step_lib
+from cjepa_jax.models import jepa
 
 
 def tiny_config(vicreg_weight=0.0, mode='context', batch_size=16, total_steps=50):
@@ -47,13 +48,13 @@ def fixed_batch(config, seed=0):
 
 def run_steps(config, devices, num_steps, batches):
   mesh = sharding.make_mesh(config, devices)
-  run = train.setup(config, mesh)
+  run = step_lib.setup(config, mesh)
   state = run.init_fn()
   bs = sharding.batch_sharding(mesh)
   losses = []
   for i in range(num_steps):
     batch = jax.device_put(batches[i % len(batches)], bs)
-    state, metrics = run.jitted_step(state, batch)
+    state, metrics, _ = run.jitted_step(state, batch)
     losses.append(float(metrics['loss']))
   return state, np.array(losses), run.trace_count[0]
 
@@ -102,7 +103,7 @@ def test_fsdp_actually_shards_large_params():
   config = tiny_config()
   config.mesh.data, config.mesh.fsdp = 4, 2
   mesh = sharding.make_mesh(config)
-  run = train.setup(config, mesh)
+  run = step_lib.setup(config, mesh)
   state_shardings, abstract_state = run.state_shardings, run.abstract_state
   specs = jax.tree.leaves(jax.tree.map(lambda s: s.spec, state_shardings,
                                        is_leaf=lambda s: hasattr(s, 'spec')))
@@ -116,16 +117,17 @@ def test_fsdp_actually_shards_large_params():
 
 def test_ema_target_follows_formula_and_gets_no_gradient():
   config = tiny_config(total_steps=10)
-  models = step_lib.build_models(config)
+  models = jepa.build_models(config)
   total, spe = optim.run_length(config)
-  tx = optim.make_optimizer(config, total, spe)
-  step_fn = step_lib.make_train_step(config, models, tx, total, spe)
+  schedules = optim.make_schedules(config, total, spe)
+  tx = optim.make_optimizer(config, schedules)
+  step_fn = step_lib.make_train_step(config, models, tx, schedules)
   jitted_step = jax.jit(step_fn)
   state = jax.jit(lambda: step_lib.init_state(models, tx, config.seed))()
   batch = jax.tree.map(jnp.asarray, fixed_batch(config))
   for _ in range(3):
     before = jax.device_get(state)
-    state, metrics = jitted_step(state, batch)
+    state, metrics, _ = jitted_step(state, batch)
     after = jax.device_get(state)
     step = int(before['step'])
     m = config.optim.ema[0] + step * (config.optim.ema[1] - config.optim.ema[0]) / total
@@ -151,14 +153,16 @@ def test_ema_target_follows_formula_and_gets_no_gradient():
 def test_metrics_are_reported():
   config = tiny_config(vicreg_weight=0.001, total_steps=2)
   mesh = sharding.make_mesh(config, jax.devices()[:1])
-  run = train.setup(config, mesh)
+  run = step_lib.setup(config, mesh)
   state = run.init_fn()
-  _, metrics = run.jitted_step(state, jax.device_put(fixed_batch(config),
-                                                 sharding.batch_sharding(mesh)))
+  _, metrics, pooled = run.jitted_step(state, jax.device_put(fixed_batch(config),
+                                                         sharding.batch_sharding(mesh)))
   for key in ('loss', 'jepa', 'vicreg', 'vicreg_inv', 'vicreg_var', 'vicreg_cov', 'lr',
               'weight_decay', 'ema_momentum', 'grad_norm', 'update_norm', 'param_norm',
-              'target_feature_std', 'target_effective_rank', 'finite'):
+              'target_feature_std', 'finite'):
     assert key in metrics, key
+  # The pooled target features [B, D] for the trainer's RankMe; the step has no log cadence.
+  assert pooled.shape == (config.batch_size, 192) and 'target_effective_rank' not in metrics
   # Step 0's logged lr is the one its update used (the reference steps its scheduler first).
   total, spe = optim.run_length(config)
   expected_lr = float(optim.lr_schedule(config, total, spe)(0))
@@ -173,26 +177,24 @@ def _rankme(x):
   return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def test_effective_rank_only_on_log_steps():
+def test_effective_rank_of_the_pooled_target_features_on_log_steps():
   # Log steps: every 3rd, every kNN evaluation (5th) and the last (7th); the others pay no SVD.
   config = tiny_config(total_steps=7)
   config.log_every_steps = 3
   config.evals.knn_every_steps = 5
-  assert [s for s in range(1, 8) if step_lib.is_log_step(s, config, 7)] == [3, 5, 6, 7]
+  assert [s for s in range(1, 8) if train.is_log_step(s, config, 7)] == [3, 5, 6, 7]
   mesh = sharding.make_mesh(config, jax.devices()[:1])
-  run = train.setup(config, mesh)
+  run = step_lib.setup(config, mesh)
   state = run.init_fn()
   batch = jax.device_put(fixed_batch(config), sharding.batch_sharding(mesh))
-  for step in range(1, 8):
+  for _ in range(2):
     target_params = jax.device_get(state['target_params'])  # The step donates the state.
-    state, metrics = run.jitted_step(state, batch)
-    rank = float(metrics['target_effective_rank'])
-    if step in (3, 5, 6, 7):
-      # RankMe of the centred, pooled, layer-normed target features the step used.
-      h = run.models.encoder.apply({'params': target_params}, batch['image'])
-      pooled = np.asarray(losses.normalize_targets(h), np.float64).mean(axis=1)
-      assert rank == pytest.approx(_rankme(pooled - pooled.mean(axis=0)), rel=1e-4)
-      assert rank > 1.0
-    else:
-      assert np.isnan(rank), step
+    state, _, pooled = run.jitted_step(state, batch)
+    rank = float(step_lib.effective_rank(pooled - jnp.mean(pooled, axis=0)))
+    # RankMe of the centred, pooled, layer-normed target features the step used.
+    h = run.models.encoder.apply({'params': target_params}, batch['image'])
+    want = np.asarray(losses.normalize_targets(h), np.float64).mean(axis=1)
+    np.testing.assert_allclose(np.asarray(pooled), want, rtol=1e-5, atol=1e-6)
+    assert rank == pytest.approx(_rankme(want - want.mean(axis=0)), rel=1e-4)
+    assert rank > 1.0
   assert run.trace_count[0] == 1

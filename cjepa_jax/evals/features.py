@@ -1,0 +1,286 @@
+"""The frozen encoder of an evaluation and its pooled features, on host as numpy.
+
+  restore_encoder(config, mesh)     (encoder, replicated params, info) that `config.pretrained`
+                                    names: a workdir, a checkpoint step directory, or `random`.
+  pooled_features(...)              {'last': [B, D], 'last4': [B, n*D]} of an image batch.
+  make_feature_fn(encoder, kinds)   the jitted batch -> features function.
+  extract_features(...)             one pass of the eval pipeline over a split -> ({kind: [N, F]},
+                                    labels [N]) on every process.
+  FeatureCache                      one extraction per (split, kinds) shared by the evaluators of a
+                                    run (extracting CIFAR-10 takes minutes).
+
+Only the encoder weights are restored: `target_params` (the EMA target, the one the paper
+evaluates) or `params/encoder` (the context encoder), plus the model config saved with the
+checkpoint (variant, depth, dtype, scan layout and the pretraining `data.image_size`). Never the
+predictor or the optimizer state.
+
+Also the host <-> mesh helpers the probes share (`to_host`, `from_host`) and their label checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from absl import logging
+from etils import epath
+import flax.linen as nn
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import ml_collections
+import numpy as np
+
+from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax import sharding
+from cjepa_jax.models import jepa
+from cjepa_jax.models import vit
+
+Params = Any
+Features = dict[str, np.ndarray]
+
+FEATURE_KINDS = ('last', 'last4')
+FEATURE_CHOICES = ('last', 'last4', 'both')   # `config.features` of a probe run.
+# Where each encoder lives in the train state (cjepa_jax/train_step.py).
+ENCODER_KEYS = {'target': ('target_params',), 'context': ('params', 'encoder')}
+RANDOM = 'random'
+LAST_N_BLOCKS = 4
+
+
+def feature_kinds(choice: str) -> tuple[str, ...]:
+  """The kinds a `config.features` choice extracts: 'both' -> ('last', 'last4')."""
+  return FEATURE_KINDS if choice == 'both' else (choice,)
+
+
+# ------------------------------------------------------------------------------------------------
+# The encoder.
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_params(encoder: vit.Encoder, params: Params, image_size: int, where: str) -> None:
+  """ValueError when `params` does not fit `encoder` (a checkpoint of another model)."""
+  if jepa.tree_mismatch(params, jepa.abstract_encoder_params(encoder, image_size)) is not None:
+    raise ValueError(
+        f'The encoder parameters of {where} do not match a {encoder.variant} encoder of depth '
+        f'{encoder.num_layers} (scan={encoder.scan}) as its saved config says; the checkpoint '
+        'and its config/ item disagree. Restore a checkpoint written by cjepa_jax.train.')
+
+
+def restore_encoder(config: ml_collections.ConfigDict, mesh: Mesh
+                    ) -> tuple[vit.Encoder, Params, dict[str, Any]]:
+  """The encoder and its parameters (replicated over `mesh`) that `config.pretrained` names.
+
+  `random` initialises the probe config's `model.*` at `data.image_size` with `config.seed`; a
+  checkpoint brings its own model config and image size, and `config.encoder` picks
+  `ENCODER_KEYS[config.encoder]` from its train state.
+
+  Returns:
+    (encoder, params, info) with info = dict(checkpoint=<step dir> or 'random', step=int or None,
+    encoder='target' | 'context' | None, image_size=int, model=dict of the model config used).
+  """
+  replicated = sharding.replicated(mesh)
+  if config.pretrained == RANDOM:
+    model = config.model.to_dict()
+    image_size = int(config.data.image_size)
+    encoder = jepa.encoder_from_model_config(model)
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    init = jax.jit(lambda: encoder.init(jax.random.key(config.seed), images)['params'],
+                   out_shardings=replicated)
+    info = dict(checkpoint=RANDOM, step=None, encoder=None)
+    params = init()
+  else:
+    root, step = checkpoint_lib.resolve_checkpoint(config.pretrained)
+    step_dir = str(epath.Path(root) / str(step))
+    saved = checkpoint_lib.load_config(step_dir)
+    model = saved['model']
+    image_size = int(saved['data']['image_size'])
+    encoder = jepa.encoder_from_model_config(model)
+    params = checkpoint_lib.restore_subtree(step_dir, ENCODER_KEYS[config.encoder],
+                                            sharding=replicated)
+    _check_params(encoder, params, image_size, step_dir)
+    info = dict(checkpoint=step_dir, step=int(step), encoder=config.encoder)
+  keep = ('variant', 'depth', 'dtype', 'scan')
+  info.update(image_size=image_size, model={k: model[k] for k in keep if k in model})
+  return encoder, params, info
+
+
+# ------------------------------------------------------------------------------------------------
+# Features.
+# ------------------------------------------------------------------------------------------------
+
+
+def pooled_features(encoder: vit.Encoder, params: Params, images: jax.Array,
+                    kinds: Sequence[str]) -> dict[str, jax.Array]:
+  """Average-pooled features of `images [B, H, W, 3]`: {'last': [B, D], 'last4': [B, n*D]}.
+
+  'last' pools the encoder's output (final LayerNorm applied). 'last4' applies the final LayerNorm
+  (the encoder's own `norm` parameters) to each of the last n = min(4, depth) block outputs, pools
+  each over the tokens and concatenates them, oldest block first (DINO's
+  `get_intermediate_layers` convention, which MSN and I-JEPA follow). Pooling runs in float32.
+  """
+  unknown = set(kinds) - set(FEATURE_KINDS)
+  if unknown:
+    raise ValueError(f'Unknown feature kinds {sorted(unknown)}; use {FEATURE_KINDS}.')
+  if 'last4' in kinds:
+    out, inter = encoder.apply({'params': params}, images, return_intermediates=True)
+  else:  # No [depth, B, N, D] stack of block outputs when only the last one is needed.
+    out, inter = encoder.apply({'params': params}, images), None
+  feats = {}
+  if 'last' in kinds:
+    feats['last'] = jnp.mean(out.astype(jnp.float32), axis=1)
+  if 'last4' in kinds:
+    norm = nn.LayerNorm(epsilon=vit.LN_EPS, dtype=jnp.float32)
+    blocks = norm.apply({'params': params['norm']}, inter[-LAST_N_BLOCKS:].astype(jnp.float32))
+    pooled = jnp.mean(blocks, axis=2)                             # [n, B, D]
+    feats['last4'] = jnp.concatenate(list(pooled), axis=-1)       # [B, n*D]
+  return feats
+
+
+def make_feature_fn(encoder: vit.Encoder, kinds: Sequence[str]
+                    ) -> Callable[[Params, dict[str, jax.Array]], dict[str, jax.Array]]:
+  """jit(batch -> pooled features + label + valid), compiled once per batch shape and sharding.
+
+  The parameters keep whatever sharding they arrive with (replicated in the probe, FSDP in the
+  trainer); the batch is the one `to_global_array` places over the mesh.
+  """
+  kinds = tuple(kinds)
+  if encoder.num_layers < LAST_N_BLOCKS and 'last4' in kinds:
+    logging.warning("The encoder has %d blocks (< %d): 'last4' concatenates all of them.",
+                    encoder.num_layers, LAST_N_BLOCKS)
+
+  @jax.jit
+  def features(params, batch):
+    out = pooled_features(encoder, params, batch['image'], kinds)
+    out.update(label=batch['label'], valid=batch['valid'])
+    return out
+
+  return features
+
+
+def extract_features(feature_fn: Callable, params: Params, config: ml_collections.ConfigDict,
+                     split: str, *, mesh: Mesh, batch_size: int,
+                     num_examples: int | None = None) -> tuple[Features, np.ndarray]:
+  """One pass of the eval pipeline over `split`: (features {kind: [N, F]}, labels [N]) on host.
+
+  The eval preprocessing (resize the short side, centre crop, normalise) at
+  `config.data.image_size`. Every process gets all N rows (gathered from the processes); the
+  padded rows of the last batch (`valid = False`) are dropped. One batch stays in flight while
+  the previous one is fetched, so the device never waits for the host. Call on every process
+  (collectives).
+  """
+  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+
+  data_sharding = sharding.batch_sharding(mesh)
+  it = input_pipeline.make_eval_iterator(config, split, batch_size=batch_size,
+                                         num_examples=num_examples)
+  chunks: list[dict[str, np.ndarray]] = []
+
+  def fetch(out):
+    host = jax.tree.map(to_host, out)
+    valid = np.asarray(host.pop('valid'), bool)
+    chunks.append({k: np.asarray(v)[valid] for k, v in host.items()})
+
+  pending = None
+  for batch in it:
+    batch.pop('data_skipped', None)
+    out = feature_fn(params, input_pipeline.to_global_array(batch, data_sharding))
+    if pending is not None:
+      fetch(pending)
+    pending = out
+  if pending is not None:
+    fetch(pending)
+  if not chunks or not sum(len(c['label']) for c in chunks):
+    raise ValueError(f'Split {split!r} of {config.data.dataset!r} gave no examples.')
+  merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+  labels = merged.pop('label').astype(np.int32)
+  return {k: v.astype(np.float32) for k, v in merged.items()}, labels
+
+
+class FeatureCache:
+  """The features of ONE parameters object, extracted once per (split, kinds) and then shared.
+
+  The evaluators of a probe run (linear, kNN) read the same arrays, and extracting them is the
+  slow part (minutes on CIFAR-10), so the runner builds one cache and hands it to every
+  evaluator. A call with another parameters object drops everything cached: features of old
+  parameters must never answer for new ones.
+  """
+
+  def __init__(self, encoder: vit.Encoder, config: ml_collections.ConfigDict, mesh: Mesh, *,
+               batch_size: int, num_examples: Mapping[str, int | None] | None = None):
+    """`config` gives the data (its `data.*`, image size included); `num_examples`: per split
+    (absent or None: the whole split)."""
+    self.encoder = encoder
+    self.config = config
+    self.mesh = mesh
+    self.batch_size = int(batch_size)
+    self.num_examples = dict(num_examples or {})
+    self._fns: dict[tuple[str, ...], Callable] = {}
+    self._params: Params = None
+    self._cache: dict[tuple[str, tuple[str, ...]], tuple[Features, np.ndarray]] = {}
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder
+                  ) -> FeatureCache:
+    """For a probe config: batches of `batch_size`; `train_examples` / `eval_examples` of the
+    train / eval split (0: all)."""
+    return cls(encoder, config, mesh, batch_size=config.batch_size, num_examples={
+        config.data.train_split: int(config.train_examples) or None,
+        config.data.eval_split: int(config.eval_examples) or None})
+
+  def feature_fn(self, kinds: Sequence[str]) -> Callable:
+    """The jitted feature function of `kinds` (one per kinds, so one compile per shape)."""
+    kinds = tuple(kinds)
+    if kinds not in self._fns:
+      self._fns[kinds] = make_feature_fn(self.encoder, kinds)
+    return self._fns[kinds]
+
+  def get(self, params: Params, split: str, kinds: Sequence[str]
+          ) -> tuple[Features, np.ndarray]:
+    """(features {kind: [N, F]}, labels [N]) of `split` under `params`; extracted on first use.
+
+    Call on every process (the first call per key runs collectives).
+    """
+    if params is not self._params:
+      self._params, self._cache = params, {}
+    key = (split, tuple(kinds))
+    if key not in self._cache:
+      self._cache[key] = extract_features(
+          self.feature_fn(kinds), params, self.config, split, mesh=self.mesh,
+          batch_size=self.batch_size, num_examples=self.num_examples.get(split))
+    return self._cache[key]
+
+
+# ------------------------------------------------------------------------------------------------
+# Host <-> mesh and labels, shared by the probes.
+# ------------------------------------------------------------------------------------------------
+
+
+def single_device_mesh() -> Mesh:
+  """A 1 x 1 mesh of the first device: the probes' default when no mesh is given."""
+  return Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole value of a global jax.Array as numpy, on every process (gathered if need be)."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def from_host(x: np.ndarray, sharding_: jax.sharding.Sharding) -> jax.Array:
+  """A host array that every process holds in full -> a global jax.Array laid out by sharding_."""
+  return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])
+
+
+def topk_correct(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """Whether `labels [B]` is among the k highest `scores [..., B, C]`: bool [..., B]."""
+  top = jax.lax.top_k(scores, min(k, scores.shape[-1]))[1]
+  return jnp.any(top == labels[:, None], axis=-1)
+
+
+def check_labels(labels: np.ndarray, num_classes: int, what: str) -> None:
+  """ValueError naming `config.data.num_classes` when `labels [N]` leave [0, num_classes)."""
+  if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+    raise ValueError(f'{what} labels span [{labels.min()}, {labels.max()}] but num_classes = '
+                     f'{num_classes}; set config.data.num_classes to the dataset\'s class count.')

@@ -1,0 +1,141 @@
+"""Evaluators by name, built through one interface, and the ones the trainer runs.
+
+  build(name, config, mesh, encoder, *, features=None)   an Evaluator for a probe config.
+  names()                                                 the registered names: 'knn', 'linear'.
+  in_training(config, mesh, encoder)                      [(name, every_steps, Evaluator)] that
+                                                          the trainer runs during pretraining.
+
+An `Evaluator` holds `evaluate(encoder_params) -> dict`. The trainer's return flat floats (it logs
+them as metrics: {'knn_top1', 'knn_top5'}); a probe run's return their result per feature kind
+({'last': {...}, 'last4': {...}}), which the runner assembles into probe_results.json.
+
+The evaluators of one probe run share a `features.FeatureCache`: the features of one parameters
+object are extracted once (minutes on CIFAR-10) and read by every evaluator. Adding an evaluator
+is one `@register('name')` builder here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+import dataclasses
+import functools
+from typing import Any
+
+from jax.sharding import Mesh
+import ml_collections
+
+from cjepa_jax.evals import features as features_lib
+from cjepa_jax.evals import knn as knn_lib
+from cjepa_jax.evals import linear as linear_lib
+from cjepa_jax.models import vit
+
+Params = Any
+Results = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluator:
+  """One evaluation of an encoder: `evaluate(encoder_params) -> results`.
+
+  Call it on every process (feature extraction and the probes run collectives).
+  """
+  evaluate: Callable[[Params], Results]
+
+
+Builder = Callable[[ml_collections.ConfigDict, Mesh, vit.Encoder, features_lib.FeatureCache],
+                   Evaluator]
+_BUILDERS: dict[str, Builder] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+  """Registers `builder(config, mesh, encoder, features) -> Evaluator` under `name`."""
+
+  def add(builder: Builder) -> Builder:
+    if name in _BUILDERS:
+      raise ValueError(f'Evaluator {name!r} is already registered.')
+    _BUILDERS[name] = builder
+    return builder
+
+  return add
+
+
+def names() -> tuple[str, ...]:
+  """The registered evaluator names, sorted."""
+  return tuple(sorted(_BUILDERS))
+
+
+def build(name: str, config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder, *,
+          features: features_lib.FeatureCache | None = None) -> Evaluator:
+  """The evaluator `name` for a probe config (see configs/probe_linear.py).
+
+  Args:
+    name: a registered name (`names()`).
+    config: the probe config: its `features`, `seed`, `data.*` and the evaluator's own keys.
+    mesh: the devices the probe runs on.
+    encoder: the module whose parameters `evaluate` receives.
+    features: shared by the evaluators of one run so the features are extracted once; default:
+      a cache of this evaluator's own, from `config`.
+  """
+  if name not in _BUILDERS:
+    raise ValueError(f'Unknown evaluator {name!r}; known: {", ".join(names())}.')
+  if features is None:
+    features = features_lib.FeatureCache.from_config(config, mesh, encoder)
+  return _BUILDERS[name](config, mesh, encoder, features)
+
+
+def _splits(config: ml_collections.ConfigDict, features: features_lib.FeatureCache,
+            params: Params, kinds: tuple[str, ...]) -> tuple[Any, ...]:
+  """(train features, train labels, test features, test labels) from the cache."""
+  train_f, train_y = features.get(params, config.data.train_split, kinds)
+  test_f, test_y = features.get(params, config.data.eval_split, kinds)
+  return train_f, train_y, test_f, test_y
+
+
+def _per_kind(config: ml_collections.ConfigDict, features: features_lib.FeatureCache,
+              probe_fn: Callable[..., dict[str, Any]]) -> Evaluator:
+  """An Evaluator running `probe_fn(train_x, train_y, test_x, test_y)` on each feature kind."""
+  kinds = features_lib.feature_kinds(config.features)
+
+  def evaluate(params: Params) -> Results:
+    train_f, train_y, test_f, test_y = _splits(config, features, params, kinds)
+    return {kind: probe_fn(train_f[kind], train_y, test_f[kind], test_y) for kind in kinds}
+
+  return Evaluator(evaluate)
+
+
+@register('linear')
+def _linear(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder,
+            features: features_lib.FeatureCache) -> Evaluator:
+  """{kind: `linear.linear_probe` result} for every kind of `config.features` (`linear.*`)."""
+  del encoder  # The features come from the cache.
+  lin = config.linear
+  return _per_kind(config, features, functools.partial(
+      linear_lib.linear_probe, num_classes=int(config.data.num_classes), lrs=lin.lrs,
+      wds=lin.wds, epochs=lin.epochs, batch_size=lin.batch_size,
+      holdout_fraction=lin.holdout_fraction, retrain=lin.retrain, seed=config.seed, mesh=mesh))
+
+
+@register('knn')
+def _knn(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder,
+         features: features_lib.FeatureCache) -> Evaluator:
+  """{kind: `knn.knn_probe` result} per kind of `config.features` (`config.knn.*`)."""
+  del encoder  # The features come from the cache.
+  return _per_kind(config, features, functools.partial(
+      knn_lib.knn_probe, num_classes=int(config.data.num_classes), k=config.knn.k,
+      temperature=config.knn.temperature, mesh=mesh))
+
+
+def in_training(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder
+                ) -> list[tuple[str, int, Evaluator]]:
+  """The evaluators the trainer runs on `target_params`, each with its period in steps.
+
+  Today the kNN monitor (`knn.make_knn_evaluator`) every `evals.knn_every_steps` steps (0: none);
+  its results are {'knn_top1', 'knn_top5'}. Built now, so a bad dataset fails at start-up rather
+  than at the first evaluation hours later.
+  """
+  evals = config.get('evals', ml_collections.ConfigDict())
+  out = []
+  every = int(evals.get('knn_every_steps', 0))
+  if every > 0:
+    out.append(('knn', every, Evaluator(knn_lib.make_knn_evaluator(config, mesh, encoder))))
+  return out

@@ -1,0 +1,69 @@
+"""The package's shape: data flows down, nothing happens at import, the step needs no TensorFlow."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / 'cjepa_jax'
+# The command-line entry points (and their shared error path): nothing else may import them.
+CLI_MODULES = {'cjepa_jax.train', 'cjepa_jax.probe', 'cjepa_jax.convert_torch', 'cjepa_jax.cli'}
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(ROOT).with_suffix('').parts
+  return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+  """Every cjepa_jax module `path` imports (at any depth of the file, lazy imports included)."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+    if isinstance(node, ast.Import):
+      found.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      found.add(node.module)
+      found.update(f'{node.module}.{a.name}' for a in node.names)
+  return {n for n in found if n.startswith('cjepa_jax')}
+
+
+def test_no_library_module_imports_an_entry_point():
+  offenders = {}
+  for path in sorted(PACKAGE.rglob('*.py')):
+    name = _module_name(path)
+    if name in CLI_MODULES:
+      continue
+    bad = _imports(path) & CLI_MODULES
+    if bad:
+      offenders[name] = sorted(bad)
+  assert not offenders, offenders
+
+
+def test_importing_every_module_defines_no_flags_and_setup_needs_no_tensorflow():
+  code = '''
+import importlib, pkgutil, sys
+from absl import flags
+import cjepa_jax
+from cjepa_jax import train_step
+step_imports_tf = 'tensorflow' in sys.modules
+for m in pkgutil.walk_packages(cjepa_jax.__path__, 'cjepa_jax.'):
+  importlib.import_module(m.name)
+defined = sorted(f for f in ('config', 'workdir', 'coordinator_address', 'num_processes',
+                             'process_id', 'local_device_ids') if f in flags.FLAGS)
+print(step_imports_tf, defined)
+'''
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                          env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin'}, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.split('\n')[-2] == 'False []', result.stdout
+
+
+def test_package_docstring_lists_every_module():
+  doc = (PACKAGE / '__init__.py').read_text(encoding='utf-8').split('"""')[1]
+  for path in sorted(PACKAGE.rglob('*.py')):
+    rel = path.relative_to(PACKAGE).as_posix()
+    if path.name == '__init__.py':
+      continue
+    listed = rel if not rel.startswith('evals/') else 'evals/'
+    assert listed in doc, f'{rel} is not in cjepa_jax/__init__.py\'s module list'
