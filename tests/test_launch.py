@@ -282,6 +282,7 @@ _SMOKE_WORKER = r'''
 import json, os, sys
 from absl import flags
 from cjepa_jax import distributed
+distributed.define_flags()  # The entry points do this; nothing is defined at import.
 flags.FLAGS(['worker'] + sys.argv[1:])
 distributed.initialize()
 distributed.initialize()  # Idempotent.
