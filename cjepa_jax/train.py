@@ -206,25 +206,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
-  is_main = jax.process_index() == 0
   mesh = sharding.make_mesh(config)
   run = step_lib.setup(config, mesh)   # Builds and checks the models; compiles nothing.
-  models, total_steps, steps_per_epoch = run.models, run.total_steps, run.steps_per_epoch
   input_pipeline.check_dataset(config)  # Fails fast, naming how to prepare the data.
   # Opens (creating) WORKDIR/checkpoints and checks that it is writable, before any compile.
   ckpt = checkpoint_lib.Checkpointer(
       workdir, keep=config.keep_ckpts, keep_every_steps=config.keep_every_steps,
       save_every_steps=config.ckpt_every_steps)
   try:
-    return _loop(config, workdir, mesh, run, models, total_steps, steps_per_epoch, ckpt,
-                 input_pipeline, is_main)
+    return _loop(config, workdir, mesh, run, ckpt, input_pipeline)
   finally:
     ckpt.close()
 
 
-def _loop(config, workdir, mesh, run, models, total_steps, steps_per_epoch, ckpt,
-          input_pipeline, is_main) -> dict[str, Any]:
+def _loop(config, workdir, mesh, run, ckpt, input_pipeline) -> dict[str, Any]:
   """Restore or initialise, then train; `ckpt` is closed by the caller."""
+  is_main = jax.process_index() == 0
+  models, total_steps, steps_per_epoch = run.models, run.total_steps, run.steps_per_epoch
   ckpt.report_incomplete()   # Cut-off saves: reported (and moved aside) before any training.
   latest = ckpt.latest_step()
   extra: dict[str, Any] = {}
