@@ -99,6 +99,7 @@ def tiny_cli_config(**overrides):
   c.model.pred_depth = 1
   c.model.pred_width = 48
   c.log_every_steps = 2
+  c.evals.knn_every_steps = 0  # The kNN monitor is tested on its own (test_probe.py).
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split('.')
@@ -142,7 +143,7 @@ def tiny_cli_args(workdir, *extra):
   return ['--config', 'configs/cifar10_vit_tiny.py', '--workdir', str(workdir),
           '--config.data.dataset=synthetic', '--config.batch_size=16', '--config.model.depth=1',
           '--config.model.pred_depth=1', '--config.model.pred_width=48',
-          '--config.log_every_steps=2', *extra]
+          '--config.log_every_steps=2', '--config.evals.knn_every_steps=0', *extra]
 
 
 def run_python(args, devices=1, timeout=600, **env_extra):
@@ -267,35 +268,6 @@ def run_killed(workdir, kill_at, *extra):
   return run_python(['-c', _KILL_HARNESS, *tiny_cli_args(workdir, *extra)], KILL_AT=str(kill_at))
 
 
-def test_sigkill_mid_save_and_resume_ends_exactly_as_uninterrupted(tmp_path, straight_run):
-  """12 steps straight == SIGKILL while step 8's checkpoint is being written, then resume.
-
-  The killed run had computed steps 5-8 (lost work, redone after resume) and left a half-written
-  step-8 checkpoint, which must be skipped in favour of step 4. Bitwise equality: same program,
-  same inputs (masks from fold_in(rng, step), data position from the step), same CPU.
-  """
-  straight, _ = straight_run
-  resumed = tmp_path / 'resumed'
-  common = ('--config.total_steps=12', '--config.ckpt_every_steps=4')
-  killed = run_killed(resumed, 8, *common)
-  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  assert checkpoint_lib.Checkpointer(str(resumed)).latest_step() == 4
-  result = run_cli(resumed, *common)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'Resuming from the checkpoint of step 4' in result.stderr
-
-  a, b = read_metrics(straight), read_metrics(resumed)
-  assert sorted(a) == sorted(b) == [2, 4, 6, 8, 10, 12]
-  for step in (6, 8, 10, 12):
-    for key in ('loss', 'jepa', 'lr', 'weight_decay', 'ema_momentum', 'grad_norm'):
-      assert a[step][key] == b[step][key], (step, key)
-  la = jax.tree.leaves(checkpoint_lib.restore_subtree(str(straight), ()))
-  lb = jax.tree.leaves(checkpoint_lib.restore_subtree(str(resumed), ()))
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                            monkeypatch):
   """A NaN batch at step 6 (checkpoints every 4): the error names step 6, step 4 stays latest."""
@@ -376,30 +348,40 @@ def test_ctrl_c_asks_for_the_same_stop_and_twice_stops_at_once():
   assert signal.getsignal(signal.SIGINT) is before
 
 
-@pytest.mark.parametrize('sig', ['SIGTERM'])
-def test_signal_saves_the_step_in_flight_and_resume_is_bit_identical(tmp_path, straight_run,
-                                                                     sig):
-  """SIGTERM at step 5: step 5 is saved, exit 75; the resumed run equals the straight one.
+def test_preempted_then_killed_mid_save_then_resumed_ends_exactly(tmp_path, straight_run):
+  """12 steps straight == SIGTERM at step 5, resume, SIGKILL while step 8 is saved, resume.
 
-  Checkpoints every 4 steps, so without the preemption save step 5 would be lost.
+  Checkpoints every 4 steps. The SIGTERM saves step 5 (which would otherwise be lost) and exits
+  75. The resumed run computes steps 6-8 and is killed while step 8's checkpoint is being written
+  (lost work, redone): the half-written step 8 is reported, moved aside, and the last run resumes
+  from step 5. Bitwise equality: same program, same inputs (masks from fold_in(rng, step), data
+  position from the step), same CPU.
   """
   straight, _ = straight_run
   workdir = tmp_path / 'run'
   common = ('--config.total_steps=12', '--config.ckpt_every_steps=4')
   result = run_python(['-c', _SIGTERM_HARNESS, *tiny_cli_args(workdir, *common)],
-                      SIGNAL_AT='5', SIGNAL=sig)
+                      SIGNAL_AT='5')
   assert result.returncode == 75, result.stderr[-3000:]
-  assert f'{sig} received' in result.stderr and 'saved the checkpoint of step 5' in result.stderr
+  assert 'SIGTERM received' in result.stderr and 'saved the checkpoint of step 5' in result.stderr
   assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [4, 5]
+
+  killed = run_killed(workdir, 8, *common)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert 'Resuming from the checkpoint of step 5' in killed.stderr
+  assert checkpoint_lib.Checkpointer(str(workdir)).latest_step() == 5
+
   resumed = run_cli(workdir, *common)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Resuming from the checkpoint of step 5' in resumed.stderr
+  assert list((workdir / 'checkpoints').glob('8.incomplete-*')), 'the cut-off save stays'
   a, b = read_metrics(straight), read_metrics(workdir)
+  assert sorted(a) == sorted(b) == [2, 4, 6, 8, 10, 12]
   # The 5 images skipped before the preemption are kept in the checkpoint and still counted after
-  # the resume (whose own pipeline skips none).
+  # both restarts (whose own pipelines skip none).
   assert b[4]['data_skipped'] == 4 and b[12]['data_skipped'] == 5
   for step in (8, 10, 12):  # Step 6's window lost step 5 to the restart; the later ones are whole.
-    for key in ('loss', 'jepa', 'lr', 'grad_norm', 'param_norm'):
+    for key in ('loss', 'jepa', 'lr', 'weight_decay', 'ema_momentum', 'grad_norm', 'param_norm'):
       assert a[step][key] == b[step][key], (step, key)
   la = jax.tree.leaves(checkpoint_lib.restore_subtree(str(straight), ()))
   lb = jax.tree.leaves(checkpoint_lib.restore_subtree(str(workdir), ()))
