@@ -125,7 +125,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.evals.knn_eval_examples = 2_000    # kNN monitor: eval images (0: all).
   c.evals.knn_k = 20               # kNN monitor: neighbours.
   c.evals.knn_temperature = 0.07   # kNN monitor: softmax temperature of the votes.
-  c.evals.knn_batch_size = 0       # 0: the training batch size.
+  c.evals.knn_batch_size = 0       # 0: the training batch size (also the few-shot monitor's).
+  c.evals.fewshot_every_steps = 0  # > 0: few-shot ridge probe during pretraining (evals/fewshot.py).
+  c.evals.fewshot_shots = (1, 5, 10, 25)  # Few-shot monitor: examples per class (logged each).
+  c.evals.fewshot_seeds = 3        # Few-shot monitor: seeds averaged.
+  c.evals.fewshot_l2_reg = 1024.0  # Few-shot monitor: ridge l2, big_vision's fixed 2^10.
+  c.evals.fewshot_train_examples = 5_000  # Few-shot monitor: train images the shots come from.
+  c.evals.fewshot_eval_examples = 2_000   # Few-shot monitor: eval images (0: all).
   return c
 
 
@@ -227,13 +233,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
          "use 'smooth_l1' or 'l2'")
 
   e = config.evals
-  for key in ('knn_every_steps', 'knn_batch_size', 'knn_train_examples', 'knn_eval_examples'):
+  for key in ('knn_every_steps', 'knn_batch_size', 'knn_train_examples', 'knn_eval_examples',
+              'fewshot_every_steps', 'fewshot_train_examples', 'fewshot_eval_examples'):
     _check(isinstance(e[key], int) and e[key] >= 0, f'evals.{key}', e[key],
            'must be an integer >= 0 (0: off / the default / the whole split)')
   _check(isinstance(e.knn_k, int) and e.knn_k >= 1, 'evals.knn_k', e.knn_k,
          'must be an integer >= 1')
   _check(_is_number(e.knn_temperature) and e.knn_temperature > 0, 'evals.knn_temperature',
          e.knn_temperature, 'must be > 0')
+  _check(len(e.fewshot_shots) > 0 and all(isinstance(k, int) and k >= 1 for k in e.fewshot_shots),
+         'evals.fewshot_shots', tuple(e.fewshot_shots), 'must be integers >= 1, e.g. (1, 5, 10, 25)')
+  _check(isinstance(e.fewshot_seeds, int) and e.fewshot_seeds >= 1, 'evals.fewshot_seeds',
+         e.fewshot_seeds, 'must be an integer >= 1')
+  _check(_is_number(e.fewshot_l2_reg) and e.fewshot_l2_reg > 0, 'evals.fewshot_l2_reg',
+         e.fewshot_l2_reg, 'must be > 0')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +303,8 @@ def resume_changes(saved: dict[str, Any], new: ml_collections.ConfigDict
   shape = {k: (old_sig[k], new_sig[k]) for k in new_sig if old_sig.get(k) != new_sig[k]}
   meaning = {}
   for key, value in cur.items():
-    if key in RESUME_FREE or key in STATE_SHAPING or key not in old:
+    # evals.*: what the run monitors and how often, never what it trains.
+    if key in RESUME_FREE or key.startswith('evals.') or key in STATE_SHAPING or key not in old:
       continue
     if old[key] != value:
       meaning[key] = (old[key], value)

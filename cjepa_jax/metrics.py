@@ -93,3 +93,44 @@ def progress_line(step: int, total: int, scalars: Mapping[str, Any], seconds_lef
     parts.append(f"MFU {100 * float(scalars['mfu']):.1f}%")
   parts.append(f'ETA {eta}')
   return ' | '.join(parts)
+
+
+class Progress:
+  """A progress line for long host loops (feature extraction, probe training), about every 20 s.
+
+    meter = Progress('features of train', total=50_000)
+    meter.update(512) ...; meter.done()
+
+  logs `features of train: 12,288/50,000 (24.6%) | 341 /s | ETA 0:01:50` on the main process only
+  when `enabled`; `done()` logs the total and the time taken.
+  """
+
+  def __init__(self, what: str, total: int | None, *, enabled: bool = True,
+               every_s: float = 20.0):
+    import jax  # pylint: disable=g-import-not-at-top  (metrics.py stays importable without jax)
+    import time  # pylint: disable=g-import-not-at-top
+    self._clock = time.monotonic
+    self.what, self.total, self.count = what, total, 0
+    self.enabled = enabled and jax.process_index() == 0
+    self.every_s = every_s
+    self._start = self._last = self._clock()
+
+  def update(self, n: int) -> None:
+    self.count += int(n)
+    now = self._clock()
+    if self.enabled and now - self._last >= self.every_s:
+      self._last = now
+      rate = self.count / max(now - self._start, 1e-9)
+      line = f'{self.what}: {self.count:,}'
+      if self.total:
+        left = max(self.total - self.count, 0) / max(rate, 1e-9)
+        line += (f'/{self.total:,} ({100.0 * self.count / self.total:.1f}%) | {rate:,.0f} /s | '
+                 f'ETA {datetime.timedelta(seconds=int(left))}')
+      else:
+        line += f' | {rate:,.0f} /s'
+      logging.info(line)
+
+  def done(self) -> None:
+    if self.enabled:
+      took = datetime.timedelta(seconds=int(self._clock() - self._start))
+      logging.info('%s: %s done in %s.', self.what, f'{self.count:,}', took)

@@ -62,6 +62,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cjepa_jax import cli
+from cjepa_jax import metrics as metrics_lib
 from cjepa_jax.evals import runner
 
 _FLAGS: dict[str, Any] = {}
@@ -89,6 +90,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError('--config and --workdir are required, e.g. --config '
                          'configs/probe_linear.py --config.pretrained=runs/cifar10_ijepa '
                          '--workdir runs/cifar10_ijepa/probe')
+  metrics_lib.quiet_library_logs()   # orbax's ~15 INFO lines per restore stay off the console.
   runner.run(config, workdir)   # Bad input: one line and exit 1 (cli.run).
 
 

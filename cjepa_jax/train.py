@@ -45,6 +45,7 @@ from cjepa_jax import metrics as metrics_lib
 from cjepa_jax import preemption
 from cjepa_jax import sharding
 from cjepa_jax import train_step as step_lib
+from cjepa_jax.evals import registry as evals_registry
 
 _FLAGS: dict[str, Any] = {}  # Defined by `run()`, not at import.
 
@@ -162,11 +163,11 @@ def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict
 def is_log_step(step: int, config: ml_collections.ConfigDict, total_steps: int) -> bool:
   """Whether the trainer logs after update number `step` (1 after the first update).
 
-  Every `log_every_steps`, every kNN evaluation and the last step.
+  Every `log_every_steps`, every in-training evaluation (kNN, few-shot) and the last step.
   """
   log = step % config.log_every_steps == 0 or step == total_steps
-  knn_every = config.evals.knn_every_steps
-  return bool(log or (knn_every and step % knn_every == 0))
+  periods = evals_registry.in_training_periods(config).values()
+  return bool(log or any(step % every == 0 for every in periods))
 
 
 def _with_shardings(abstract_tree: Any, shardings: Any) -> Any:
@@ -256,8 +257,7 @@ def _loop(config, workdir, mesh, run, ckpt, input_pipeline) -> dict[str, Any]:
 
   log = _LogWindow(config, total_steps, steps_per_epoch, flops_per_step, peak, writer)
   rank_fn = jax.jit(lambda x: step_lib.effective_rank(x - jnp.mean(x, axis=0)))
-  # Evaluators run during pretraining (today the kNN monitor), each with its period in steps.
-  from cjepa_jax.evals import registry as evals_registry  # pylint: disable=g-import-not-at-top
+  # Evaluators run during pretraining (kNN, few-shot monitors), each with its period in steps.
   in_training = evals_registry.in_training(config, mesh, models.encoder)
   pending: tuple[int, jax.Array] | None = None   # (step, finite flag), checked one step late.
   # Images the input pipeline skipped as unreadable, over the whole run (kept in checkpoints).

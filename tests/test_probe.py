@@ -244,6 +244,7 @@ def probe_config(pretrained_path, data_dir):
   spec.loader.exec_module(module)
   c = module.get_config('cifar10')
   c.pretrained = str(pretrained_path)
+  c.evals = 'linear,knn'  # The others: tests/test_evals.py.
   c.data.data_dir = str(data_dir)
   c.data.num_classes = 3
   c.batch_size = 16
@@ -422,9 +423,13 @@ def test_unknown_evaluator_is_one_line_naming_the_known(image_folder):
   config = probe_config('random', image_folder)
   mesh = sharding.make_mesh(config)
   encoder = jepa.encoder_from_model_config(config.model)
-  assert registry.names() == ('knn', 'linear')
-  with pytest.raises(ValueError, match=r"^Unknown evaluator 'svm'; known: knn, linear\.$"):
+  assert registry.names() == ('attentive', 'fewshot', 'knn', 'linear', 'lowshot')
+  known = 'known: attentive, fewshot, knn, linear, lowshot'
+  with pytest.raises(ValueError, match=rf"^Unknown evaluator 'svm' in config.evals; {known}\.$"):
     registry.build('svm', config, mesh, encoder)
+  config.evals = 'linear,svm'
+  with pytest.raises(ValueError, match=rf"^Unknown evaluator\(s\) 'svm' in config.evals; {known}"):
+    runner.check_config(config)
 
 
 def test_evaluators_share_one_extraction_per_split(image_folder, monkeypatch):

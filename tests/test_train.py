@@ -169,9 +169,14 @@ METRIC_KEYS = ('loss', 'jepa', 'lr', 'weight_decay', 'ema_momentum', 'grad_norm'
 
 @pytest.fixture(scope='module')
 def straight_run(tmp_path_factory):
-  """An uninterrupted 12-step CLI run on one device, checkpointing every 4 steps."""
+  """An uninterrupted 12-step CLI run on one device, checkpointing every 4 steps, with the
+  few-shot monitor at its last step (the runs it is compared with have none: evaluations never
+  change the training)."""
   workdir = tmp_path_factory.mktemp('straight')
-  result = run_cli(workdir, '--config.total_steps=12', '--config.ckpt_every_steps=4')
+  result = run_cli(workdir, '--config.total_steps=12', '--config.ckpt_every_steps=4',
+                   '--config.evals.fewshot_every_steps=12', '--config.evals.fewshot_shots=(1,2)',
+                   '--config.evals.fewshot_seeds=2', '--config.evals.fewshot_train_examples=160',
+                   '--config.evals.fewshot_eval_examples=64')
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, result
 
@@ -197,6 +202,10 @@ def check_logged_run(workdir, result, steps):
 
 def test_cli_trains_and_logs_metrics_on_one_device(straight_run):
   check_logged_run(*straight_run, steps=12)
+  rows = read_metrics(straight_run[0])
+  # The in-training few-shot monitor lands in metrics.jsonl on its steps only.
+  assert 0.0 <= rows[12]['fewshot_1shot'] <= 1.0 and 0.0 <= rows[12]['fewshot_2shot'] <= 1.0
+  assert not [k for k in rows[10] if k.startswith('fewshot')]
 
 
 def test_cli_trains_on_8_devices_with_fsdp(tmp_path):

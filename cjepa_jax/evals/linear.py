@@ -2,6 +2,8 @@
 
   linear_probe(train_x, train_y, test_x, test_y, ...)   the sweep, the choice, the test score.
   holdout_split, feature_stats                          the held-out rows and the standardisation.
+  lowshot_indices(labels, fraction, seed, C)            a seeded, class-balanced label fraction
+                                                        (the low-shot protocol: 1% / 10%).
   train_linear, evaluate_linear                         a grid of classifiers, trained together.
 
 The protocol: a linear softmax classifier on the standardised features (mean / std of the
@@ -43,6 +45,27 @@ def holdout_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.nd
     raise ValueError(f'linear.holdout_fraction={fraction} of {n} examples holds out {n_hold}: '
                      'need at least one held-out and one training example; use more data.')
   return np.sort(perm[n_hold:]), np.sort(perm[:n_hold])
+
+
+def lowshot_indices(labels: np.ndarray, fraction: float, seed: int, num_classes: int
+                    ) -> np.ndarray:
+  """A fixed, seeded, class-balanced `fraction` of the rows of `labels [N]` (sorted indices).
+
+  Class c keeps max(1, round(fraction * N_c)) of its N_c examples, the first of a seeded
+  permutation (seed, c): the I-JEPA paper's 1%-of-ImageNet protocol (~13 images per class) at any
+  fraction. The subset depends only on the labels, the fraction and the seed.
+  """
+  if not 0 < fraction <= 1:
+    raise ValueError(f'lowshot.fractions must be in (0, 1]; got {fraction}.')
+  out = []
+  for c in range(num_classes):
+    idx = np.flatnonzero(labels == c)
+    if not len(idx):
+      raise ValueError(f'Low-shot: class {c} has no training examples.')
+    keep = max(1, int(round(fraction * len(idx))))
+    perm = np.random.default_rng([seed, c]).permutation(len(idx))
+    out.append(idx[perm[:keep]])
+  return np.sort(np.concatenate(out))
 
 
 def feature_stats(x: np.ndarray, idx: np.ndarray, chunk: int = 65536
@@ -117,7 +140,7 @@ def _linear_eval_fn(mesh: Mesh) -> Callable:
   return jax.jit(evaluate, out_shardings=sharding.replicated(mesh))
 
 
-def _batches(idx: np.ndarray, batch_size: int, rng: np.random.Generator | None
+def batches(idx: np.ndarray, batch_size: int, rng: np.random.Generator | None
              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
   """(rows [batch_size], weights [batch_size]) covering idx once; the last batch padded (w = 0)."""
   order = idx if rng is None else rng.permutation(idx)
@@ -128,7 +151,7 @@ def _batches(idx: np.ndarray, batch_size: int, rng: np.random.Generator | None
     yield np.pad(rows, (0, batch_size - len(rows))), w
 
 
-def _linear_batch_size(requested: int, n: int, mesh: Mesh) -> int:
+def padded_batch_size(requested: int, n: int, mesh: Mesh) -> int:
   """`requested` (0: full batch), rounded up to a multiple of the device count, at most ~n."""
   size = requested if 0 < requested < n else n
   return -(-size // mesh.size) * mesh.size
@@ -139,7 +162,7 @@ def train_linear(x: np.ndarray, y: np.ndarray, idx: np.ndarray, mean: np.ndarray
                  wds: Sequence[float], epochs: int, batch_size: int, seed: int,
                  mesh: Mesh) -> Params:
   """Trains one linear classifier per (lrs[g], wds[g]) on rows `idx` of x: params with [G, ...]."""
-  batch = _linear_batch_size(batch_size, len(idx), mesh)
+  batch = padded_batch_size(batch_size, len(idx), mesh)
   total_steps = epochs * -(-len(idx) // batch)
   init, step = _linear_train_fns(mesh, total_steps)
   replicated = sharding.replicated(mesh)
@@ -149,7 +172,7 @@ def train_linear(x: np.ndarray, y: np.ndarray, idx: np.ndarray, mean: np.ndarray
   params, opt_state = init(lrs_, wds_, x.shape[1], int(num_classes))
   rng = np.random.default_rng(seed)
   for _ in range(epochs):
-    for rows, w in _batches(idx, batch, rng):
+    for rows, w in batches(idx, batch, rng):
       params, opt_state = step(params, opt_state, lrs_, wds_, mean_, std_, _put(x[rows], data),
                                _put(y[rows], data), _put(w, data))
   return params
@@ -159,13 +182,13 @@ def evaluate_linear(params: Params, x: np.ndarray, y: np.ndarray, idx: np.ndarra
                     mean: np.ndarray, std: np.ndarray, *, batch_size: int, mesh: Mesh
                     ) -> dict[str, np.ndarray]:
   """Top-1 / top-5 accuracy and mean cross-entropy, each `[G]`, of the classifiers on rows idx."""
-  batch = _linear_batch_size(batch_size, len(idx), mesh)
+  batch = padded_batch_size(batch_size, len(idx), mesh)
   evaluate = _linear_eval_fn(mesh)
   replicated = sharding.replicated(mesh)
   data = sharding.batch_sharding(mesh)
   mean_, std_ = _put(mean, replicated), _put(std, replicated)
   sums = None
-  for rows, w in _batches(idx, batch, None):
+  for rows, w in batches(idx, batch, None):
     out = evaluate(params, mean_, std_, _put(x[rows], data), _put(y[rows], data), _put(w, data))
     out = np.stack([features_lib.to_host(o).astype(np.float64) for o in out])
     sums = out if sums is None else sums + out

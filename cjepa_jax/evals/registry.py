@@ -1,13 +1,16 @@
 """Evaluators by name, built through one interface, and the ones the trainer runs.
 
   build(name, config, mesh, encoder, *, features=None)   an Evaluator for a probe config.
-  names()                                                 the registered names: 'knn', 'linear'.
+  names()                                                 the registered names: 'attentive',
+                                                          'fewshot', 'knn', 'linear', 'lowshot'.
   in_training(config, mesh, encoder)                      [(name, every_steps, Evaluator)] that
                                                           the trainer runs during pretraining.
 
-An `Evaluator` holds `evaluate(encoder_params) -> dict`. The trainer's return flat floats (it logs
-them as metrics: {'knn_top1', 'knn_top5'}); a probe run's return their result per feature kind
-({'last': {...}, 'last4': {...}}), which the runner assembles into probe_results.json.
+An `Evaluator` holds `evaluate(encoder_params) -> dict` and `kinds`, the features it reads. The
+trainer's return flat floats (it logs them as metrics: {'knn_top1', 'knn_top5',
+'fewshot_10shot', ...}); a probe run's return their result per feature kind ({'last': {...},
+'last4': {...}}; the attentive probe's under 'tokens'), which the runner assembles into
+probe_results.json.
 
 The evaluators of one probe run share a `features.FeatureCache`: the features of one parameters
 object are extracted once (minutes on CIFAR-10) and read by every evaluator. Adding an evaluator
@@ -24,7 +27,9 @@ from typing import Any
 from jax.sharding import Mesh
 import ml_collections
 
+from cjepa_jax.evals import attentive as attentive_lib
 from cjepa_jax.evals import features as features_lib
+from cjepa_jax.evals import fewshot as fewshot_lib
 from cjepa_jax.evals import knn as knn_lib
 from cjepa_jax.evals import linear as linear_lib
 from cjepa_jax.models import vit
@@ -37,9 +42,11 @@ Results = dict[str, Any]
 class Evaluator:
   """One evaluation of an encoder: `evaluate(encoder_params) -> results`.
 
-  Call it on every process (feature extraction and the probes run collectives).
+  Call it on every process (feature extraction and the probes run collectives). `kinds`: the
+  features it reads from the run's cache (the runner extracts their union in one pass).
   """
   evaluate: Callable[[Params], Results]
+  kinds: tuple[str, ...] = ()
 
 
 Builder = Callable[[ml_collections.ConfigDict, Mesh, vit.Encoder, features_lib.FeatureCache],
@@ -77,7 +84,7 @@ def build(name: str, config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit
       a cache of this evaluator's own, from `config`.
   """
   if name not in _BUILDERS:
-    raise ValueError(f'Unknown evaluator {name!r}; known: {", ".join(names())}.')
+    raise ValueError(f'Unknown evaluator {name!r} in config.evals; known: {", ".join(names())}.')
   if features is None:
     features = features_lib.FeatureCache.from_config(config, mesh, encoder)
   return _BUILDERS[name](config, mesh, encoder, features)
@@ -100,7 +107,7 @@ def _per_kind(config: ml_collections.ConfigDict, features: features_lib.FeatureC
     train_f, train_y, test_f, test_y = _splits(config, features, params, kinds)
     return {kind: probe_fn(train_f[kind], train_y, test_f[kind], test_y) for kind in kinds}
 
-  return Evaluator(evaluate)
+  return Evaluator(evaluate, kinds)
 
 
 @register('linear')
@@ -125,17 +132,80 @@ def _knn(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder,
       temperature=config.knn.temperature, mesh=mesh))
 
 
+@register('fewshot')
+def _fewshot(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder,
+             features: features_lib.FeatureCache) -> Evaluator:
+  """{kind: `fewshot.fewshot_probe` result} per kind of `config.features` (`fewshot.*`)."""
+  del encoder
+  fs = config.fewshot
+  return _per_kind(config, features, functools.partial(
+      fewshot_lib.fewshot_probe, num_classes=int(config.data.num_classes), shots=fs.shots,
+      seeds=int(fs.seeds), l2_reg=float(fs.l2_reg), seed=int(config.seed), mesh=mesh))
+
+
+@register('lowshot')
+def _lowshot(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder,
+             features: features_lib.FeatureCache) -> Evaluator:
+  """{kind: {'1%': linear result, ...}}: the linear probe (`linear.*` grid and protocol) fitted on
+  a seeded class-balanced `lowshot.fractions` of the train labels (`linear.lowshot_indices`)."""
+  del encoder
+  lin, num_classes = config.linear, int(config.data.num_classes)
+
+  def probe(train_x, train_y, test_x, test_y):
+    out = {}
+    for fraction in config.lowshot.fractions:
+      idx = linear_lib.lowshot_indices(train_y, float(fraction), int(config.seed), num_classes)
+      r = linear_lib.linear_probe(
+          train_x[idx], train_y[idx], test_x, test_y, num_classes=num_classes, lrs=lin.lrs,
+          wds=lin.wds, epochs=int(config.lowshot.epochs), batch_size=lin.batch_size,
+          holdout_fraction=lin.holdout_fraction, retrain=lin.retrain, seed=config.seed,
+          mesh=mesh)
+      out[f'{100 * float(fraction):g}%'] = dict(
+          {k: v for k, v in r.items() if k != 'sweep'}, fraction=float(fraction),
+          num_train=int(len(idx)))
+    return out
+
+  return _per_kind(config, features, probe)
+
+
+@register('attentive')
+def _attentive(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder,
+               features: features_lib.FeatureCache) -> Evaluator:
+  """{'tokens': `attentive.attentive_probe` result} on the final tokens (`attentive.*`)."""
+  att = config.attentive
+  heads = int(att.num_heads) or int(encoder.num_heads)
+  kinds = (features_lib.TOKENS,)
+
+  def evaluate(params: Params) -> Results:
+    train_f, train_y, test_f, test_y = _splits(config, features, params, kinds)
+    return {features_lib.TOKENS: attentive_lib.attentive_probe(
+        train_f[features_lib.TOKENS], train_y, test_f[features_lib.TOKENS], test_y,
+        num_classes=int(config.data.num_classes), lrs=att.lrs, wds=att.wds,
+        epochs=int(att.epochs), batch_size=int(att.batch_size),
+        holdout_fraction=float(att.holdout_fraction), num_queries=int(att.num_queries),
+        num_heads=heads, mlp_ratio=float(att.mlp_ratio), warmup_epochs=float(att.warmup_epochs),
+        seed=int(config.seed), mesh=mesh, progress=True)}
+
+  return Evaluator(evaluate, kinds)
+
+
+def in_training_periods(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """{name: every_steps > 0} of the evaluators the trainer runs (the config alone: no data)."""
+  evals = config.get('evals', ml_collections.ConfigDict())
+  periods = {'knn': int(evals.get('knn_every_steps', 0)),
+             'fewshot': int(evals.get('fewshot_every_steps', 0))}
+  return {name: every for name, every in periods.items() if every > 0}
+
+
 def in_training(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder
                 ) -> list[tuple[str, int, Evaluator]]:
   """The evaluators the trainer runs on `target_params`, each with its period in steps.
 
-  Today the kNN monitor (`knn.make_knn_evaluator`) every `evals.knn_every_steps` steps (0: none);
-  its results are {'knn_top1', 'knn_top5'}. Built now, so a bad dataset fails at start-up rather
-  than at the first evaluation hours later.
+  The kNN monitor (`knn.make_knn_evaluator`) every `evals.knn_every_steps` steps, results
+  {'knn_top1', 'knn_top5'}; the few-shot monitor (`fewshot.make_fewshot_evaluator`) every
+  `evals.fewshot_every_steps`, results {'fewshot_<k>shot'} (0: none). Built now, so a bad dataset
+  fails at start-up rather than at the first evaluation hours later.
   """
-  evals = config.get('evals', ml_collections.ConfigDict())
-  out = []
-  every = int(evals.get('knn_every_steps', 0))
-  if every > 0:
-    out.append(('knn', every, Evaluator(knn_lib.make_knn_evaluator(config, mesh, encoder))))
-  return out
+  makers = {'knn': knn_lib.make_knn_evaluator, 'fewshot': fewshot_lib.make_fewshot_evaluator}
+  return [(name, every, Evaluator(makers[name](config, mesh, encoder), ('last',)))
+          for name, every in in_training_periods(config).items()]

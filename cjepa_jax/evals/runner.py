@@ -1,8 +1,10 @@
 """One probe run of a frozen encoder: what `cjepa-probe` does (cjepa_jax/probe.py, the protocol).
 
-  run(config, workdir)   checks, restore, features, the linear and kNN probes, the table, and
-                         `workdir/probe_results.json` (every accuracy a fraction in [0, 1]).
-  check_config(config)   ValueError naming the key for a bad probe config.
+  run(config, workdir)      checks, restore, features (once), every evaluator of `config.evals`,
+                            the table, and `workdir/probe_results.json` (every accuracy a
+                            fraction in [0, 1]).
+  check_config(config)      ValueError naming the key for a bad probe config.
+  evaluator_names(config)   the evaluators `config.evals` lists (unknown names: ValueError).
 
 Order matters for the user: the config and the label splits are checked before anything is
 restored or extracted (mismatched class folders would give silently wrong accuracies), and the
@@ -27,11 +29,24 @@ from cjepa_jax.evals import registry
 RESULTS_FILE = 'probe_results.json'
 
 
+def evaluator_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The evaluators `config.evals` lists ('linear,knn,...'), in order, each once."""
+  listed = [n.strip() for n in str(config.get('evals', 'linear,knn')).split(',') if n.strip()]
+  if not listed:
+    raise ValueError(f'config.evals is empty: list evaluators from {", ".join(registry.names())}.')
+  unknown = [n for n in listed if n not in registry.names()]
+  if unknown:
+    raise ValueError(f'Unknown evaluator(s) {", ".join(map(repr, unknown))} in config.evals; '
+                     f'known: {", ".join(registry.names())}.')
+  return tuple(dict.fromkeys(listed))
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """ValueError naming the key and its valid values for a bad probe config."""
   if not config.pretrained:
     raise ValueError('Set --config.pretrained to a pretraining workdir, a checkpoint step '
                      'directory (DIR/checkpoints/<step>) or `random` (the baseline).')
+  names = evaluator_names(config)
   if config.encoder not in features_lib.ENCODER_KEYS:
     raise ValueError(f'config.encoder={config.encoder!r}: use one of '
                      f'{sorted(features_lib.ENCODER_KEYS)}.')
@@ -46,35 +61,99 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.linear.holdout_fraction < 1:
     raise ValueError(f'config.linear.holdout_fraction={config.linear.holdout_fraction} must be '
                      'in [0, 1).')
+  if 'fewshot' in names:
+    fs = config.fewshot
+    if not fs.shots or min(fs.shots) < 1 or fs.seeds < 1 or not fs.l2_reg > 0:
+      raise ValueError(f'config.fewshot: shots must be >= 1 (got {tuple(fs.shots)}), seeds >= 1 '
+                       f'(got {fs.seeds}) and l2_reg > 0 (got {fs.l2_reg}).')
+  if 'lowshot' in names:
+    if not config.lowshot.fractions or not all(0 < f <= 1 for f in config.lowshot.fractions):
+      raise ValueError(f'config.lowshot.fractions={tuple(config.lowshot.fractions)} must each be '
+                       'in (0, 1], e.g. (0.01, 0.1).')
+  if 'attentive' in names:
+    att = config.attentive
+    if att.epochs < 1 or att.batch_size < 1 or not 0 <= att.holdout_fraction < 1:
+      raise ValueError(f'config.attentive: epochs ({att.epochs}) and batch_size '
+                       f'({att.batch_size}) must be >= 1 and holdout_fraction '
+                       f'({att.holdout_fraction}) in [0, 1).')
+
+
+def _row(name: str, kind: str, top1: float, top5: float | None, extra: str = '') -> str:
+  top5_text = f'{top5:>8.4f}' if top5 is not None else f'{"":>8}'
+  return f'{name:<24}{kind:<10}{top1:>8.4f}{top5_text}{extra}'
 
 
 def _format_table(results: dict[str, Any]) -> str:
-  lin, knn = results['linear'], results['knn']
-  lines = [f'{"probe":<22}{"features":<10}{"top1":>8}{"top5":>8}']
-  for kind, r in lin['per_features'].items():
-    mark = '*' if kind == lin['features'] else ' '
-    lines.append(f'{"linear " + mark:<22}{kind:<10}{r["top1"]:>8.4f}{r["top5"]:>8.4f}'
-                 f'   lr={r["best_lr"]:g} wd={r["best_wd"]:g}'
-                 + (f' holdout={r["holdout_top1"]:.4f}' if r['holdout_top1'] is not None else ''))
-  for kind, r in knn['per_features'].items():
-    mark = '*' if kind == knn['features'] else ' '
-    name = f'knn k={knn["k"]} T={knn["temperature"]:g} {mark}'
-    lines.append(f'{name:<22}{kind:<10}{r["top1"]:>8.4f}{r["top5"]:>8.4f}')
+  lines = [f'{"probe":<24}{"features":<10}{"top1":>8}{"top5":>8}']
+  if 'linear' in results:
+    lin = results['linear']
+    for kind, r in lin['per_features'].items():
+      mark = '*' if kind == lin['features'] else ' '
+      lines.append(_row('linear ' + mark, kind, r['top1'], r['top5'],
+                        f'   lr={r["best_lr"]:g} wd={r["best_wd"]:g}'
+                        + (f' holdout={r["holdout_top1"]:.4f}'
+                           if r['holdout_top1'] is not None else '')))
+  if 'knn' in results:
+    knn = results['knn']
+    for kind, r in knn['per_features'].items():
+      mark = '*' if kind == knn['features'] else ' '
+      lines.append(_row(f'knn k={knn["k"]} T={knn["temperature"]:g} {mark}', kind, r['top1'],
+                        r['top5']))
+  if 'fewshot' in results:
+    fs = results['fewshot']
+    for k, top1 in fs['top1'].items():
+      lines.append(_row(f'fewshot {k}-shot', fs['features'], top1, None,
+                        f'   +-{fs["top1_std"][k]:.4f} over {fs["seeds"]} seeds, '
+                        f'l2={fs["l2_reg"]:g}'))
+  if 'lowshot' in results:
+    low = results['lowshot']
+    for label, r in low['fractions'].items():
+      lines.append(_row(f'lowshot {label} labels', low['features'], r['top1'], r['top5'],
+                        f'   {r["num_train"]} examples, lr={r["best_lr"]:g} wd={r["best_wd"]:g}'))
+  if 'attentive' in results:
+    r = results['attentive']
+    lines.append(_row('attentive', 'tokens', r['top1'], r['top5'],
+                      f'   lr={r["best_lr"]:g} wd={r["best_wd"]:g} epochs={r["epochs"]}'
+                      + (f' holdout={r["holdout_top1"]:.4f}'
+                         if r['holdout_top1'] is not None else '')))
   head = (f'{results["checkpoint"]} (step {results["step"]}, {results["model"]["variant"]}, '
-          f'{results["dataset"]}): accuracies are fractions; * = reported (chosen on the '
-          'held-out train split)')
+          f'{results["dataset"]}, {results["num_train"]} train / {results["num_test"]} test): '
+          'accuracies are fractions; * = reported (chosen on the held-out train split)')
   return '\n'.join([head] + lines)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Restores the encoder, extracts features, runs the linear and kNN probes; writes the JSON.
+def _assemble(name: str, out: dict[str, Any], chosen: str, config: ml_collections.ConfigDict
+              ) -> dict[str, Any]:
+  """One evaluator's entry of probe_results.json: the chosen feature kind's result, and each."""
+  if name == 'linear':
+    return dict(out[chosen], features=chosen,
+                per_features={kd: {k: v for k, v in r.items() if k != 'sweep'}
+                              for kd, r in out.items()})
+  if name == 'knn':
+    return dict(top1=out[chosen]['top1'], top5=out[chosen]['top5'], k=int(config.knn.k),
+                temperature=float(config.knn.temperature), features=chosen,
+                per_features={kd: dict(top1=r['top1'], top5=r['top5']) for kd, r in out.items()})
+  if name == 'fewshot':
+    return dict(out[chosen], features=chosen,
+                per_features={kd: r['top1'] for kd, r in out.items()})
+  if name == 'lowshot':
+    return dict(fractions=out[chosen], features=chosen,
+                per_features={kd: {f: dict(top1=r['top1'], top5=r['top5'])
+                                   for f, r in fr.items()} for kd, fr in out.items()})
+  return out[features_lib.TOKENS]   # attentive
 
-  Returns the results dict that `workdir/probe_results.json` holds (accuracies as fractions).
-  Call on every process; only the main process writes and prints.
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Restores the encoder, extracts features once, runs `config.evals`; writes the JSON.
+
+  Returns the results dict that `workdir/probe_results.json` holds (accuracies as fractions):
+  one entry per evaluator, the checkpoint path and step, and the resolved config. Call on every
+  process; only the main process writes and prints.
   """
   from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
   check_config(config)
+  names = evaluator_names(config)
   # Before restoring or extracting anything: mismatched class folders would give silently wrong
   # accuracies, and a listing is all it takes to find out.
   input_pipeline.check_label_splits(config)
@@ -88,27 +167,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  info['image_size'], config.data.image_size)
   kinds = features_lib.feature_kinds(config.features)
   features = features_lib.FeatureCache.from_config(data_config, mesh, encoder)
-  # Extracted here, once; the evaluators read the same arrays from the cache.
-  train_f, train_y = features.get(params, config.data.train_split, kinds)
-  _, test_y = features.get(params, config.data.eval_split, kinds)
-  logging.info('Features: %d train / %d test examples, %s.', len(train_y), len(test_y),
-               {k: v.shape[1] for k, v in train_f.items()})
-
   evaluators = {name: registry.build(name, config, mesh, encoder, features=features)
-                for name in ('linear', 'knn')}
-  linear = evaluators['linear'].evaluate(params)
-  knn = evaluators['knn'].evaluate(params)
-  # 'both': the better kind on the held-out train rows (ties: 'last'), never on the test split.
-  chosen = min(kinds, key=lambda kd: (-(linear[kd]['holdout_top1'] or 0.0),
-                                      linear[kd]['holdout_loss'] or 0.0, kinds.index(kd)))
+                for name in names}
+  # Extracted here, once, for every evaluator: the union of the kinds they read.
+  union = tuple(k for k in features_lib.ALL_KINDS
+                if k in kinds or any(k in ev.kinds for ev in evaluators.values()))
+  _, train_y = features.get(params, config.data.train_split, union)
+  _, test_y = features.get(params, config.data.eval_split, union)
+  logging.info('Features %s: %d train / %d test examples.', union, len(train_y), len(test_y))
 
-  results = {
-      'linear': dict(linear[chosen], features=chosen,
-                     per_features={kd: {k: v for k, v in r.items() if k != 'sweep'}
-                                   for kd, r in linear.items()}),
-      'knn': dict(top1=knn[chosen]['top1'], top5=knn[chosen]['top5'], k=int(config.knn.k),
-                  temperature=float(config.knn.temperature), features=chosen,
-                  per_features={kd: dict(top1=r['top1'], top5=r['top5']) for kd, r in knn.items()}),
+  raw = {}
+  for name, evaluator in evaluators.items():
+    logging.info('Evaluator %s ...', name)
+    raw[name] = evaluator.evaluate(params)
+  # 'both': the better kind on the held-out train rows (ties: 'last'), never on the test split;
+  # without the linear probe, the first kind.
+  chosen = kinds[0]
+  if 'linear' in raw:
+    lin = raw['linear']
+    chosen = min(kinds, key=lambda kd: (-(lin[kd]['holdout_top1'] or 0.0),
+                                        lin[kd]['holdout_loss'] or 0.0, kinds.index(kd)))
+  results = {name: _assemble(name, out, chosen, config) for name, out in raw.items()}
+  results.update({
+      'evals': list(names),
       'checkpoint': info['checkpoint'],
       'step': info['step'],
       'encoder': info['encoder'],
@@ -121,7 +202,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       'num_test': int(len(test_y)),
       'accuracy_units': 'fraction',
       'config': json.loads(config.to_json_best_effort()),
-  }
+  })
   if distributed.is_main_process():
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, RESULTS_FILE), 'w', encoding='utf-8') as f:
