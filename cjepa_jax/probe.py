@@ -1,7 +1,13 @@
-r"""Linear and kNN probes of a frozen encoder restored from an orbax checkpoint (or random).
+r"""Frozen-encoder evaluations of an orbax checkpoint (or a random encoder): any list of them.
 
   python -m cjepa_jax.probe --config configs/probe_linear.py \
-      --config.pretrained=runs/cifar10_ijepa --workdir runs/cifar10_ijepa/probe
+      --config.pretrained=runs/cifar10_ijepa --workdir runs/cifar10_ijepa/probe \
+      [--config.evals=linear,knn,attentive,fewshot,lowshot]
+
+`--config.evals` lists the evaluators (default linear,knn,fewshot,lowshot); an unknown name is one
+line listing the known ones. The few-shot (evals/fewshot.py), low-shot (evals/registry.py,
+`linear.lowshot_indices`) and attentive (evals/attentive.py) protocols are in their modules; the
+linear and kNN protocols are below.
 
 (also installed as `cjepa-probe`). `--config.pretrained` is a pretraining workdir (its latest
 complete checkpoint), one checkpoint step directory (`DIR/checkpoints/<step>`), or the word
@@ -47,8 +53,9 @@ Protocol (the I-JEPA paper's, after MSN / DINO, with the deviations marked):
     `knn.per_features` reports each kind.
 
 The code is the package cjepa_jax/evals/ (this module is only the command line): `features`
-(restore, features), `knn`, `linear`, `registry` (evaluators by name; `in_training`, the trainer's
-kNN monitor on `config.evals.knn_*`) and `runner` (this run).
+(restore, features), `knn`, `linear`, `fewshot`, `attentive`, `registry` (evaluators by name;
+`in_training`, the trainer's kNN and few-shot monitors on `config.evals.*`) and `runner` (this
+run: one feature extraction for all evaluators, one table, probe_results.json).
 """
 
 from __future__ import annotations
