@@ -184,3 +184,35 @@ def ema_update(target: Any, online: Any, momentum: jax.Array | float) -> Any:
       lambda t, o: (m * jnp.asarray(t, jnp.float32)
                     + (1.0 - m) * jnp.asarray(o, jnp.float32)).astype(jnp.asarray(t).dtype),
       target, online)
+
+
+def layerwise_lr_multipliers(encoder_params: Any, depth: int, decay: float) -> Any:
+  """BEiT / MAE layer-wise lr decay for fine-tuning: a multiplier per leaf of `encoder_params`.
+
+  The patch embedding is layer 0, block i is layer i + 1, everything after the blocks (the final
+  norm) is layer depth + 1; layer l gets decay^(depth + 1 - l): patch embedding decay^(depth+1),
+  block i decay^(depth - i), the final norm 1. A fine-tuning head outside the encoder takes 1.
+  Works on the unscanned layout (`blocks_<i>`) and on the scanned one (`blocks`, leaves
+  [depth, ...]: the multiplier is then a [depth, 1, ...] array, one per block).
+  """
+  if not 0.0 < decay <= 1.0:
+    raise ValueError(f'layer_decay={decay} must be in (0, 1] (1: no decay).')
+
+  def one(path: tuple[Any, ...], leaf: Any) -> Any:
+    top = str(getattr(path[0], 'key', path[0]))
+    if top == 'patch_embed':
+      return jnp.float32(decay ** (depth + 1))
+    if top.startswith('blocks_'):
+      return jnp.float32(decay ** (depth - int(top.split('_')[1])))
+    if top == 'blocks':   # Scanned: one multiplier per block on the leading axis.
+      per_block = decay ** (depth - jnp.arange(depth, dtype=jnp.float32))
+      return per_block.reshape((depth,) + (1,) * (jnp.ndim(leaf) - 1))
+    return jnp.float32(1.0)
+
+  return jax.tree_util.tree_map_with_path(one, encoder_params)
+
+
+def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
+  """Multiplies each update by its leaf of `multipliers` (a pytree of the params' structure)."""
+  return optax.stateless(lambda updates, params=None: jax.tree.map(
+      lambda u, m: (u * m).astype(u.dtype), updates, multipliers))

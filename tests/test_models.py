@@ -509,3 +509,37 @@ def test_attention_impl_reaches_every_attention_call(monkeypatch, enc_params, pr
 def test_unknown_attention_impl_is_refused():
   with pytest.raises(ValueError, match="'flash'.*'xla', 'cudnn'"):
     jax.eval_shape(tiny_encoder(attention_impl='flash').init, jax.random.key(0), images())
+
+
+def test_drop_path_at_rate_zero_and_at_evaluation_leaves_outputs_bitwise_unchanged():
+  """Drop path (for fine-tuning) never touches pretraining or evaluation: rate 0, or train=False."""
+  images = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype(np.float32)
+  plain = vit.Encoder('Ti/4', depth=3)
+  params = plain.init(jax.random.key(0), images)['params']
+  want = np.asarray(jax.jit(plain.apply)({'params': params}, images))
+  dropping = vit.Encoder('Ti/4', depth=3, drop_path_rate=0.3)
+  at_eval = jax.jit(dropping.apply)({'params': params}, images)
+  zero = jax.jit(lambda p, x: vit.Encoder('Ti/4', depth=3).apply(
+      {'params': p}, x, train=True, rngs={'dropout': jax.random.key(1)}))(params, images)
+  np.testing.assert_array_equal(np.asarray(at_eval), want)
+  np.testing.assert_array_equal(np.asarray(zero), want)
+  # In training it acts: per example, with the block's own rate (0 for the first block).
+  trained = jax.jit(lambda p, x, k: dropping.apply({'params': p}, x, train=True,
+                                                   rngs={'dropout': k}))
+  outs = [np.asarray(trained(params, images, jax.random.key(s))) for s in range(4)]
+  assert any(not np.array_equal(o, want) for o in outs)
+  with pytest.raises(ValueError, match='needs model.scan=False'):
+    vit.Encoder('Ti/4', depth=3, drop_path_rate=0.1, scan=True).init(jax.random.key(0), images)
+
+
+def test_drop_path_keeps_the_expected_value_of_each_branch():
+  """A Block's branch is zeroed with probability p and the rest scaled by 1/(1-p): mean kept."""
+  block = vit.Block(num_heads=3, mlp_dim=16, drop_path=0.25, deterministic=False)
+  y = jnp.ones((4000, 2, 12))
+  kept = jax.jit(lambda k: block.apply({}, y, method=vit.Block._drop_path,  # pylint: disable=protected-access
+                                       rngs={'dropout': k}))(jax.random.key(2))
+  kept = np.asarray(kept)
+  per_example = kept[:, 0, 0]
+  assert set(np.unique(per_example)) == {0.0, np.float32(1 / 0.75)}
+  assert abs((per_example == 0).mean() - 0.25) < 0.03
+  assert (kept == kept[:, :1, :1]).all()   # One draw per example.

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from cjepa_jax import config as config_lib
@@ -240,3 +241,29 @@ def test_ema_update():
     assert out[k].dtype == jnp.float32
   same = jax.jit(optim.ema_update)(target, online, 1.0)
   np.testing.assert_array_equal(same['a'], target['a'])
+
+
+def test_layerwise_lr_multiplier_of_every_parameter_equals_the_formula():
+  """BEiT's rule: patch embedding decay^(depth+1), block i decay^(depth-i), final norm 1."""
+  from cjepa_jax.models import vit  # pylint: disable=g-import-not-at-top
+  depth, decay = 3, 0.65
+  images = np.zeros((1, 16, 16, 3), np.float32)
+  params = vit.Encoder('Ti/4', depth=depth).init(jax.random.key(0), images)['params']
+  mults = optim.layerwise_lr_multipliers(params, depth, decay)
+  for path, m in jax.tree_util.tree_leaves_with_path(mults):
+    top = path[0].key
+    want = (decay ** (depth + 1) if top == 'patch_embed' else
+            decay ** (depth - int(top.split('_')[1])) if top.startswith('blocks_') else 1.0)
+    np.testing.assert_allclose(np.asarray(m), want, rtol=1e-6, err_msg=str(path))
+  # The scanned layout: one multiplier per block on the stacked axis.
+  scanned = vit.Encoder('Ti/4', depth=depth, scan=True).init(jax.random.key(0), images)['params']
+  m = optim.layerwise_lr_multipliers(scanned, depth, decay)
+  np.testing.assert_allclose(np.asarray(m['blocks']['attn']['qkv']['kernel']).ravel(),
+                             [decay ** 3, decay ** 2, decay], rtol=1e-6)
+  # Scaling updates by the tree is exactly a per-leaf multiplication.
+  updates = jax.tree.map(jnp.ones_like, params)
+  scaled, _ = optim.scale_by_tree(mults).update(updates, optax.EmptyState())
+  for u, mm in zip(jax.tree.leaves(scaled), jax.tree.leaves(mults)):
+    np.testing.assert_allclose(np.asarray(u), np.broadcast_to(np.asarray(mm), u.shape))
+  with pytest.raises(ValueError, match='layer_decay'):
+    optim.layerwise_lr_multipliers(params, depth, 0.0)

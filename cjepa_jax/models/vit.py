@@ -3,8 +3,9 @@
 Matches the reference PyTorch code (facebookresearch/ijepa, src/models/vision_transformer.py):
 conv patch embedding (kernel = stride = patch, with bias), no class token, a fixed 2-D sin-cos
 position embedding, pre-norm blocks (LayerNorm eps 1e-6, fused-qkv attention with bias, exact-erf
-GELU MLP), a final LayerNorm. Dropout and drop-path are 0 in every reference recipe and are not
-implemented.
+GELU MLP), a final LayerNorm. Dropout and drop-path are 0 in every reference recipe: dropout is not
+implemented; drop path (stochastic depth, for fine-tuning) is `Encoder.drop_path_rate`, 0 by
+default, and does nothing unless the encoder is called with `train=True`.
 
 Parameter layout (unscanned, `scan=False`), chosen so that a torch -> flax converter is a rename
 plus transposes:
@@ -171,17 +172,32 @@ def layer_norm(name: str) -> nn.LayerNorm:
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)). [B, K, D] float32."""
+  """Pre-norm transformer block: x + attn(norm1(x)); x + mlp(norm2(x)). [B, K, D] float32.
+
+  `drop_path` > 0 with `deterministic=False`: each branch is dropped per example with that
+  probability and the kept ones scaled by 1 / (1 - drop_path) (stochastic depth, as timm's
+  DropPath); it needs a 'dropout' rng. Otherwise the block is exactly the reference's.
+  """
   num_heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
   attention_impl: str = 'xla'
+  drop_path: float = 0.0
+  deterministic: bool = True
+
+  def _drop_path(self, y: jax.Array) -> jax.Array:
+    if self.deterministic or self.drop_path == 0.0:
+      return y
+    keep = 1.0 - self.drop_path
+    shape = (y.shape[0],) + (1,) * (y.ndim - 1)       # One draw per example.
+    kept = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
+    return jnp.where(kept, y / keep, jnp.zeros_like(y))
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     attn = Attention(self.num_heads, self.dtype, self.attention_impl, name='attn')
-    x = x + attn(layer_norm('norm1')(x), mask)
-    x = x + Mlp(self.mlp_dim, self.dtype, name='mlp')(layer_norm('norm2')(x))
+    x = x + self._drop_path(attn(layer_norm('norm1')(x), mask))
+    x = x + self._drop_path(Mlp(self.mlp_dim, self.dtype, name='mlp')(layer_norm('norm2')(x)))
     return x
 
 
@@ -202,7 +218,8 @@ def _remat_block_cls(remat_policy: str, scan: bool) -> type[nn.Module]:
 
 def transformer_blocks(x: jax.Array, valid: jax.Array | None, *, depth: int, num_heads: int,
                        mlp_dim: int, dtype: Any, remat_policy: str = 'none', scan: bool = False,
-                       attention_impl: str = 'xla', return_intermediates: bool = False
+                       attention_impl: str = 'xla', return_intermediates: bool = False,
+                       drop_path_rate: float = 0.0, deterministic: bool = True
                        ) -> tuple[jax.Array, jax.Array | None]:
   """Runs `depth` Blocks; call it from inside a compact method (the blocks become its children).
 
@@ -215,12 +232,21 @@ def transformer_blocks(x: jax.Array, valid: jax.Array | None, *, depth: int, num
       (params `blocks_0` ... `blocks_{depth-1}`).
     attention_impl: jax.nn.dot_product_attention's implementation, one of ATTENTION_IMPLS.
     return_intermediates: also return every block's output.
+    drop_path_rate: stochastic depth of the last block; block i gets
+      drop_path_rate * i / (depth - 1) (timm's / MAE's linear rule). Used only when
+      `deterministic` is False; not with `scan` (the rates differ per block).
+    deterministic: no drop path (evaluation, pretraining).
   Returns:
     ([B, K, D] float32 output of the last block, [depth, B, K, D] block outputs in `dtype` or None).
   """
   if attention_impl not in ATTENTION_IMPLS:
     raise ValueError(f'Unknown attention implementation {attention_impl!r}: use one of '
                      f'{ATTENTION_IMPLS}.')
+  if not 0.0 <= drop_path_rate < 1.0:
+    raise ValueError(f'drop_path_rate={drop_path_rate} must be in [0, 1).')
+  if scan and drop_path_rate > 0.0:
+    raise ValueError('drop_path_rate > 0 needs model.scan=False (each block has its own rate).')
+  rates = np.linspace(0.0, drop_path_rate, depth) if depth > 1 else np.zeros(depth)
   mask = key_mask(valid)
   block_cls = _remat_block_cls(remat_policy, scan)
   x = x.astype(jnp.float32)
@@ -235,7 +261,8 @@ def transformer_blocks(x: jax.Array, valid: jax.Array | None, *, depth: int, num
     return x, inter
   outs = []
   for i in range(depth):
-    x = block_cls(num_heads, mlp_dim, dtype, attention_impl, name=f'blocks_{i}')(x, mask)
+    x = block_cls(num_heads, mlp_dim, dtype, attention_impl, drop_path=float(rates[i]),
+                  deterministic=deterministic, name=f'blocks_{i}')(x, mask)
     if return_intermediates:
       outs.append(x.astype(dtype))
   return x, (jnp.stack(outs) if return_intermediates else None)
@@ -289,6 +316,8 @@ class Encoder(nn.Module):
     depth: optional override of the variant's depth (None = the variant's); for small recipes and
       tests, not a reference model.
     attention_impl: the attention kernel, one of ATTENTION_IMPLS ('xla' or 'cudnn').
+    drop_path_rate: stochastic depth of the last block (linear from 0 over the blocks), applied
+      only in `__call__(..., train=True)`; 0 (the reference's) by default.
   """
   variant: str
   dtype: Any = jnp.float32
@@ -296,6 +325,7 @@ class Encoder(nn.Module):
   scan: bool = False
   depth: int | None = None
   attention_impl: str = 'xla'
+  drop_path_rate: float = 0.0
 
   @property
   def spec(self) -> dict:
@@ -323,8 +353,8 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, indices: jax.Array | None = None,
-               valid: jax.Array | None = None, return_intermediates: bool = False
-               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+               valid: jax.Array | None = None, return_intermediates: bool = False,
+               train: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Encodes the tokens at `indices` of each image.
 
     Args:
@@ -334,6 +364,7 @@ class Encoder(nn.Module):
       valid: [B, K] bool (or [B, N] when indices is None); False marks padded slots, which are
         excluded as attention keys so they cannot change the valid tokens' outputs. None: all valid.
       return_intermediates: also return every block's output.
+      train: apply drop path (`drop_path_rate` > 0 needs a 'dropout' rng); False: none.
     Returns:
       [B, K, D] final-LayerNormed tokens in `dtype`; with return_intermediates also
       [depth, B, K, D], each block's output BEFORE the final LayerNorm, in `dtype` (apply
@@ -363,6 +394,7 @@ class Encoder(nn.Module):
     x, inter = transformer_blocks(
         x, valid, depth=s['depth'], num_heads=s['num_heads'], mlp_dim=s['mlp_dim'],
         dtype=self.dtype, remat_policy=self.remat_policy, scan=self.scan,
-        attention_impl=self.attention_impl, return_intermediates=return_intermediates)
+        attention_impl=self.attention_impl, return_intermediates=return_intermediates,
+        drop_path_rate=self.drop_path_rate, deterministic=not train)
     out = layer_norm('norm')(x).astype(self.dtype)
     return (out, inter) if return_intermediates else out
