@@ -258,8 +258,9 @@ def test_probe_runs_every_evaluator_and_writes_one_json(image_folder, tmp_path, 
   config = probe_config(image_folder, 'linear,knn,attentive,fewshot,lowshot')
   results = runner.run(config, str(tmp_path))
   saved = json.loads((tmp_path / runner.RESULTS_FILE).read_text())
-  assert saved == json.loads(json.dumps(results))
+  assert saved == json.loads(json.dumps(results)) and saved['complete']
   assert saved['evals'] == ['linear', 'knn', 'attentive', 'fewshot', 'lowshot']
+  assert list(results)[:5] == saved['evals']
   assert saved['checkpoint'] == 'random' and saved['config']['evals'] == config.evals
   chosen = saved['linear']['features']
   assert saved['fewshot']['features'] == saved['lowshot']['features'] == chosen
@@ -304,3 +305,18 @@ def test_in_training_periods_make_log_steps():
   c.evals.fewshot_every_steps = 0
   assert not train.is_log_step(3, c, 100)
   assert features_lib.TOKENS not in features_lib.FEATURE_KINDS  # Pooled kinds stay pooled.
+
+
+def test_a_run_stopped_midway_keeps_the_evaluators_it_finished(image_folder, tmp_path,
+                                                               monkeypatch):
+  config = probe_config(image_folder, 'fewshot,linear')
+
+  def broken(*args, **kwargs):
+    raise RuntimeError('stopped')
+
+  monkeypatch.setattr(fewshot_lib, 'fewshot_probe', broken)
+  with pytest.raises(RuntimeError, match='stopped'):
+    runner.run(config, str(tmp_path))
+  saved = json.loads((tmp_path / runner.RESULTS_FILE).read_text())
+  assert not saved['complete'] and 'linear' in saved and 'fewshot' not in saved
+  assert saved['checkpoint'] == 'random' and saved['linear']['top1'] >= 0.9

@@ -334,3 +334,42 @@ def test_sigterm_on_one_process_saves_one_agreed_step_and_resume_matches(tmp_pat
       str(job.workdir / 'checkpoints' / '4'), ()))
   for x, y in zip(ours, theirs, strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+PROBE_ARGS = ('--config', 'configs/probe_linear.py', '--config.evals=linear,knn,fewshot,lowshot,attentive',
+              '--config.batch_size=16', '--config.linear.epochs=3', '--config.linear.batch_size=16',
+              '--config.linear.lrs=(0.01,0.1)', '--config.linear.wds=(0.0,)',
+              '--config.knn.k=3', '--config.fewshot.shots=(1,2)', '--config.fewshot.seeds=2',
+              '--config.lowshot.fractions=(0.25,)', '--config.lowshot.epochs=3',
+              '--config.attentive.epochs=1', '--config.attentive.batch_size=16',
+              '--config.attentive.lrs=(0.001,)', '--config.attentive.wds=(0.01,0.1)')
+
+
+def test_two_processes_probe_the_checkpoint_as_one_process_does(tmp_path, job, data_dir):
+  """`cjepa-probe` with every evaluator as a 2-process job (4 devices): only process 0 writes and
+  prints; the results equal the single-process probe's (in this process, 8 devices)."""
+  out = tmp_path / 'probe'
+  address = f'127.0.0.1:{free_port()}'
+  common = [*PROBE_ARGS, f'--config.pretrained={job.workdir}', f'--config.data.data_dir={data_dir}']
+  commands = [[sys.executable, '-m', 'cjepa_jax.probe', *common, f'--workdir={out}',
+               f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}']
+              for i in range(2)]
+  results, _ = run_processes(commands, [cpu_env(2), cpu_env(2)], timeout=TIMEOUT_S)
+  assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
+  assert 'attentive' in results[0].stdout and 'attentive' not in results[1].stdout
+  assert os.listdir(out) == ['probe_results.json']
+  two = json.loads((out / 'probe_results.json').read_text())
+
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  from cjepa_jax.evals import runner  # pylint: disable=g-import-not-at-top
+  holder = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, '', flag_values=holder)
+  holder([sys.argv[0], *[a.replace('configs/', str(ROOT / 'configs') + '/') for a in common]])
+  one = runner.run(holder.config, str(tmp_path / 'one'))
+  assert two['num_train'] == one['num_train'] == 80 and two['num_test'] == one['num_test'] == 20
+  assert two['fewshot']['top1'] == {str(k): v for k, v in one['fewshot']['top1'].items()}
+  assert two['knn']['top1'] == one['knn']['top1']
+  for name in ('linear', 'attentive'):   # Gradient sums over 4 vs 8 devices: float rounding.
+    assert abs(two[name]['top1'] - one[name]['top1']) <= 0.05 + 1e-9, name
+  assert two['lowshot']['fractions']['25%']['num_train'] == 20

@@ -143,12 +143,24 @@ def _assemble(name: str, out: dict[str, Any], chosen: str, config: ml_collection
   return out[features_lib.TOKENS]   # attentive
 
 
+def _write(workdir: str, results: dict[str, Any]) -> None:
+  """probe_results.json (main process only), replaced atomically."""
+  if not distributed.is_main_process():
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, RESULTS_FILE)
+  with open(path + '.tmp', 'w', encoding='utf-8') as f:
+    json.dump(results, f, indent=2)
+  os.replace(path + '.tmp', path)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Restores the encoder, extracts features once, runs `config.evals`; writes the JSON.
 
   Returns the results dict that `workdir/probe_results.json` holds (accuracies as fractions):
-  one entry per evaluator, the checkpoint path and step, and the resolved config. Call on every
-  process; only the main process writes and prints.
+  one entry per evaluator, the checkpoint path and step, and the resolved config. The file is
+  rewritten after every evaluator (`complete` says whether all have run), the linear probe first.
+  Call on every process; only the main process writes and prints.
   """
   from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
@@ -176,19 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   _, test_y = features.get(params, config.data.eval_split, union)
   logging.info('Features %s: %d train / %d test examples.', union, len(train_y), len(test_y))
 
-  raw = {}
-  for name, evaluator in evaluators.items():
-    logging.info('Evaluator %s ...', name)
-    raw[name] = evaluator.evaluate(params)
-  # 'both': the better kind on the held-out train rows (ties: 'last'), never on the test split;
-  # without the linear probe, the first kind.
-  chosen = kinds[0]
-  if 'linear' in raw:
-    lin = raw['linear']
-    chosen = min(kinds, key=lambda kd: (-(lin[kd]['holdout_top1'] or 0.0),
-                                        lin[kd]['holdout_loss'] or 0.0, kinds.index(kd)))
-  results = {name: _assemble(name, out, chosen, config) for name, out in raw.items()}
-  results.update({
+  meta = {
       'evals': list(names),
       'checkpoint': info['checkpoint'],
       'step': info['step'],
@@ -202,10 +202,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       'num_test': int(len(test_y)),
       'accuracy_units': 'fraction',
       'config': json.loads(config.to_json_best_effort()),
-  })
+  }
+  # The linear probe first: its held-out choice of feature kind is what the others report.
+  order = sorted(names, key=lambda n: n != 'linear')
+  chosen, results = kinds[0], {}
+  for name in order:
+    logging.info('Evaluator %s ...', name)
+    out = evaluators[name].evaluate(params)
+    if name == 'linear':
+      # 'both': the better kind on the held-out train rows (ties: 'last'), never on the test
+      # split; without the linear probe, the first kind.
+      chosen = min(kinds, key=lambda kd: (-(out[kd]['holdout_top1'] or 0.0),
+                                          out[kd]['holdout_loss'] or 0.0, kinds.index(kd)))
+    results[name] = _assemble(name, out, chosen, config)
+    # Written after every evaluator, so a long run stopped midway keeps what it finished.
+    _write(workdir, dict(results, **meta, complete=len(results) == len(names)))
+  results = dict({n: results[n] for n in names}, **meta, complete=True)
   if distributed.is_main_process():
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, RESULTS_FILE), 'w', encoding='utf-8') as f:
-      json.dump(results, f, indent=2)
     print(_format_table(results))
   return results

@@ -1,0 +1,80 @@
+r"""One table of every evaluator's test top-1 for several probe runs (RESULTS.md), and a summary.
+
+  python benchmarks/probe_table.py --summary results/cifar10_evals_summary.json \
+      'random init=runs/probe/random' 'C-JEPA context=runs/probe/cjepa'
+
+Each argument is `LABEL=DIR`, DIR holding the `probe_results.json` of `cjepa-probe`. Prints a
+markdown table (percent, with one binomial standard error of the test split: sqrt(p (1 - p) / n))
+and, with --summary, writes the numbers it printed to a JSON file. Evaluators a run lacks are '-'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+COLUMNS = (
+    ('linear', 'linear'),
+    ('knn', 'kNN (k 20)'),
+    ('attentive', 'attentive'),
+    ('fewshot10', '10-shot'),
+    ('lowshot1', '1% labels'),
+    ('lowshot10', '10% labels'),
+)
+
+
+def read(path: str) -> dict:
+  with open(os.path.join(path, 'probe_results.json'), encoding='utf-8') as f:
+    return json.load(f)
+
+
+def top1s(results: dict) -> dict[str, float]:
+  """{column: test top-1 (fraction)} of one probe_results.json."""
+  out = {}
+  for name in ('linear', 'knn', 'attentive'):
+    if name in results:
+      out[name] = results[name]['top1']
+  if 'fewshot' in results and '10' in results['fewshot']['top1']:
+    out['fewshot10'] = results['fewshot']['top1']['10']
+  if 'lowshot' in results:
+    for label, key in (('1%', 'lowshot1'), ('10%', 'lowshot10')):
+      if label in results['lowshot']['fractions']:
+        out[key] = results['lowshot']['fractions'][label]['top1']
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('runs', nargs='+', help='LABEL=DIR (DIR/probe_results.json)')
+  parser.add_argument('--summary', help='write the table\'s numbers as JSON here')
+  args = parser.parse_args()
+  rows, summary = [], {}
+  for spec in args.runs:
+    label, _, path = spec.partition('=')
+    if not path:
+      parser.error(f'{spec!r}: use LABEL=DIR.')
+    results = read(path)
+    n = int(results['num_test'])
+    values = top1s(results)
+    cells = []
+    for key, _ in COLUMNS:
+      if key in values:
+        p = values[key]
+        cells.append(f'{100 * p:.2f} +- {100 * math.sqrt(p * (1 - p) / n):.2f}')
+      else:
+        cells.append('-')
+    rows.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    summary[label] = dict(values, num_test=n, checkpoint=results['checkpoint'],
+                          step=results['step'], features=results.get('linear', {}).get('features'))
+  print('| encoder | ' + ' | '.join(title for _, title in COLUMNS) + ' |')
+  print('| --- |' + ' --- |' * len(COLUMNS))
+  print('\n'.join(rows))
+  if args.summary:
+    with open(args.summary, 'w', encoding='utf-8') as f:
+      json.dump(summary, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
