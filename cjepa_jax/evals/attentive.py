@@ -111,7 +111,9 @@ def _decay_mask(params: Params) -> Params:
 
 def _tx(lr: jax.Array, wd: jax.Array, total_steps: int, warmup_steps: int
         ) -> optax.GradientTransformation:
-  schedule = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps, max(total_steps, 1), 0.0)
+  # A warm-up as long as the run (tiny runs) still leaves one step of decay.
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps,
+                                                max(total_steps, warmup_steps + 1), 0.0)
   return optax.adamw(lambda count: lr * schedule(count), b1=0.9, b2=0.999, weight_decay=wd,
                      mask=_decay_mask)
 
