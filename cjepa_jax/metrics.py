@@ -121,13 +121,14 @@ class Progress:
     if self.enabled and now - self._last >= self.every_s:
       self._last = now
       rate = self.count / max(now - self._start, 1e-9)
+      speed = f'{rate:,.0f} /s' if rate >= 10 else f'{rate:.2g} /s'  # Slow loops: 0.42 /s.
       line = f'{self.what}: {self.count:,}'
       if self.total:
         left = max(self.total - self.count, 0) / max(rate, 1e-9)
-        line += (f'/{self.total:,} ({100.0 * self.count / self.total:.1f}%) | {rate:,.0f} /s | '
+        line += (f'/{self.total:,} ({100.0 * self.count / self.total:.1f}%) | {speed} | '
                  f'ETA {datetime.timedelta(seconds=int(left))}')
       else:
-        line += f' | {rate:,.0f} /s'
+        line += f' | {speed}'
       logging.info(line)
 
   def done(self) -> None:
