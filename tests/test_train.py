@@ -345,7 +345,17 @@ _SIGTERM_HARNESS = textwrap.dedent('''
 def test_ctrl_c_asks_for_the_same_stop_and_twice_stops_at_once():
   """SIGINT takes SIGTERM's path (checked end to end below); a second Ctrl-C is not caught."""
   from cjepa_jax import preemption  # pylint: disable=g-import-not-at-top
+  # Python's own Ctrl-C handler before the run, whatever an earlier test or library left
+  # installed (in the full suite something leaves another one): the second Ctrl-C must reach it.
+  outer = signal.signal(signal.SIGINT, signal.default_int_handler)
   before = signal.getsignal(signal.SIGINT)
+  try:
+    _ctrl_c_twice(preemption, before)
+  finally:
+    signal.signal(signal.SIGINT, outer)
+
+
+def _ctrl_c_twice(preemption, before):
   with preemption.Preemption() as preempt:
     assert not preempt.reached(1)
     os.kill(os.getpid(), signal.SIGINT)   # Real signal; the handler runs before the next line.
