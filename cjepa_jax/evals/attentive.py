@@ -197,13 +197,9 @@ def evaluate_attentive(model: AttentiveClassifier, params: Params, tokens: np.nd
   batch = linear_lib.padded_batch_size(batch_size, len(idx), mesh)
   _, _, evaluate = _train_fns(mesh, model, 1, 0)
   data = sharding.batch_sharding(mesh)
-  sums = None
-  for rows, w in linear_lib.batches(idx, batch, None):
-    out = evaluate(params, _put(_rows(tokens, rows), data), _put(y[rows], data), _put(w, data))
-    out = np.stack([features_lib.to_host(o).astype(np.float64) for o in out])
-    sums = out if sums is None else sums + out
-  top1, top5, loss = sums / len(idx)
-  return dict(top1=top1, top5=top5, loss=loss)
+  return linear_lib.mean_hits_and_loss(
+      lambda rows, w: evaluate(params, _put(_rows(tokens, rows), data), _put(y[rows], data),
+                               _put(w, data)), idx, batch)
 
 
 def attentive_probe(train_tokens: np.ndarray, train_y: np.ndarray, test_tokens: np.ndarray,

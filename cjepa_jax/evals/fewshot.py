@@ -179,26 +179,16 @@ def make_fewshot_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, encode
   `fewshot_seeds` seeds, `fewshot_l2_reg`, on the 'last' features (the eval preprocessing),
   batches of `knn_batch_size` (0: `batch_size`). Call on every process (collectives).
   """
-  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
-
   evals = config.evals
-  batch_size = int(evals.get('knn_batch_size', 0) or config.batch_size)
-  sharding.check_batch_divisible(batch_size, mesh, jax.process_count())
-  input_pipeline.check_label_splits(config)
   shots = tuple(int(k) for k in evals.fewshot_shots)
-  n_train = int(evals.fewshot_train_examples) or None
-  n_eval = int(evals.fewshot_eval_examples) or None
-  feature_fn = features_lib.make_feature_fn(encoder, ('last',))
+  features = features_lib.make_monitor_features(
+      config, mesh, encoder, train_examples=int(evals.fewshot_train_examples),
+      eval_examples=int(evals.fewshot_eval_examples))
 
   def evaluate(params: Params) -> dict[str, float]:
-    extract = functools.partial(features_lib.extract_features, feature_fn, params, config,
-                                mesh=mesh, batch_size=batch_size)
-    train_f, train_y = extract(config.data.train_split, num_examples=n_train)
-    test_f, test_y = extract(config.data.eval_split, num_examples=n_eval)
-    result = fewshot_probe(train_f['last'], train_y, test_f['last'], test_y,
-                           num_classes=int(config.data.num_classes), shots=shots,
-                           seeds=int(evals.fewshot_seeds), l2_reg=float(evals.fewshot_l2_reg),
-                           seed=int(config.seed), mesh=mesh)
+    result = fewshot_probe(*features(params), num_classes=int(config.data.num_classes),
+                           shots=shots, seeds=int(evals.fewshot_seeds),
+                           l2_reg=float(evals.fewshot_l2_reg), seed=int(config.seed), mesh=mesh)
     return {f'fewshot_{k}shot': v for k, v in result['top1'].items()}
 
   return evaluate

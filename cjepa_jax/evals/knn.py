@@ -141,27 +141,18 @@ def make_knn_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, encoder: v
   Raises ValueError at once (not at the first evaluation, hours into a run) when the two splits'
   classes differ or do not match `data.num_classes` (`input_pipeline.check_label_splits`).
   """
-  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
-
   evals = config.get('evals', ml_collections.ConfigDict())
-  batch_size = int(evals.get('knn_batch_size', 0) or config.batch_size)
-  sharding.check_batch_divisible(batch_size, mesh, jax.process_count())
-  input_pipeline.check_label_splits(config)
   k = int(evals.get('knn_k', 20))
   temperature = float(evals.get('knn_temperature', 0.07))
-  n_train = int(evals.get('knn_train_examples', 0)) or None
-  n_eval = int(evals.get('knn_eval_examples', 0)) or None
-  feature_fn = features_lib.make_feature_fn(encoder, ('last',))
+  features = features_lib.make_monitor_features(
+      config, mesh, encoder, train_examples=int(evals.get('knn_train_examples', 0)),
+      eval_examples=int(evals.get('knn_eval_examples', 0)))
 
   def evaluate(params: Params) -> dict[str, float]:
-    extract = functools.partial(features_lib.extract_features, feature_fn, params, config,
-                                mesh=mesh, batch_size=batch_size)
-    train_f, train_y = extract(config.data.train_split, num_examples=n_train)
-    test_f, test_y = extract(config.data.eval_split, num_examples=n_eval)
-    result = knn_probe(train_f['last'], train_y, test_f['last'], test_y,
-                       num_classes=config.data.num_classes, k=k, temperature=temperature,
-                       mesh=mesh)
+    train_x, train_y, test_x, test_y = features(params)
+    result = knn_probe(train_x, train_y, test_x, test_y, num_classes=config.data.num_classes,
+                       k=k, temperature=temperature, mesh=mesh)
     return {'knn_top1': result['top1'], 'knn_top5': result['top5']}
 
-  evaluate.feature_fn = feature_fn  # For tests / inspection (its compile count).
+  evaluate.feature_fn = features.feature_fn  # For tests / inspection (its compile count).
   return evaluate

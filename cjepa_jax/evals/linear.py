@@ -187,10 +187,19 @@ def evaluate_linear(params: Params, x: np.ndarray, y: np.ndarray, idx: np.ndarra
   replicated = sharding.replicated(mesh)
   data = sharding.batch_sharding(mesh)
   mean_, std_ = _put(mean, replicated), _put(std, replicated)
+  return mean_hits_and_loss(
+      lambda rows, w: evaluate(params, mean_, std_, _put(x[rows], data), _put(y[rows], data),
+                               _put(w, data)), idx, batch)
+
+
+def mean_hits_and_loss(evaluate_batch: Callable[[np.ndarray, np.ndarray], Sequence[jax.Array]],
+                       idx: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+  """{'top1', 'top5', 'loss'} `[G]`: the per-batch sums `evaluate_batch(rows, w)` returns (top-1
+  hits, top-5 hits, cross-entropy over the rows with w = 1) accumulated in float64 over `idx`
+  in padded batches, divided by len(idx). Shared by the linear and attentive probes."""
   sums = None
   for rows, w in batches(idx, batch, None):
-    out = evaluate(params, mean_, std_, _put(x[rows], data), _put(y[rows], data), _put(w, data))
-    out = np.stack([features_lib.to_host(o).astype(np.float64) for o in out])
+    out = np.stack([features_lib.to_host(o).astype(np.float64) for o in evaluate_batch(rows, w)])
     sums = out if sums is None else sums + out
   top1, top5, loss = sums / len(idx)
   return dict(top1=top1, top5=top5, loss=loss)
