@@ -34,6 +34,7 @@ setuptools.setup(
         'console_scripts': [
             'cjepa-train=cjepa_jax.train:run',
             'cjepa-probe=cjepa_jax.probe:run',
+            'cjepa-finetune=cjepa_jax.finetune:run',
             'cjepa-convert-torch=cjepa_jax.convert_torch:run',
         ],
     },

@@ -1,4 +1,4 @@
-"""cjepa_jax: I-JEPA and C-JEPA self-supervised pretraining in JAX/Flax.
+"""cjepa_jax: I-JEPA and C-JEPA self-supervised pretraining in JAX/Flax, evaluation and fine-tuning.
 
 Modules, one per concept (data flows down this list's library part; no library module imports an
 entry point):
@@ -7,6 +7,7 @@ Models
   models/vit.py         ViT encoder (context and EMA target encoder).
   models/predictor.py   The narrow JEPA predictor.
   models/projector.py   The VICReg projector (C-JEPA 'blocks' mode).
+  models/classifier.py  The fine-tuning classifier: encoder, mean pool, LayerNorm, linear head.
   models/jepa.py        The model bundle: every module of a run from a config or a saved model
                         config, abstract params, and the one "does this tree fit" check.
 Objective and step
@@ -15,20 +16,27 @@ Objective and step
   optim.py              The schedules (built once), AdamW, the EMA update.
   train_step.py         The train state, the pure step, and `setup` (models, optimizer,
                         shardings, the jitted step) without absl or TensorFlow.
+  mixup.py              Mixup / CutMix and label smoothing for fine-tuning (in the step).
+  finetune_step.py      The fine-tuning state, AdamW with layer-wise lr decay, train / eval
+                        steps, and `setup`, without absl or TensorFlow.
   sharding.py           Device mesh and FSDP shardings.
   flops.py              Analytic FLOP count and device peaks for MFU.
 Run machinery
   config.py             Every config key with its default and meaning; validation; resume rules.
   checkpoint.py         Orbax checkpoints: exact resume, checksums, failed saves, init_from.
   input_pipeline.py     tf.data / tfds input split across hosts (the only TensorFlow user).
-  metrics.py            metrics.jsonl, TensorBoard and the progress line.
+  metrics.py            metrics.jsonl, TensorBoard, the progress line, the timed log window.
+  workdir.py            What both trainers keep beside their checkpoints: config.json, resume
+                        checks, the non-finite stop, the preempted exit.
   preemption.py         SIGTERM / SIGINT -> save the step in flight, exit 75.
   distributed.py        jax.distributed start-up and fail-fast errors across processes.
-  evals/                Frozen-encoder evaluation: features, kNN, linear probe, a registry.
+  evals/                Frozen-encoder evaluation: features, kNN, linear / low-shot, few-shot,
+                        attentive probes, a registry, the probe runner.
 Entry points (absl flags are defined in their `run()`, never at import)
   cli.py                The CLIs' one error path (one line, exit 1) and `--help`.
   train.py              `cjepa-train`: the training loop.
   probe.py              `cjepa-probe`: evaluators on a checkpoint.
+  finetune.py           `cjepa-finetune`: fine-tuning a pretrained encoder as a classifier.
   convert_torch.py      `cjepa-convert-torch`: reference PyTorch checkpoints -> orbax.
 """
 

@@ -135,6 +135,116 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def default_finetune_config() -> ml_collections.ConfigDict:
+  """The fine-tuning base config (cjepa_jax/finetune.py): MAE / BEiT's recipe, ViT-B/16 values.
+
+  The recipes in configs/finetune_*.py override what differs. `data.*` has the pretraining
+  config's keys (one input pipeline), with fine-tuning's augmentation.
+  """
+  c = ml_collections.ConfigDict()
+  c.seed = 0                     # Seeds the head init, the data order, mixing and drop path.
+  # What the encoder starts from: a pretraining workdir, a step directory, a converted reference
+  # checkpoint, or 'random' (the baseline; then model.* below says which encoder).
+  c.pretrained = ''
+  c.encoder = 'target'           # Of a pretraining checkpoint: 'target' (EMA) or 'context'.
+  c.batch_size = 1024            # Global batch, over all processes and devices.
+  c.epochs = 100                 # Run length in epochs (when total_steps is 0).
+  c.total_steps = 0              # > 0: the run's length in steps; replaces `epochs`.
+  c.log_every_steps = 50         # Metrics window: metrics.jsonl, TensorBoard, progress line.
+  c.eval_every_steps = 1000      # Centre-crop evaluation of the eval split (and at the end).
+  c.eval_batch_size = 0          # 0: batch_size.
+  c.eval_examples = 0            # > 0: evaluate a fixed subset of this many (0: the whole split).
+  c.ckpt_every_steps = 1000      # Checkpoint interval (and always the last step).
+  c.keep_ckpts = 2               # How many of the latest checkpoints to keep (best/ keeps 1).
+  c.keep_every_steps = 0         # > 0: also keep every checkpoint at a multiple of this, forever.
+  c.allow_config_change = False  # Resume with a config that changes the run (logged key by key).
+  c.peak_tflops = 0.0            # Per-device peak for MFU; 0 means look the device kind up.
+
+  c.data = default_config().data
+  c.data.crop_scale = (0.08, 1.0)  # RandomResizedCrop as MAE's fine-tuning (timm's default).
+  c.data.interpolation = 'bicubic'  # MAE's fine-tuning resize.
+  c.data.flip = True               # Random horizontal flip.
+
+  c.model = ml_collections.ConfigDict()
+  # The encoder of `pretrained=random`; a checkpoint brings its own variant, depth and scan.
+  c.model.variant = 'B/16'         # '<Ti|S|B|L|H|g>/<patch>'.
+  c.model.depth = 0                # > 0 overrides the variant's depth.
+  c.model.scan = False             # nn.scan over blocks; drop_path_rate > 0 needs False.
+  c.model.dtype = 'bfloat16'       # Compute dtype; params stay float32.
+  c.model.remat_policy = 'none'    # 'none', 'full' or a jax.checkpoint_policies name.
+  c.model.attention = 'xla'        # jax.nn.dot_product_attention kernel: 'xla' or 'cudnn'.
+  c.model.drop_path_rate = 0.1     # Stochastic depth of the last block (linear over the blocks).
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.base_lr = 5e-4           # Peak lr per 256 images: lr = base_lr * batch_size / 256.
+  c.optim.final_lr = 1e-6          # Learning rate at the end of the cosine decay.
+  c.optim.warmup_epochs = 5.0      # Linear warm-up from 0, in epochs.
+  c.optim.warmup_steps = 0         # > 0 replaces warmup_epochs.
+  c.optim.weight_decay = 0.05      # AdamW decoupled weight decay (not on biases, norms, 1-D).
+  c.optim.layer_decay = 0.65       # Layer-wise lr decay (BEiT): block i gets decay^(depth - i).
+  c.optim.b1 = 0.9                 # Adam beta1, in [0, 1).
+  c.optim.b2 = 0.999               # Adam beta2, in [0, 1).
+  c.optim.eps = 1e-8               # Adam epsilon.
+  c.optim.grad_clip = 0.0          # > 0: clip the global gradient norm (MAE does not).
+
+  c.mix = ml_collections.ConfigDict()
+  c.mix.mixup_alpha = 0.8          # Mixup's Beta(alpha, alpha); 0: off.
+  c.mix.cutmix_alpha = 1.0         # CutMix's Beta(alpha, alpha); 0: off.
+  c.mix.switch_prob = 0.5          # With both on: the share of batches that use CutMix.
+  c.mix.label_smoothing = 0.1      # Label smoothing of the (mixed) targets.
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                 # -1: all devices not used by the other axis.
+  c.mesh.fsdp = 1                  # FSDP axis size: params and optimizer state sharded over it.
+  return c
+
+
+def validate_finetune(config: ml_collections.ConfigDict) -> None:
+  """`validate` for a fine-tuning config: one line naming the key and the valid range."""
+  _check(isinstance(config.batch_size, int) and config.batch_size > 0, 'batch_size',
+         config.batch_size, 'the global batch must be a positive integer')
+  _check(_is_number(config.epochs) and config.epochs >= 0, 'epochs', config.epochs,
+         'must be >= 0 (0 with total_steps > 0)')
+  _check(isinstance(config.total_steps, int) and config.total_steps >= 0, 'total_steps',
+         config.total_steps, 'must be an integer >= 0 (0: use epochs)')
+  for key in ('log_every_steps', 'ckpt_every_steps', 'keep_ckpts', 'eval_every_steps'):
+    _check(isinstance(config[key], int) and config[key] >= 1, key, config[key],
+           'must be an integer >= 1')
+  for key in ('keep_every_steps', 'eval_batch_size', 'eval_examples'):
+    _check(isinstance(config[key], int) and config[key] >= 0, key, config[key],
+           'must be an integer >= 0 (0: off / the default)')
+  _check(config.encoder in ('target', 'context'), 'encoder', config.encoder,
+         "use 'target' (the EMA encoder) or 'context'")
+  _check(isinstance(config.pretrained, str) and config.pretrained != '', 'pretrained',
+         config.pretrained, "pass --config.pretrained=<a pretraining workdir or step directory> "
+         "or --config.pretrained=random (the baseline)")
+  o = config.optim
+  for key in ('base_lr', 'final_lr', 'weight_decay', 'grad_clip', 'warmup_epochs'):
+    _check(_is_number(o[key]) and o[key] >= 0, f'optim.{key}', o[key], 'must be >= 0')
+  _check(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0, 'optim.warmup_steps',
+         o.warmup_steps, 'must be an integer >= 0 (0: use warmup_epochs)')
+  _check(_is_number(o.layer_decay) and 0 < o.layer_decay <= 1, 'optim.layer_decay',
+         o.layer_decay, 'must be in (0, 1] (1: no layer-wise decay)')
+  for key in ('b1', 'b2'):
+    _check(_is_number(o[key]) and 0 <= o[key] < 1, f'optim.{key}', o[key],
+           "Adam's decay rates lie in [0, 1)")
+  _check(_is_number(o.eps) and o.eps > 0, 'optim.eps', o.eps, 'must be > 0')
+  m = config.mix
+  for key in ('mixup_alpha', 'cutmix_alpha'):
+    _check(_is_number(m[key]) and m[key] >= 0, f'mix.{key}', m[key], 'must be >= 0 (0: off)')
+  for key in ('switch_prob', 'label_smoothing'):
+    _check(_is_number(m[key]) and 0 <= m[key] <= 1, f'mix.{key}', m[key], 'must be in [0, 1]')
+  _check(_is_number(config.model.drop_path_rate) and 0 <= config.model.drop_path_rate < 1,
+         'model.drop_path_rate', config.model.drop_path_rate, 'must be in [0, 1)')
+  d = config.data
+  _check(isinstance(d.num_classes, int) and d.num_classes >= 2, 'data.num_classes',
+         d.num_classes, 'a labelled dataset has at least 2 classes')
+  _check(isinstance(d.num_train_examples, int) and d.num_train_examples >= 1,
+         'data.num_train_examples', d.num_train_examples, 'must be a positive integer')
+  lo, hi = tuple(d.crop_scale)
+  _check(0 < lo <= hi <= 1, 'data.crop_scale', (lo, hi), 'need 0 < lo <= hi <= 1')
+
+
 def set_cifar10_image_folder(data: ml_collections.ConfigDict) -> None:
   """CIFAR-10 as the image folder `data/cifar10/{train,test}/<class>/*.jpg` (shared tarballs).
 
@@ -289,9 +399,27 @@ def _state_signature(flat: dict[str, Any]) -> dict[str, Any]:
   return sig
 
 
-def resume_changes(saved: dict[str, Any], new: ml_collections.ConfigDict
+def finetune_state_signature(flat: dict[str, Any]) -> dict[str, Any]:
+  """What of a flat fine-tuning config shapes its train state (the classifier and the optimizer
+  chain: clipping and layer-wise decay each add a state entry)."""
+  sig = {k: flat.get(k) for k in ('model.variant', 'model.depth', 'model.scan',
+                                  'data.image_size', 'data.num_classes')}
+  sig['gradient clipping (optim.grad_clip > 0)'] = (flat.get('optim.grad_clip') or 0) > 0
+  sig['layer-wise lr decay (optim.layer_decay < 1)'] = (flat.get('optim.layer_decay') or 1) < 1
+  return sig
+
+
+# Fine-tuning keys that change neither shapes nor meaning (beside RESUME_FREE's).
+FINETUNE_RESUME_FREE = ('eval_every_steps', 'eval_batch_size', 'eval_examples')
+
+
+def resume_changes(saved: dict[str, Any], new: ml_collections.ConfigDict,
+                   state_signature: Any = None
                    ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
   """Compares a checkpoint's saved config with the config of a resuming start.
+
+  `state_signature(flat config) -> dict`: what shapes the state; default: pretraining's
+  (`finetune_state_signature` for fine-tuning).
 
   Returns:
     (shape_changes, meaning_changes): {key: (saved, new)}. Shape changes make the checkpoint
@@ -299,12 +427,14 @@ def resume_changes(saved: dict[str, Any], new: ml_collections.ConfigDict
     with `allow_config_change`. Keys the saved config lacks (added to the code since) are ignored.
   """
   old, cur = flatten(saved), flatten(new)
-  old_sig, new_sig = _state_signature(old), _state_signature(cur)
+  state_signature = state_signature or _state_signature
+  old_sig, new_sig = state_signature(old), state_signature(cur)
+  free = RESUME_FREE + FINETUNE_RESUME_FREE
   shape = {k: (old_sig[k], new_sig[k]) for k in new_sig if old_sig.get(k) != new_sig[k]}
   meaning = {}
   for key, value in cur.items():
     # evals.*: what the run monitors and how often, never what it trains.
-    if key in RESUME_FREE or key.startswith('evals.') or key in STATE_SHAPING or key not in old:
+    if key in free or key.startswith('evals.') or key in STATE_SHAPING or key not in old:
       continue
     if old[key] != value:
       meaning[key] = (old[key], value)
@@ -314,14 +444,25 @@ def resume_changes(saved: dict[str, Any], new: ml_collections.ConfigDict
 # ----------------------------------------------------------------------------------------------
 # Help: every key with its default and meaning, read from this file's comments.
 
-def describe_keys() -> list[tuple[str, Any, str]]:
-  """[(key, default, meaning)] for every key of `default_config()`, in definition order.
+def describe_keys(defaults_fn: Any = None) -> list[tuple[str, Any, str]]:
+  """[(key, default, meaning)] for every key of `defaults_fn()` (`default_config` by default),
+  in definition order.
 
-  The meaning is the comment on the key's line in `default_config` (or on the lines just above
-  it), so the help text cannot drift from this file.
+  The meaning is the comment on the key's line in `defaults_fn` (or on the lines just above
+  it; keys it copies from `default_config`, such as `data.*`, take the comment there), so the
+  help text cannot drift from this file.
   """
-  defaults = flatten(default_config())
-  source = inspect.getsource(default_config).splitlines()
+  defaults_fn = defaults_fn or default_config
+  defaults = flatten(defaults_fn())
+  meanings: dict[str, str] = {}
+  for fn in dict.fromkeys((default_config, defaults_fn)):  # Later sources override earlier ones.
+    meanings.update(_comments(fn, defaults))
+  return [(k, v, meanings.get(k, '')) for k, v in defaults.items()]
+
+
+def _comments(fn: Any, defaults: dict[str, Any]) -> dict[str, str]:
+  """{key: comment} of the `c.key = value  # comment` lines of `fn`'s source."""
+  source = inspect.getsource(fn).splitlines()
   meanings: dict[str, str] = {}
   pending: list[str] = []
   for line in source:
@@ -333,16 +474,16 @@ def describe_keys() -> list[tuple[str, Any, str]]:
     if m:
       key = m.group(1)
       comment = stripped.partition('#')[2].strip() if '#' in stripped else ''
-      if key in defaults:
+      if key in defaults and (comment or pending):
         meanings[key] = comment or ' '.join(pending)
     pending = []
-  return [(k, v, meanings.get(k, '')) for k, v in defaults.items()]
+  return meanings
 
 
-def help_text() -> str:
+def help_text(defaults_fn: Any = None) -> str:
   """The config keys as `--config.KEY (default): meaning` lines, for `--help`."""
   lines = ['Config keys (--config.KEY=VALUE; defaults of config.py, before the recipe\'s own):']
-  for key, default, meaning in describe_keys():
+  for key, default, meaning in describe_keys(defaults_fn):
     text = f'  --config.{key} (default {default!r})'
     lines.append(text + (f': {meaning}' if meaning else ''))
   return '\n'.join(lines)

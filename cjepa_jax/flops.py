@@ -87,6 +87,15 @@ def step_flops(s: StepShape) -> float:
   return target + context + 3 * (pred_fwd + proj)
 
 
+def finetune_step_flops(width: int, depth: int, mlp_hidden: int, num_patches: int,
+                        patch_size: int, num_classes: int) -> float:
+  """Matmul FLOPs of one fine-tuning step per example: encoder on all N patches and the head,
+  forward + backward (3x the forward; the patch embedding's backward 1x, as in `step_flops`)."""
+  embed = 2 * num_patches * (patch_size**2 * 3) * width
+  blocks = depth * block_flops(num_patches, width, mlp_hidden)
+  return 2 * embed + 3 * (blocks + 2 * width * num_classes)
+
+
 def peak_tflops(device: jax.Device | None = None, override: float = 0.0) -> float:
   """Per-device peak TFLOP/s: `override` when > 0, else the table entry, else 0 (MFU unknown)."""
   if override > 0:

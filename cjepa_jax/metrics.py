@@ -1,5 +1,8 @@
 """Metric writers: `DIR/metrics.jsonl`, TensorBoard event files in DIR, and a console line.
 
+`LogWindow` is the trainers' (pretraining and fine-tuning) window of step metrics: averaged,
+timed (img/s, MFU) and written at each log step.
+
 Only the main process (process 0) writes; the others get a writer that drops everything, so call
 sites need no `if process_index() == 0`.
 """
@@ -11,7 +14,8 @@ import json
 import logging as py_logging
 import math
 import os
-from typing import Any, Mapping
+import time
+from typing import Any, Callable, Mapping
 
 from absl import logging
 
@@ -135,3 +139,63 @@ class Progress:
     if self.enabled:
       took = datetime.timedelta(seconds=int(self._clock() - self._start))
       logging.info('%s: %s done in %s.', self.what, f'{self.count:,}', took)
+
+
+class LogWindow:
+  """Collects step metrics on the device; averages, times and writes them at each log step.
+
+  Metrics stay on the device until a log step (no per-step host sync). Every step's metrics
+  enter the average, so a resumed run logs exactly what an uninterrupted one does; only the
+  first step of a process (which includes the compile) is left out of the timing.
+  """
+
+  def __init__(self, batch_size: int, total_steps: int, steps_per_epoch: int,
+               flops_per_step: float, peak: float, writer: MetricWriter, *,
+               last_value_keys: tuple[str, ...] = ('lr',)):
+    """`flops_per_step` (whole batch) and `peak` (FLOP/s of all devices; 0: unknown) give MFU;
+    `last_value_keys` are logged as the log step's value instead of the window's mean."""
+    self.batch_size, self.total_steps = batch_size, total_steps
+    self.steps_per_epoch = steps_per_epoch
+    self.last_value_keys = last_value_keys
+    self.flops_per_step, self.peak, self.writer = flops_per_step, peak, writer
+    self.window: list[dict[str, Any]] = []
+    self.timed_steps = 0
+    self.t_window = self.t_start = None
+    self.first_step = None
+    self.last: dict[str, Any] = {}
+
+  def add(self, step: int, metrics: dict[str, Any]) -> None:
+    import jax  # pylint: disable=g-import-not-at-top  (metrics.py stays importable without jax)
+    self.window.append(metrics)
+    if self.t_start is None:
+      jax.block_until_ready(metrics['loss'])   # The compile: not part of any step time.
+      self.t_start = self.t_window = time.perf_counter()
+      self.first_step = step
+    else:
+      self.timed_steps += 1
+
+  def flush(self, step: int, evaluate: Callable[[], dict[str, float]] | None = None,
+            **extra: Any) -> None:
+    """Writes the window's averages; `evaluate` (RankMe, the kNN probe) runs after the timing."""
+    import jax  # pylint: disable=g-import-not-at-top
+    host = jax.device_get(self.window)
+    now = time.perf_counter()
+    scalars = {k: math.fsum(float(m[k]) for m in host) / len(host)
+               for k in host[0] if k != 'finite'}
+    for k in self.last_value_keys:
+      scalars[k] = float(host[-1][k])
+    step_time = (now - self.t_window) / self.timed_steps if self.timed_steps else float('nan')
+    flops_per_s = self.flops_per_step / step_time
+    scalars.update(
+        epoch=step / self.steps_per_epoch, step_time_s=step_time,
+        images_per_s=self.batch_size / step_time, tflops=flops_per_s / 1e12,
+        mfu=flops_per_s / self.peak if self.peak else 0.0, **extra)
+    if evaluate is not None:
+      scalars.update(evaluate())
+    self.writer.write(step, scalars)
+    if self.writer.enabled:  # Process 0 only, like the metric files.
+      per_step = (now - self.t_start) / max(step - self.first_step, 1)
+      logging.info('%s', progress_line(step, self.total_steps, scalars,
+                                       per_step * (self.total_steps - step)))
+    self.last = dict(scalars, step=step)
+    self.window, self.timed_steps, self.t_window = [], 0, time.perf_counter()

@@ -23,10 +23,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from typing import Any, Callable, NamedTuple
-
-import shutil
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -35,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
-import numpy as np
 
 from cjepa_jax import checkpoint as checkpoint_lib
 from cjepa_jax import cli
@@ -45,6 +41,7 @@ from cjepa_jax import metrics as metrics_lib
 from cjepa_jax import preemption
 from cjepa_jax import sharding
 from cjepa_jax import train_step as step_lib
+from cjepa_jax import workdir as workdir_lib
 from cjepa_jax.evals import registry as evals_registry
 
 _FLAGS: dict[str, Any] = {}  # Defined by `run()`, not at import.
@@ -52,112 +49,6 @@ _FLAGS: dict[str, Any] = {}  # Defined by `run()`, not at import.
 # Scalars logged as the log step's value; everything else in the step's metrics is averaged over
 # the window. (`target_effective_rank` is computed by the trainer on log steps only.)
 _LAST_VALUE = ('lr', 'weight_decay', 'ema_momentum')
-
-
-class NonFiniteError(FloatingPointError):
-  """The loss or the gradients became NaN or inf."""
-
-
-class Preempted(Exception):
-  """SIGTERM / SIGINT: the state of `step` was checkpointed; the CLI exits with code 75."""
-
-  def __init__(self, step: int):
-    super().__init__(f'preempted at step {step}; its checkpoint is saved')
-    self.step = step
-
-
-class _LogWindow:
-  """Collects step metrics on the device; averages, times and writes them at each log step.
-
-  Metrics stay on the device until a log step (no per-step host sync). Every step's metrics
-  enter the average, so a resumed run logs exactly what an uninterrupted one does; only the
-  first step of a process (which includes the compile) is left out of the timing.
-  """
-
-  def __init__(self, config, total_steps, steps_per_epoch, flops_per_step, peak, writer):
-    self.config, self.total_steps, self.steps_per_epoch = config, total_steps, steps_per_epoch
-    self.flops_per_step, self.peak, self.writer = flops_per_step, peak, writer
-    self.window: list[dict[str, jax.Array]] = []
-    self.timed_steps = 0
-    self.t_window = self.t_start = None
-    self.first_step = None
-    self.last: dict[str, Any] = {}
-
-  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
-    self.window.append(metrics)
-    if self.t_start is None:
-      jax.block_until_ready(metrics['loss'])   # The compile: not part of any step time.
-      self.t_start = self.t_window = time.perf_counter()
-      self.first_step = step
-    else:
-      self.timed_steps += 1
-
-  def flush(self, step: int, evaluate: Callable[[], dict[str, float]] | None = None,
-            **extra: Any) -> None:
-    """Writes the window's averages; `evaluate` (RankMe, the kNN probe) runs after the timing."""
-    host = jax.device_get(self.window)
-    now = time.perf_counter()
-    scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0] if k != 'finite'}
-    for k in _LAST_VALUE:
-      scalars[k] = float(host[-1][k])
-    step_time = (now - self.t_window) / self.timed_steps if self.timed_steps else float('nan')
-    flops_per_s = self.flops_per_step / step_time
-    scalars.update(
-        epoch=step / self.steps_per_epoch, step_time_s=step_time,
-        images_per_s=self.config.batch_size / step_time, tflops=flops_per_s / 1e12,
-        mfu=flops_per_s / self.peak if self.peak else 0.0, **extra)
-    if evaluate is not None:
-      scalars.update(evaluate())
-    self.writer.write(step, scalars)
-    if self.writer.enabled:  # Process 0 only, like the metric files.
-      per_step = (now - self.t_start) / max(step - self.first_step, 1)
-      logging.info('%s', metrics_lib.progress_line(step, self.total_steps, scalars,
-                                                   per_step * (self.total_steps - step)))
-    self.last = dict(scalars, step=step)
-    self.window, self.timed_steps, self.t_window = [], 0, time.perf_counter()
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str, start_step: int = 0) -> None:
-  """Writes `workdir/config.json`; a different earlier one is kept as `config.<start_step>.json`.
-
-  Called once a start has run its first step cleanly, so config.json always describes the
-  checkpoints written since; `config.<N>.json` is the config that ran up to step N.
-  """
-  path = os.path.join(workdir, 'config.json')
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      if f.read() == text:
-        return
-    os.replace(path, os.path.join(workdir, f'config.{start_step}.json'))
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write(text)
-
-
-def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict,
-                        step_dir: str) -> None:
-  """Refuses a resume whose config changes the state's shapes, or (unless allowed) its meaning.
-
-  Raises:
-    ValueError: naming the keys that differ (saved -> now) and how to continue.
-  """
-  shape, meaning = config_lib.resume_changes(saved, config)
-  def listing(changes):
-    return '; '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in
-                     ((k, *v) for k, v in sorted(changes.items())))
-  if shape:
-    raise ValueError(
-        f'The checkpoint {step_dir} was saved with another model ({listing(shape)}), so this '
-        'config cannot resume it: use a new --workdir, or start a new workdir from its weights '
-        'with --config.init_from=<this workdir> (the checkpoint is kept).')
-  if meaning and not config.allow_config_change:
-    raise ValueError(
-        f'Resuming {step_dir} with a config that changes the run ({listing(meaning)}): pass the '
-        'saved values again, use a new --workdir, or add --config.allow_config_change=True to '
-        'continue with the new values.')
-  for key, (old, new) in sorted(meaning.items()):
-    logging.warning('Resuming with a changed config (allow_config_change): %s %r -> %r.',
-                    key, old, new)
 
 
 def is_log_step(step: int, config: ml_collections.ConfigDict, total_steps: int) -> bool:
@@ -170,20 +61,6 @@ def is_log_step(step: int, config: ml_collections.ConfigDict, total_steps: int) 
   return bool(log or any(step % every == 0 for every in periods))
 
 
-def _with_shardings(abstract_tree: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract_tree, shardings)
-
-
-def _remove_if_empty(workdir: str) -> None:
-  """Removes a workdir this start created when a failed start left nothing in it but empty dirs."""
-  for root, dirs, files in os.walk(workdir):
-    if files:
-      return
-    del root, dirs
-  shutil.rmtree(workdir, ignore_errors=True)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) pretraining; returns the last logged metrics.
 
@@ -191,8 +68,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoint is the run's last step.
 
   Raises:
-    ValueError (config, data, checkpoint problems), NonFiniteError, Preempted (SIGTERM / SIGINT:
-    the current step was saved).
+    ValueError (config, data, checkpoint problems), workdir.NonFiniteError, workdir.Preempted
+    (SIGTERM / SIGINT: the current step was saved).
   """
   config_lib.validate(config)
   created = not os.path.exists(workdir)
@@ -200,7 +77,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return _train(config, workdir)
   except BaseException:
     if created and jax.process_index() == 0:
-      _remove_if_empty(workdir)   # A failed first start leaves no empty workdir behind.
+      workdir_lib.remove_if_empty(workdir)   # A failed first start leaves no empty workdir behind.
     raise
 
 
@@ -228,10 +105,10 @@ def _loop(config, workdir, mesh, run, ckpt, input_pipeline) -> dict[str, Any]:
   latest = ckpt.latest_step()
   extra: dict[str, Any] = {}
   if latest is not None:
-    check_resume_config(ckpt.restore_config(latest), config,
+    workdir_lib.check_resume_config(ckpt.restore_config(latest), config,
                         str(ckpt.directory / str(latest)))
     start_step, state = ckpt.restore_latest(
-        _with_shardings(run.abstract_state, run.state_shardings))
+        workdir_lib.with_shardings(run.abstract_state, run.state_shardings))
     logging.info('Resuming from the checkpoint of step %d in %s.', start_step, workdir)
     extra = ckpt.restore_extra(start_step)
     last_good: int | None = start_step
@@ -255,7 +132,8 @@ def _loop(config, workdir, mesh, run, ckpt, input_pipeline) -> dict[str, Any]:
   flops_per_step = flops_lib.step_flops(models.step_shape()) * config.batch_size
   peak = flops_lib.peak_tflops(override=config.peak_tflops) * 1e12 * jax.device_count()
 
-  log = _LogWindow(config, total_steps, steps_per_epoch, flops_per_step, peak, writer)
+  log = metrics_lib.LogWindow(config.batch_size, total_steps, steps_per_epoch, flops_per_step,
+                              peak, writer, last_value_keys=_LAST_VALUE)
   rank_fn = jax.jit(lambda x: step_lib.effective_rank(x - jnp.mean(x, axis=0)))
   # Evaluators run during pretraining (kNN, few-shot monitors), each with its period in steps.
   in_training = evals_registry.in_training(config, mesh, models.encoder)
@@ -272,11 +150,12 @@ def _loop(config, workdir, mesh, run, ckpt, input_pipeline) -> dict[str, Any]:
         batch = input_pipeline.to_global_array(host_batch, batch_sharding)
         state, step_metrics, pooled = run.jitted_step(state, batch)
         if step == start_step + 1 and is_main:
-          save_config(config, workdir, start_step)  # Compiled and running: this start is good.
+          # Compiled and running: this start is good.
+          workdir_lib.save_config(config, workdir, start_step)
         ckpt.check()   # A background save that failed stops the run here, with its cause.
         # Check the previous step's flag now, while the device is already busy with this step.
         if pending is not None:
-          _check_finite(*pending, last_good, workdir)
+          workdir_lib.check_finite(*pending, last_good, workdir)
         pending = (step, step_metrics['finite'])
         log.add(step, step_metrics)
 
@@ -286,7 +165,8 @@ def _loop(config, workdir, mesh, run, ckpt, input_pipeline) -> dict[str, Any]:
         save_now = step % config.ckpt_every_steps == 0 or step == total_steps
         preempted = preempt.reached(step)
         if log_now or save_now or preempted:
-          _check_finite(*pending, last_good, workdir)   # Never log or save a non-finite state.
+          # Never log or save a non-finite state.
+          workdir_lib.check_finite(*pending, last_good, workdir)
           pending = None
         if log_now:
           def diagnostics(evals_now=evals_now, pooled=pooled, target=state['target_params']):
@@ -303,26 +183,13 @@ def _loop(config, workdir, mesh, run, ckpt, input_pipeline) -> dict[str, Any]:
         if preempted:
           ckpt.wait()   # The save must be durable before the process goes.
           preempt.log_stop(step, saved, str(ckpt.directory))
-          raise Preempted(step)
+          raise workdir_lib.Preempted(step)
     ckpt.wait()
   finally:
     writer.close()
   if run.trace_count[0] != 1:
     logging.warning('The train step compiled %d times; expected once.', run.trace_count[0])
   return log.last
-
-
-def _check_finite(step: int, finite: jax.Array, last_good: int | None, workdir: str) -> None:
-  if not bool(jax.device_get(finite)):
-    if last_good is None:
-      kept = 'No checkpoint was written before it.'
-    else:
-      kept = (f'The last good checkpoint (step {last_good}) in {workdir}/checkpoints is kept and '
-              'nothing later was saved.')
-    raise NonFiniteError(
-        f'Non-finite loss or gradients at step {step}. {kept} Lower --config.optim.lr, set '
-        '--config.optim.grad_clip=1.0, or use --config.model.dtype=float32 to find the cause, '
-        'then restart with the same --workdir.')
 
 
 def main(argv: list[str]) -> None:
@@ -337,7 +204,7 @@ def main(argv: list[str]) -> None:
   input_pipeline.hide_accelerators_from_tf()
   try:
     result = train_and_evaluate(config, workdir)
-  except Preempted as e:
+  except workdir_lib.Preempted as e:
     raise cli.Exit(preemption.EXIT_CODE) from e
   if result.get('already_complete'):
     raise cli.Exit(0, f'already complete at step {result["step"]} in {workdir}; nothing to do '

@@ -40,3 +40,16 @@ def shared_cifar10_tarballs():
   if not (SHARED_CIFAR10 / 'train.tar.gz').exists():
     pytest.skip('../shared/datasets/cifar10 is not present')
   return SHARED_CIFAR10
+
+
+# The files that take longest (multi-process jobs, CLI runs) go first: under `pytest -n 2 --dist
+# loadfile` (README) each file runs whole on one worker, and a long file started last would leave
+# the other worker idle at the end.
+_SLOW_FIRST = ('test_multihost.py', 'test_train.py', 'test_finetune.py', 'test_train_step.py',
+               'test_evals.py', 'test_benchmarks.py')
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(_SLOW_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: order within a file.

@@ -1,7 +1,9 @@
 """The frozen encoder of an evaluation and its pooled features, on host as numpy.
 
   restore_encoder(config, mesh)     (encoder, replicated params, info) that `config.pretrained`
-                                    names: a workdir, a checkpoint step directory, or `random`.
+                                    names: a workdir, a checkpoint step directory, or `random`
+                                    (= resolve_encoder + load_encoder_params, which fine-tuning
+                                    also uses).
   pooled_features(...)              {'last': [B, D], 'last4': [B, n*D], 'tokens': [B, N, D]} of
                                     an image batch.
   make_feature_fn(encoder, kinds)   the jitted batch -> features function.
@@ -73,42 +75,66 @@ def _check_params(encoder: vit.Encoder, params: Params, image_size: int, where: 
         'and its config/ item disagree. Restore a checkpoint written by cjepa_jax.train.')
 
 
-def restore_encoder(config: ml_collections.ConfigDict, mesh: Mesh
-                    ) -> tuple[vit.Encoder, Params, dict[str, Any]]:
-  """The encoder and its parameters (replicated over `mesh`) that `config.pretrained` names.
+def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[vit.Encoder, dict[str, Any]]:
+  """The encoder module that `config.pretrained` names, and where its weights are; reads no weights.
 
-  `random` initialises the probe config's `model.*` at `data.image_size` with `config.seed`; a
-  checkpoint brings its own model config and image size, and `config.encoder` picks
-  `ENCODER_KEYS[config.encoder]` from its train state.
+  `random`: the config's own `model.*` at `data.image_size`. A checkpoint (a workdir, its
+  `checkpoints/` dir or one step directory) brings its saved model config (variant, depth,
+  dtype, scan) and its pretraining `data.image_size`.
 
   Returns:
-    (encoder, params, info) with info = dict(checkpoint=<step dir> or 'random', step=int or None,
+    (encoder, info) with info = dict(checkpoint=<step dir> or 'random', step=int or None,
     encoder='target' | 'context' | None, image_size=int, model=dict of the model config used).
   """
-  replicated = sharding.replicated(mesh)
   if config.pretrained == RANDOM:
     model = config.model.to_dict()
     image_size = int(config.data.image_size)
-    encoder = jepa.encoder_from_model_config(model)
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    init = jax.jit(lambda: encoder.init(jax.random.key(config.seed), images)['params'],
-                   out_shardings=replicated)
     info = dict(checkpoint=RANDOM, step=None, encoder=None)
-    params = init()
   else:
     root, step = checkpoint_lib.resolve_checkpoint(config.pretrained)
     step_dir = str(epath.Path(root) / str(step))
     saved = checkpoint_lib.load_config(step_dir)
     model = saved['model']
     image_size = int(saved['data']['image_size'])
-    encoder = jepa.encoder_from_model_config(model)
-    params = checkpoint_lib.restore_subtree(step_dir, ENCODER_KEYS[config.encoder],
-                                            sharding=replicated)
-    _check_params(encoder, params, image_size, step_dir)
     info = dict(checkpoint=step_dir, step=int(step), encoder=config.encoder)
   keep = ('variant', 'depth', 'dtype', 'scan')
   info.update(image_size=image_size, model={k: model[k] for k in keep if k in model})
-  return encoder, params, info
+  return jepa.encoder_from_model_config(model), info
+
+
+def load_encoder_params(config: ml_collections.ConfigDict, encoder: vit.Encoder,
+                        info: dict[str, Any], sharding_: jax.sharding.Sharding) -> Params:
+  """The weights `resolve_encoder` located, placed with `sharding_`.
+
+  `random`: `encoder.init` with `config.seed` at `info['image_size']`; a checkpoint:
+  `ENCODER_KEYS[config.encoder]` of its train state, checked against `encoder`'s shapes.
+  """
+  if info['checkpoint'] == RANDOM:
+    size = int(info['image_size'])
+    images = jnp.zeros((1, size, size, 3), jnp.float32)
+    init = jax.jit(lambda: encoder.init(jax.random.key(config.seed), images)['params'],
+                   out_shardings=sharding_)
+    return init()
+  params = checkpoint_lib.restore_subtree(info['checkpoint'], ENCODER_KEYS[config.encoder],
+                                          sharding=sharding_)
+  _check_params(encoder, params, int(info['image_size']), info['checkpoint'])
+  return params
+
+
+def restore_encoder(config: ml_collections.ConfigDict, mesh: Mesh
+                    ) -> tuple[vit.Encoder, Params, dict[str, Any]]:
+  """The encoder and its parameters (replicated over `mesh`) that `config.pretrained` names.
+
+  `random` initialises the probe config's `model.*` at `data.image_size` with `config.seed`; a
+  checkpoint brings its own model config and image size, and `config.encoder` picks
+  `ENCODER_KEYS[config.encoder]` from its train state (`resolve_encoder`,
+  `load_encoder_params`).
+
+  Returns:
+    (encoder, params, info), info as `resolve_encoder`'s.
+  """
+  encoder, info = resolve_encoder(config)
+  return encoder, load_encoder_params(config, encoder, info, sharding.replicated(mesh)), info
 
 
 # ------------------------------------------------------------------------------------------------

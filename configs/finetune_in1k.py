@@ -1,0 +1,51 @@
+r"""ImageNet-1K fine-tuning of a pretrained ViT: the MAE / BEiT recipe the I-JEPA and C-JEPA
+papers follow, for B/16, L/16 and H/14.
+
+  python -m cjepa_jax.finetune --config configs/finetune_in1k.py:B/16 --workdir gs://.../ft_b16 \
+      --config.pretrained=gs://.../cjepa_b16 --config.data.data_dir=gs://.../tfds
+
+The argument is the variant (default B/16); `pretrained` must be an encoder of that variant at
+224 px (the checkpoint's saved config fixes variant, depth and scan; another image size is
+refused). MAE's settings per size (He et al. 2022, its fine-tuning appendix):
+
+  variant  epochs  base lr  layer decay  drop path
+  B/16     100     5e-4     0.65         0.1
+  L/16      50     1e-3     0.75         0.2
+  H/14      50     1e-3     0.75         0.3
+
+Common: batch 1024, lr = base lr x batch / 256, 5 warm-up epochs then cosine to 1e-6, AdamW
+(0.9, 0.999) with weight decay 0.05 (not on biases, norms or 1-D parameters), label smoothing
+0.1, Mixup 0.8 / CutMix 1.0 (one per batch, switch 0.5), RandomResizedCrop (0.08, 1) + flip,
+bicubic; evaluated on the validation centre crops (resize 256, crop 224) every 2,500 steps.
+Absent (MAE has them): RandAugment (9, 0.5) and random erasing (0.25): expect a few tenths of a
+point less than the papers' numbers until they are added.
+"""
+
+from cjepa_jax import config as config_lib
+
+_SIZES = {  # variant: (epochs, base_lr, layer_decay, drop_path)
+    'B/16': (100, 5e-4, 0.65, 0.1),
+    'L/16': (50, 1e-3, 0.75, 0.2),
+    'H/14': (50, 1e-3, 0.75, 0.3),
+}
+
+
+def get_config(arg=None):
+  variant = arg or 'B/16'
+  if variant not in _SIZES:
+    raise ValueError(f'finetune_in1k takes one of {tuple(_SIZES)} (e.g. '
+                     f'configs/finetune_in1k.py:L/16), got {variant!r}.')
+  epochs, base_lr, layer_decay, drop_path = _SIZES[variant]
+  c = config_lib.default_finetune_config()
+  c.batch_size = 1024
+  c.epochs = epochs
+  c.eval_every_steps = 2500
+  c.ckpt_every_steps = 2500
+  c.eval_batch_size = 1024
+  c.data.dataset = 'imagenet2012'
+  c.data.eval_split = 'validation'
+  c.model.variant = variant
+  c.model.drop_path_rate = drop_path
+  c.optim.base_lr = base_lr
+  c.optim.layer_decay = layer_decay
+  return c
