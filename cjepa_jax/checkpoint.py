@@ -888,17 +888,25 @@ def load_init_from(path: str, state: dict[str, Any], shardings: dict[str, Any]
   models; the result is placed with `shardings` (the state's).
   """
   loaded_params = restore_subtree(path, ('params',))
-  loaded_target = restore_subtree(path, ('target_params',))
   params = dict(state['params'])
   for name, tree in loaded_params.items():
     if name not in params:
       raise ValueError(f'config.init_from={path!r} has params[{name!r}], which this config does '
                        f'not build (it has {sorted(params)}).')
     params[name] = _place_like(tree, params[name], shardings['params'][name], f'params/{name}')
-  target = _place_like(loaded_target, state['target_params'], shardings['target_params'],
-                       'target_params')
-  logging.info('Initialised %s and target_params from %s.', sorted(loaded_params), path)
-  return dict(state, params=params, target_params=target)
+  out = dict(state, params=params)
+  if 'target_params' in state:   # A run without EMA (use_ema=False) keeps no target copy.
+    root, step = resolve_checkpoint(path)
+    has_target = 'target_params' in ocp.PyTreeCheckpointHandler().metadata(
+        epath.Path(root) / str(step) / STATE_ITEM).tree
+    # From a run without EMA, the target starts as the online encoder (as a fresh run's does).
+    loaded_target = (restore_subtree(path, ('target_params',)) if has_target
+                     else loaded_params['encoder'])
+    out['target_params'] = _place_like(loaded_target, state['target_params'],
+                                       shardings['target_params'], 'target_params')
+  logging.info('Initialised %s%s from %s.', sorted(loaded_params),
+               ' and target_params' if 'target_params' in state else '', path)
+  return out
 
 
 def _place_like(tree: Any, like: Any, shardings: Any, name: str) -> Any:

@@ -114,6 +114,17 @@ def default_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-8               # Adam epsilon.
   c.optim.grad_clip = 0.0          # > 0: clip the global gradient norm; off as in the reference.
   c.optim.ema = (0.996, 1.0)       # Target-encoder EMA momentum, start -> end (linear), in [0, 1].
+  # False: no EMA teacher; the targets come from the online (context) encoder under
+  # stop-gradient (momentum 0), and the state keeps no second copy of its weights.
+  c.use_ema = True
+
+  c.sigreg = ml_collections.ConfigDict()
+  # > 0: add weight * SIGReg (LeJEPA) of the pooled context features (losses.py); LeJEPA's
+  # lambda is weight / (1 + weight).
+  c.sigreg.weight = 0.0
+  c.sigreg.num_slices = 256        # Random unit directions per step (LeJEPA's minimal example).
+  c.sigreg.t_max = 3.0             # Epps-Pulley quadrature on [-t_max, t_max] (LeJEPA's).
+  c.sigreg.knots = 17              # Quadrature points on [0, t_max] (LeJEPA's).
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                 # -1: all devices not used by the other axis.
@@ -341,6 +352,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(_is_number(v[key]) and v[key] >= 0, f'vicreg.{key}', v[key], 'must be >= 0')
   _check(config.loss.kind in ('smooth_l1', 'l2'), 'loss.kind', config.loss.kind,
          "use 'smooth_l1' or 'l2'")
+  g = config.sigreg
+  _check(_is_number(g.weight) and g.weight >= 0, 'sigreg.weight', g.weight, 'must be >= 0 (0: off)')
+  _check(isinstance(g.num_slices, int) and g.num_slices >= 1, 'sigreg.num_slices',
+         g.num_slices, 'must be an integer >= 1')
+  _check(_is_number(g.t_max) and g.t_max > 0, 'sigreg.t_max', g.t_max, 'must be > 0')
+  _check(isinstance(g.knots, int) and g.knots >= 2, 'sigreg.knots', g.knots,
+         'must be an integer >= 2')
+  _check(isinstance(config.use_ema, bool), 'use_ema', config.use_ema, 'True or False')
 
   e = config.evals
   for key in ('knn_every_steps', 'knn_batch_size', 'knn_train_examples', 'knn_eval_examples',
@@ -366,7 +385,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 # old value cannot be restored. (mesh.* may change: checkpoints restore onto any mesh.)
 STATE_SHAPING = ('model.variant', 'model.depth', 'model.pred_depth', 'model.pred_width',
                  'model.scan', 'data.image_size', 'vicreg.projector', 'vicreg.projector_norm',
-                 'vicreg.weight>0 and mode', 'optim.grad_clip>0')
+                 'vicreg.weight>0 and mode', 'optim.grad_clip>0', 'use_ema')
 # Keys that change neither shapes nor the run's meaning: free to change on resume.
 RESUME_FREE = ('log_every_steps', 'ckpt_every_steps', 'keep_ckpts', 'keep_every_steps',
                'peak_tflops', 'init_from', 'allow_config_change', 'mesh.data', 'mesh.fsdp',
@@ -390,6 +409,7 @@ def flatten(config: ml_collections.ConfigDict | dict[str, Any], prefix: str = ''
 def _state_signature(flat: dict[str, Any]) -> dict[str, Any]:
   """What of a flat config shapes the train state (see STATE_SHAPING)."""
   sig = {k: flat.get(k) for k in STATE_SHAPING if '>' not in k}
+  sig['use_ema'] = flat.get('use_ema', True)  # Older configs: always EMA.
   blocks = (flat.get('vicreg.weight') or 0) > 0 and flat.get('vicreg.mode') == 'blocks'
   sig['vicreg projector (vicreg.weight > 0 and vicreg.mode)'] = blocks
   sig['gradient clipping in the optimizer state (optim.grad_clip > 0)'] = (

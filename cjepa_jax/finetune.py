@@ -311,8 +311,9 @@ def run() -> None:
       'config', None, 'Recipe file (configs/finetune_*.py[:arg]).', lock_config=True)
   _FLAGS['workdir'] = flags.DEFINE_string('workdir', None,
                                           'Where checkpoints, metrics and logs go.')
-  cli.run('cjepa-finetune', main, doc=__doc__, module=sys.argv[0] if __name__ == '__main__'
-          else __name__, extra_help=lambda: config_lib.help_text(config_lib.default_finetune_config))
+  cli.run('cjepa-finetune', main, doc=__doc__,
+          module=sys.argv[0] if __name__ == '__main__' else __name__,
+          extra_help=lambda: config_lib.help_text(config_lib.default_finetune_config))
 
 
 if __name__ == '__main__':

@@ -17,6 +17,15 @@ the VICReg terms of the official VICReg code (Bardes et al.) and one of two read
 they apply (config `vicreg.mode`, see `cjepa_loss`). VICReg statistics are taken over the whole
 batch passed in; under `jit` with a batch sharded over devices that batch is the global one, so
 the statistics are global by construction (the official code all-gathers for the same effect).
+
+SIGReg (LeJEPA, Balestriero and LeCun 2025): L = L_jepa + sigreg.weight * SIGReg(z), z the
+mean-pooled context features [B, D] (where C-JEPA's 'context' mode applies VICReg). SIGReg
+projects z on `num_slices` random unit directions, drawn afresh each step from the step's key
+(inside the jitted step, so every device uses the same ones), and averages over them the
+Epps-Pulley statistic of each 1-D projection against N(0, 1):
+    EP(x) = N * integral |ecf_x(t) - exp(-t^2 / 2)|^2 exp(-t^2 / 2) dt,
+by the trapezoid rule on [-t_max, t_max] (the integrand is even: LeJEPA's half-line weights).
+See `sigreg` for what LeJEPA does differently.
 """
 
 from __future__ import annotations
@@ -259,6 +268,95 @@ class VICRegSpec:
     return self.weight > 0
 
 
+# LeJEPA's defaults (its `SIGReg` / `EppsPulley`): 17 knots on [0, 3]; 256 slices in its minimal
+# example (the library's `SlicingUnivariateTest` leaves it to the caller).
+SIGREG_KNOTS = 17
+SIGREG_T_MAX = 3.0
+SIGREG_SLICES = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class SIGRegSpec:
+  """The SIGReg part of the objective, from `config.sigreg` once (hashable, static).
+
+  weight: 0 is off. num_slices: random directions per step. t_max, knots: the quadrature.
+  """
+  weight: float = 0.0
+  num_slices: int = SIGREG_SLICES
+  t_max: float = SIGREG_T_MAX
+  knots: int = SIGREG_KNOTS
+
+  def __post_init__(self):
+    if self.weight < 0 or self.num_slices < 1 or self.t_max <= 0 or self.knots < 2:
+      raise ValueError(f'Invalid SIGReg settings {self}: need weight >= 0, num_slices >= 1, '
+                       't_max > 0, knots >= 2.')
+
+  @classmethod
+  def from_config(cls, sigreg: Mapping[str, Any] | None) -> SIGRegSpec:
+    if sigreg is None:
+      return cls()
+    return cls(float(sigreg['weight']), int(sigreg['num_slices']), float(sigreg['t_max']),
+               int(sigreg['knots']))
+
+  @property
+  def enabled(self) -> bool:
+    return self.weight > 0
+
+
+def epps_pulley(x: jax.Array, t_max: float = SIGREG_T_MAX, knots: int = SIGREG_KNOTS
+                ) -> jax.Array:
+  """The Epps-Pulley statistic of each column of `x [N, K]` against N(0, 1): [K] float32.
+
+  N * sum_j w_j |ecf(t_j) - phi(t_j)|^2 with t_j = 0 .. t_max (`knots` points), ecf(t) =
+  mean_n exp(i t x_n), phi(t) = exp(-t^2 / 2), and w_j the trapezoid weights of
+  [-t_max, t_max] folded onto t >= 0 (doubled, except at 0), times phi(t_j). Under H0 its
+  expectation is sum_j w_j (1 - phi(t_j)^2), whatever N (`epps_pulley_null_mean`).
+  """
+  x = _f32(x)
+  t = jnp.linspace(0.0, t_max, knots, dtype=jnp.float32)
+  phi = jnp.exp(-0.5 * t * t)
+  xt = x[..., None] * t                                        # [N, K, T]
+  cos_mean = jnp.mean(jnp.cos(xt), axis=0)                     # [K, T]
+  sin_mean = jnp.mean(jnp.sin(xt), axis=0)
+  err = jnp.square(cos_mean - phi) + jnp.square(sin_mean)
+  return x.shape[0] * (err @ _ep_weights(t_max, knots))
+
+
+def _ep_weights(t_max: float, knots: int) -> jax.Array:
+  dt = t_max / (knots - 1)
+  w = np.full(knots, 2.0 * dt)
+  w[[0, -1]] = dt
+  t = np.linspace(0.0, t_max, knots)
+  return jnp.asarray(w * np.exp(-0.5 * t * t), jnp.float32)
+
+
+def epps_pulley_null_mean(t_max: float = SIGREG_T_MAX, knots: int = SIGREG_KNOTS) -> float:
+  """E[EP(x)] for x ~ N(0, 1): E|ecf(t) - phi(t)|^2 = (1 - phi(t)^2) / N at every t."""
+  t = np.linspace(0.0, t_max, knots)
+  return float(np.sum(np.asarray(_ep_weights(t_max, knots)) * (1.0 - np.exp(-t * t))))
+
+
+def sigreg(z: jax.Array, key: jax.Array, spec: SIGRegSpec) -> jax.Array:
+  """SIGReg of `z [B, D]`: the mean Epps-Pulley statistic of `num_slices` random 1-D projections.
+
+  Directions: standard normal [D, S] from `key`, each column normalised to unit length (LeJEPA's
+  `SlicingUnivariateTest`). The statistics are over the whole batch passed in (under jit with a
+  sharded batch, the global batch), in float32.
+
+  What LeJEPA does differently, and why we do not (yet): it applies SIGReg to a projector's
+  output of every augmented view of each image and pairs it with an invariance term between the
+  views' projections, as its whole objective, (1 - lambda) * pred + lambda * SIGReg, with no EMA
+  teacher. Here it is an anti-collapse term beside the JEPA prediction loss, on the pooled context
+  features of the one view JEPA sees, as C-JEPA's VICReg 'context' mode, so that the two
+  regularisers are compared on one harness; weight w corresponds to LeJEPA's lambda / (1 -
+  lambda).
+  """
+  z = _f32(z)
+  directions = jax.random.normal(key, (z.shape[-1], spec.num_slices), jnp.float32)
+  directions = directions / jnp.linalg.norm(directions, axis=0, keepdims=True)
+  return jnp.mean(epps_pulley(z @ directions, spec.t_max, spec.knots))
+
+
 def cjepa_loss(
     pred: jax.Array,
     target: jax.Array,
@@ -270,10 +368,13 @@ def cjepa_loss(
     block_valid: jax.Array | None = None,
     kind: str = 'smooth_l1',
     vicreg: VICRegSpec,
+    sigreg_spec: SIGRegSpec = SIGRegSpec(),
+    sigreg_key: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """I-JEPA loss plus the weighted VICReg terms (C-JEPA).
+  """I-JEPA loss plus the weighted VICReg terms (C-JEPA) and / or SIGReg (LeJEPA's regulariser).
 
-  L = jepa + weight * vicreg, vicreg = sim_coeff * inv + std_coeff * var + cov_coeff * cov.
+  L = jepa + weight * vicreg (+ sigreg_spec.weight * SIGReg(pool_tokens(ctx))), vicreg =
+  sim_coeff * inv + std_coeff * var + cov_coeff * cov.
 
   Modes (`vicreg.mode`):
     'context': one branch, z = pool_tokens(ctx, ctx_valid) [B, D], the mean-pooled
@@ -301,10 +402,12 @@ def cjepa_loss(
     block_valid: [B, M] bool; None means `tgt_valid.any(-1)`.
     kind: 'smooth_l1' or 'l2', the JEPA term.
     vicreg: the VICReg weight, mode and coefficients (`VICRegSpec.from_config(config.vicreg)`).
+    sigreg_spec: SIGReg's weight and quadrature (off by default); on, it needs `ctx`.
+    sigreg_key: the step's key for SIGReg's random directions.
 
   Returns:
     (loss, metrics) with float32 scalars; metrics has 'loss', 'jepa', 'vicreg' (unweighted
-    coefficient sum), 'vicreg_inv', 'vicreg_var', 'vicreg_cov'.
+    coefficient sum), 'vicreg_inv', 'vicreg_var', 'vicreg_cov', and 'sigreg' when it is on.
   """
   mode, weight = vicreg.mode, vicreg.weight
   if pred.shape != target.shape or pred.ndim != 4 or tgt_valid.shape != pred.shape[:3]:
@@ -345,6 +448,15 @@ def cjepa_loss(
 
   vic = vicreg.sim_coeff * inv + vicreg.std_coeff * var + vicreg.cov_coeff * cov
   loss = jepa + weight * vic if (weight > 0 and have_terms) else jepa
-  metrics = {'loss': loss, 'jepa': jepa, 'vicreg': vic, 'vicreg_inv': inv, 'vicreg_var': var,
+  metrics = {'jepa': jepa, 'vicreg': vic, 'vicreg_inv': inv, 'vicreg_var': var,
              'vicreg_cov': cov}
+  if sigreg_spec.enabled:
+    if ctx is None or sigreg_key is None:
+      raise ValueError('SIGReg (sigreg.weight > 0) needs ctx (the context-encoder output '
+                       '[B, Kc, D]) and the step key.')
+    if ctx_valid is None:
+      ctx_valid = jnp.ones(ctx.shape[:2], bool)
+    metrics['sigreg'] = sigreg(pool_tokens(ctx, ctx_valid), sigreg_key, sigreg_spec)
+    loss = loss + sigreg_spec.weight * metrics['sigreg']
+  metrics['loss'] = loss
   return loss, {k: _f32(v) for k, v in metrics.items()}

@@ -183,7 +183,8 @@ class LogWindow:
     scalars = {k: math.fsum(float(m[k]) for m in host) / len(host)
                for k in host[0] if k != 'finite'}
     for k in self.last_value_keys:
-      scalars[k] = float(host[-1][k])
+      if k in host[-1]:   # e.g. no EMA momentum in a run without EMA.
+        scalars[k] = float(host[-1][k])
     step_time = (now - self.t_window) / self.timed_steps if self.timed_steps else float('nan')
     flops_per_s = self.flops_per_step / step_time
     scalars.update(

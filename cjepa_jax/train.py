@@ -169,7 +169,8 @@ def _loop(config, workdir, mesh, run, ckpt, input_pipeline) -> dict[str, Any]:
           workdir_lib.check_finite(*pending, last_good, workdir)
           pending = None
         if log_now:
-          def diagnostics(evals_now=evals_now, pooled=pooled, target=state['target_params']):
+          def diagnostics(evals_now=evals_now, pooled=pooled,
+                          target=step_lib.target_encoder_params(state)):
             # RankMe of this step's pooled target features: an SVD of [B, D], on log steps only.
             out = {'target_effective_rank': float(rank_fn(pooled))}
             for evaluator in evals_now:

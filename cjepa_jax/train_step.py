@@ -7,14 +7,17 @@ input):
   2. target encoder (EMA params) on the full image under stop_gradient, layer-normed without
      affine; the tokens of each target block are the targets;
   3. context encoder on the context tokens, predictor at the target positions;
-  4. the C-JEPA loss (plain I-JEPA when `vicreg.weight == 0`), gradients, the optax update;
-  5. the EMA update of the target encoder with the scheduled momentum.
+  4. the C-JEPA loss (plain I-JEPA when `vicreg.weight == 0`; SIGReg added when
+     `sigreg.weight > 0`, its directions from the step's key), gradients, the optax update;
+  5. the EMA update of the target encoder with the scheduled momentum (none with `use_ema=False`).
 
 The train state is a plain dict pytree:
   step           int32 []            optimizer steps taken.
   rng            uint32 [2]          base key (raw, so orbax stores it as an array).
   params         {'encoder', 'predictor'[, 'projector']}  trained parameters (float32).
-  target_params  encoder-shaped      the EMA target encoder; never receives gradients.
+  target_params  encoder-shaped      the EMA target encoder; never receives gradients. Absent
+                                     with `use_ema=False`: the target is then the online encoder
+                                     under stop_gradient (EMA momentum 0), with no second copy.
   opt_state      optax state of `params`.
 
 This module imports no TensorFlow, so the step can be benchmarked on synthetic batches alone.
@@ -61,19 +64,29 @@ def init_params(models: jepa.Models, rng: jax.Array) -> dict[str, Any]:
   return params
 
 
-def init_state(models: jepa.Models, tx: optax.GradientTransformation, seed: int) -> State:
-  """A fresh train state. Jit it with `out_shardings` to create it directly sharded."""
+def init_state(models: jepa.Models, tx: optax.GradientTransformation, seed: int,
+               use_ema: bool = True) -> State:
+  """A fresh train state. Jit it with `out_shardings` to create it directly sharded.
+
+  `use_ema=False` keeps no `target_params` (the target is the online encoder).
+  """
   key = jax.random.PRNGKey(seed)
   init_key, step_key = jax.random.split(key)
   params = init_params(models, init_key)
-  return {
-      'step': jnp.zeros((), jnp.int32),
-      'rng': step_key,
-      'params': params,
-      # The target starts as an exact copy of the context encoder (reference: deepcopy).
-      'target_params': jax.tree.map(jnp.copy, params['encoder']),
-      'opt_state': tx.init(params),
-  }
+  state = {'step': jnp.zeros((), jnp.int32), 'rng': step_key, 'params': params,
+           'opt_state': tx.init(params)}
+  if use_ema:  # The target starts as an exact copy of the context encoder (reference: deepcopy).
+    state['target_params'] = jax.tree.map(jnp.copy, params['encoder'])
+  return state
+
+
+def target_encoder_params(state: State) -> Any:
+  """The parameters the targets come from: the EMA copy, or the online encoder without one."""
+  return state['target_params'] if 'target_params' in state else state['params']['encoder']
+
+
+# Folded into the step's key for SIGReg's directions (the masks use the step's key itself).
+_SIGREG_STREAM = 0x5167
 
 
 def effective_rank(x: jax.Array) -> jax.Array:
@@ -95,16 +108,20 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
   """
   loss_kind = config.loss.kind
   vicreg = losses.VICRegSpec.from_config(config.vicreg)
+  sigreg = losses.SIGRegSpec.from_config(config.get('sigreg'))
+  use_ema = bool(config.get('use_ema', True))
   use_blocks = models.projector is not None
   spec = models.mask_spec
 
   def train_step(state: State, batch: Batch) -> tuple[State, Metrics, jax.Array]:
     images = batch['image']
     step = state['step']
-    m = masks_lib.sample_masks(jax.random.fold_in(state['rng'], step), images.shape[0], spec)
+    step_key = jax.random.fold_in(state['rng'], step)
+    m = masks_lib.sample_masks(step_key, images.shape[0], spec)
 
-    # Targets: EMA encoder on every patch, layer-normed, gathered per target block.
-    h = models.encoder.apply({'params': state['target_params']}, images)
+    # Targets: EMA encoder (or the online one, without EMA) on every patch, layer-normed,
+    # gathered per target block.
+    h = models.encoder.apply({'params': target_encoder_params(state)}, images)
     h = jax.lax.stop_gradient(losses.normalize_targets(h))        # [B, N, D] float32
     targets = losses.gather_tokens(h, m.tgt_idx)                  # [B, M, Kt, D]
 
@@ -119,22 +136,28 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
                                            losses.pool_blocks(pred, m.tgt_valid))
       loss, terms = losses.cjepa_loss(
           pred, targets, m.tgt_valid, ctx=z.astype(jnp.float32), ctx_valid=m.ctx_valid,
-          block_embeddings=block_emb, kind=loss_kind, vicreg=vicreg)
+          block_embeddings=block_emb, kind=loss_kind, vicreg=vicreg, sigreg_spec=sigreg,
+          sigreg_key=jax.random.fold_in(step_key, _SIGREG_STREAM))
       return loss, terms
 
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    momentum = schedules.ema(step)
-    target_params = optim.ema_update(state['target_params'], params['encoder'], momentum)
+    new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)
+    if use_ema:
+      momentum = schedules.ema(step)
+      new_state['target_params'] = optim.ema_update(state['target_params'], params['encoder'],
+                                                     momentum)
 
     grad_norm = optax.tree.norm(grads)
     pooled = jnp.mean(h, axis=1)                                  # [B, D]
     # An objective without VICReg logs no VICReg terms (they would read as if they mattered).
     metrics = {k: v for k, v in terms.items() if vicreg.enabled or not k.startswith('vicreg')}
+    if use_ema:
+      metrics['ema_momentum'] = momentum
     metrics.update(
         loss=loss,
-        lr=schedules.lr(step), weight_decay=schedules.weight_decay(step), ema_momentum=momentum,
+        lr=schedules.lr(step), weight_decay=schedules.weight_decay(step),
         grad_norm=grad_norm, update_norm=optax.tree.norm(updates),
         param_norm=optax.tree.norm(params),
         target_feature_std=jnp.mean(jnp.std(pooled, axis=0)),
@@ -142,8 +165,6 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
         target_valid_tokens=jnp.mean(jnp.sum(m.tgt_valid, axis=2).astype(jnp.float32)),
         finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
     )
-    new_state = dict(state, step=step + 1, params=params, target_params=target_params,
-                     opt_state=opt_state)
     return new_state, metrics, pooled
 
   return train_step
@@ -185,9 +206,11 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   schedules = optim.make_schedules(config, total_steps, steps_per_epoch)
   tx = optim.make_optimizer(config, schedules)
 
-  abstract_state = jax.eval_shape(lambda: init_state(models, tx, config.seed))
+  use_ema = bool(config.get('use_ema', True))
+  abstract_state = jax.eval_shape(lambda: init_state(models, tx, config.seed, use_ema))
   state_shardings = sharding.fsdp_shardings(mesh, abstract_state)
-  init_fn = jax.jit(lambda: init_state(models, tx, config.seed), out_shardings=state_shardings)
+  init_fn = jax.jit(lambda: init_state(models, tx, config.seed, use_ema),
+                    out_shardings=state_shardings)
 
   step_fn = make_train_step(config, models, tx, schedules)
   trace_count = [0]

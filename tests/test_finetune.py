@@ -279,7 +279,7 @@ def test_only_the_encoder_is_restored(pretrained, which, key):
 
 def test_errors_name_the_problem(pretrained, tmp_path):
   workdir, _ = pretrained
-  with pytest.raises(ValueError, match=r'pretrained at image size 32 but config.data.image_size=64'):
+  with pytest.raises(ValueError, match=r'at image size 32 but config.data.image_size=64'):
     finetune.finetune(tiny_config(pretrained=str(workdir), **{'data.image_size': 64}),
                       str(tmp_path / 'a'))
   with pytest.raises(ValueError, match='No complete checkpoint under'):
@@ -413,3 +413,33 @@ def dict_to_config(c, **overrides):
   for k, v in overrides.items():
     c[k] = v
   return c
+
+
+def test_a_run_without_ema_gives_its_context_encoder_as_the_target(tmp_path):
+  """use_ema=False checkpoints hold no target_params: probes and fine-tuning asking for the
+  target encoder get the online (context) encoder, which is what the targets came from."""
+  c = load_recipe_pretrain()
+  c.use_ema = False
+  models = jepa.build_models(c)
+  tx = optim.make_optimizer(c, optim.make_schedules(c, 10, 10))
+  state = pretrain_step.init_state(models, tx, 0, use_ema=False)
+  assert 'target_params' not in state
+  with checkpoint_lib.Checkpointer(str(tmp_path), async_save=False) as ckpt:
+    ckpt.save(3, state, c, force=True)
+  config = tiny_config(pretrained=str(tmp_path))
+  encoder, info = features_lib.resolve_encoder(config)
+  assert info['encoder'] == 'context'
+  params = features_lib.load_encoder_params(config, encoder, info, sharding.replicated(
+      Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES)))
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state['params']['encoder']),
+                  strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Pretraining with EMA from it: the target starts as its online encoder.
+  c.use_ema = True
+  run_state = pretrain_step.init_state(models, tx, 1)
+  shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+                           run_state)
+  loaded = checkpoint_lib.load_init_from(str(tmp_path), run_state, shardings)
+  for a, b in zip(jax.tree.leaves(loaded['target_params']),
+                  jax.tree.leaves(state['params']['encoder']), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -386,3 +386,100 @@ def test_projector_bad_spec():
     projector_lib.Projector(spec='2048-x').init(jax.random.key(0), jnp.ones((2, 4)))
   with pytest.raises(ValueError, match='projector norm'):
     projector_lib.Projector(spec='8', norm='group').init(jax.random.key(0), jnp.ones((2, 4)))
+
+
+# ------------------------------------------------------------------------------------------------
+# SIGReg (LeJEPA): the Epps-Pulley statistic of random 1-D projections.
+# ------------------------------------------------------------------------------------------------
+
+
+def epps_pulley_numpy(x, t_max=3.0, knots=17):
+  """float64, the whole symmetric grid [-t_max, t_max] (2 * knots - 1 points), complex ECF and
+  the plain trapezoid rule: N * integral |ecf(t) - phi(t)|^2 phi(t) dt, per column of x [N, K]."""
+  x = np.asarray(x, np.float64)
+  t = np.linspace(-t_max, t_max, 2 * knots - 1)
+  phi = np.exp(-0.5 * t**2)
+  ecf = np.exp(1j * x[..., None] * t).mean(axis=0)                       # [K, T]
+  integrand = np.abs(ecf - phi) ** 2 * phi
+  dt = t[1] - t[0]
+  return x.shape[0] * dt * (integrand.sum(-1) - 0.5 * (integrand[:, 0] + integrand[:, -1]))
+
+
+def test_epps_pulley_matches_numpy():
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.normal(size=(300, 2)), rng.uniform(-2, 2, size=(300, 1)),
+                      rng.exponential(size=(300, 1))], axis=1).astype(np.float32)
+  for t_max, knots in ((3.0, 17), (5.0, 21)):
+    got = jax.jit(losses.epps_pulley, static_argnums=(1, 2))(x, t_max, knots)
+    np.testing.assert_allclose(np.asarray(got), epps_pulley_numpy(x, t_max, knots), rtol=1e-4)
+
+
+def test_sigreg_is_the_mean_over_unit_random_directions():
+  z = np.random.default_rng(1).normal(size=(128, 24)).astype(np.float32) * 1.5
+  spec = losses.SIGRegSpec(weight=1.0, num_slices=32)
+  key = jax.random.key(7)
+  got = float(jax.jit(losses.sigreg, static_argnums=2)(z, key, spec))
+  a = np.asarray(jax.random.normal(key, (24, 32), jnp.float32), np.float64)
+  a /= np.linalg.norm(a, axis=0, keepdims=True)
+  np.testing.assert_allclose(got, epps_pulley_numpy(z @ a).mean(), rtol=1e-4)
+  # Another key, other directions; the same key, the same value (every device draws the same).
+  assert float(losses.sigreg(z, jax.random.key(8), spec)) != got
+  assert float(losses.sigreg(z, key, spec)) == pytest.approx(got, rel=1e-6)
+
+
+def test_sigreg_small_on_gaussians_large_on_collapse_and_scale():
+  spec = losses.SIGRegSpec(weight=1.0, num_slices=256)
+  z = jax.random.normal(jax.random.key(0), (4096, 64))
+  null = losses.epps_pulley_null_mean()
+  gaussian = float(losses.sigreg(z, jax.random.key(1), spec))
+  assert abs(gaussian - null) < 0.1 * null, (gaussian, null)   # E[EP] under H0, whatever N.
+  collapsed = float(losses.sigreg(jnp.ones_like(z) * 0.3, jax.random.key(1), spec))
+  scaled = float(losses.sigreg(3.0 * z, jax.random.key(1), spec))
+  low_rank = float(losses.sigreg(z[:, :2] @ jnp.ones((2, 64)), jax.random.key(1), spec))
+  for bad in (collapsed, scaled, low_rank):
+    assert bad > 50 * null, (bad, null)
+
+
+def test_sigreg_gradient_is_finite_and_pushes_towards_the_gaussian():
+  spec = losses.SIGRegSpec(weight=1.0, num_slices=64)
+  for z in (jnp.zeros((64, 16)), 0.01 * jax.random.normal(jax.random.key(2), (64, 16)),
+            jax.random.normal(jax.random.key(3), (64, 16))):
+    g = jax.grad(losses.sigreg)(z, jax.random.key(4), spec)
+    assert np.all(np.isfinite(np.asarray(g)))
+  # A step down the gradient from a too-narrow cloud widens it and lowers the statistic.
+  z = 0.1 * jax.random.normal(jax.random.key(5), (256, 16))
+  f = lambda z: losses.sigreg(z, jax.random.key(6), spec)
+  g = jax.grad(f)(z)
+  assert float(f(z - 0.5 * g / jnp.linalg.norm(g) * jnp.sqrt(z.size))) < float(f(z))
+
+
+def test_sigreg_sharded_equals_single_device():
+  assert jax.device_count() == 8
+  z = np.random.default_rng(9).normal(size=(64, 32)).astype(np.float32)
+  spec = losses.SIGRegSpec(weight=1.0, num_slices=16)
+  fn = jax.jit(losses.sigreg, static_argnums=2)
+  one = fn(jax.device_put(z, jax.devices()[0]), jax.random.key(3), spec)
+  mesh = Mesh(np.asarray(jax.devices()), ('data',))
+  eight = fn(jax.device_put(z, NamedSharding(mesh, P('data'))), jax.random.key(3), spec)
+  np.testing.assert_allclose(float(eight), float(one), rtol=1e-5)
+
+
+def test_cjepa_loss_adds_weighted_sigreg_of_the_pooled_context():
+  rng = np.random.default_rng(4)
+  pred = rng.normal(size=(8, 2, 3, 16)).astype(np.float32)
+  target = rng.normal(size=(8, 2, 3, 16)).astype(np.float32)
+  valid = np.ones((8, 2, 3), bool)
+  ctx = rng.normal(size=(8, 5, 16)).astype(np.float32)
+  ctx_valid = np.ones((8, 5), bool)
+  ctx_valid[:, 4] = False
+  ctx[:, 4] = np.nan   # Padding never reaches the statistic.
+  vic = losses.VICRegSpec(0.0, 'context', 25.0, 25.0, 1.0)
+  spec = losses.SIGRegSpec(weight=0.3, num_slices=8)
+  key = jax.random.key(0)
+  loss, terms = losses.cjepa_loss(pred, target, valid, ctx=ctx, ctx_valid=ctx_valid, vicreg=vic,
+                                  sigreg_spec=spec, sigreg_key=key)
+  want = float(losses.sigreg(ctx[:, :4].mean(1), key, spec))
+  assert float(terms['sigreg']) == pytest.approx(want, rel=1e-5)
+  assert float(loss) == pytest.approx(float(terms['jepa']) + 0.3 * want, rel=1e-5)
+  _, off = losses.cjepa_loss(pred, target, valid, ctx=ctx, ctx_valid=ctx_valid, vicreg=vic)
+  assert 'sigreg' not in off

@@ -198,3 +198,41 @@ def test_effective_rank_of_the_pooled_target_features_on_log_steps():
     assert rank == pytest.approx(_rankme(want - want.mean(axis=0)), rel=1e-4)
     assert rank > 1.0
   assert run.trace_count[0] == 1
+
+
+def test_without_ema_the_state_keeps_no_target_copy_and_equals_momentum_zero():
+  """use_ema=False: no `target_params` in the state (no second copy of the encoder); its steps
+  equal those of EMA with momentum 0, whose target is always the online encoder."""
+  batches = [fixed_batch(tiny_config(), seed=s) for s in range(3)]
+  off = tiny_config(total_steps=4)
+  off.use_ema = False
+  zero = tiny_config(total_steps=4)
+  zero.optim.ema = (0.0, 0.0)
+  state_off, losses_off, _ = run_steps(off, jax.devices()[:1], 3, batches)
+  state_zero, losses_zero, _ = run_steps(zero, jax.devices()[:1], 3, batches)
+  assert 'target_params' not in state_off and 'target_params' in state_zero
+  assert step_lib.target_encoder_params(state_off) is state_off['params']['encoder']
+  np.testing.assert_allclose(losses_off, losses_zero, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(state_off['params']), jax.tree.leaves(state_zero['params']),
+                  strict=True):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  n_off = sum(x.size for x in jax.tree.leaves(state_off))
+  n_zero = sum(x.size for x in jax.tree.leaves(state_zero))
+  n_encoder = sum(x.size for x in jax.tree.leaves(state_zero['target_params']))
+  assert n_zero - n_off == n_encoder
+
+
+def test_sigreg_objective_logs_its_term_and_trains():
+  config = tiny_config(total_steps=4)
+  config.sigreg.weight = 0.05
+  config.sigreg.num_slices = 16
+  config.use_ema = False
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  run = step_lib.setup(config, mesh)
+  state = run.init_fn()
+  _, metrics, _ = run.jitted_step(state, jax.device_put(fixed_batch(config),
+                                                        sharding.batch_sharding(mesh)))
+  assert 'ema_momentum' not in metrics and 'vicreg' not in metrics
+  assert float(metrics['sigreg']) > 0 and np.isfinite(float(metrics['loss']))
+  assert float(metrics['loss']) == pytest.approx(
+      float(metrics['jepa']) + 0.05 * float(metrics['sigreg']), rel=1e-5)

@@ -96,7 +96,13 @@ def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[vit.Encoder, dic
     saved = checkpoint_lib.load_config(step_dir)
     model = saved['model']
     image_size = int(saved['data']['image_size'])
-    info = dict(checkpoint=step_dir, step=int(step), encoder=config.encoder)
+    which = config.encoder
+    if which == 'target' and saved.get('use_ema', True) is False:
+      # Pretrained without EMA: the target was the online encoder itself (no second copy).
+      logging.info('%s was pretrained without EMA (use_ema=False): its target encoder is the '
+                   'context encoder, which is restored.', step_dir)
+      which = 'context'
+    info = dict(checkpoint=step_dir, step=int(step), encoder=which)
   keep = ('variant', 'depth', 'dtype', 'scan')
   info.update(image_size=image_size, model={k: model[k] for k in keep if k in model})
   return jepa.encoder_from_model_config(model), info
@@ -107,7 +113,8 @@ def load_encoder_params(config: ml_collections.ConfigDict, encoder: vit.Encoder,
   """The weights `resolve_encoder` located, placed with `sharding_`.
 
   `random`: `encoder.init` with `config.seed` at `info['image_size']`; a checkpoint:
-  `ENCODER_KEYS[config.encoder]` of its train state, checked against `encoder`'s shapes.
+  `ENCODER_KEYS[info['encoder']]` of its train state (`config.encoder`, or 'context' for a run
+  pretrained without EMA), checked against `encoder`'s shapes.
   """
   if info['checkpoint'] == RANDOM:
     size = int(info['image_size'])
@@ -115,7 +122,7 @@ def load_encoder_params(config: ml_collections.ConfigDict, encoder: vit.Encoder,
     init = jax.jit(lambda: encoder.init(jax.random.key(config.seed), images)['params'],
                    out_shardings=sharding_)
     return init()
-  params = checkpoint_lib.restore_subtree(info['checkpoint'], ENCODER_KEYS[config.encoder],
+  params = checkpoint_lib.restore_subtree(info['checkpoint'], ENCODER_KEYS[info['encoder']],
                                           sharding=sharding_)
   _check_params(encoder, params, int(info['image_size']), info['checkpoint'])
   return params
