@@ -173,6 +173,7 @@ def evaluate(run: step_lib.Setup, params: Any, config: ml_collections.ConfigDict
       config, config.data.eval_split, batch_size=run.eval_batch_size,
       num_examples=int(config.eval_examples) or None):
     batch.pop('data_skipped', None)
+    batch.pop('pos', None)
     out = run.jitted_eval(params, input_pipeline.to_global_array(batch, batch_sharding))
     totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
   host = {k: float(v) for k, v in jax.device_get(totals).items()}

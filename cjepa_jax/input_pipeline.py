@@ -157,7 +157,9 @@ def make_eval_iterator(
       class). None: all.
 
   Yields:
-    dict(image=float32 [b, H, W, 3], label=int32 [b], valid=bool [b], data_skipped=int).
+    dict(image=float32 [b, H, W, 3], label=int32 [b], valid=bool [b], pos=int32 [b] (the
+    example's position in the split, the same whatever the process count; -1 on padding),
+    data_skipped=int).
   """
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch(batch_size, process_count)
@@ -530,9 +532,14 @@ def _eval_source(config, split, count, process_index, process_count):
   if count is not None:
     split = f'{split}[:{count}]'
   total = int(_tfds_read(builder, split).cardinality())
+  # Process p reads a contiguous range of the split: its examples' global positions start after
+  # the earlier processes' ranges (metadata only).
+  offset = sum(int(_tfds_read(builder, tfds.split_for_jax_process(
+      split, process_index=p, process_count=process_count)).cardinality())
+               for p in range(process_index))
   local = tfds.split_for_jax_process(split, process_index=process_index,
                                      process_count=process_count)
-  ds = _tfds_read(builder, local).enumerate().map(lambda i, ex: _tfds_example(ex, i))
+  ds = _tfds_read(builder, local).enumerate().map(lambda i, ex: _tfds_example(ex, offset + i))
   return ds, total
 
 
@@ -851,8 +858,9 @@ def _host_batches(ds: tf.data.Dataset, *, fill_invalid: bool) -> Iterator[dict[s
     if fill_invalid:
       out = dict(image=_fill_invalid(batch['image'], valid),
                  label=_fill_invalid(batch['label'], valid))
-    else:
-      out = dict(image=batch['image'], label=batch['label'], valid=valid)
+    else:   # Evaluation: `pos`, the example's position in the split, orders gathered rows.
+      out = dict(image=batch['image'], label=batch['label'], valid=valid,
+                 pos=batch['pos'].astype(np.int32))
     out['data_skipped'] = skipped
     yield out
 

@@ -49,7 +49,7 @@ pytestmark = pytest.mark.skipif(gloo_unavailable_reason() is not None,
                                 reason=f'no gloo CPU collectives: {gloo_unavailable_reason()}')
 
 NUM_CLASSES, PER_CLASS, SIZE = 10, 8, 32
-TIMEOUT_S = 240
+TIMEOUT_S = 420  # A hang guard: two processes share 2 cores with another xdist worker.
 # Overrides shared by every run here: a tiny model and the test's image folder (added per run).
 TRAIN_ARGS = ('--config', 'configs/cifar10_vit_tiny.py', '--config.batch_size=16',
               '--config.model.depth=1', '--config.model.pred_depth=1',
@@ -376,13 +376,26 @@ def _probe_config(pretrained, data_dir):
   return c
 
 
+def _compare_accuracies(a, b, tolerance, path=''):
+  """Asserts every top-k accuracy of probe results `a` is within `tolerance` of `b`'s; returns
+  the paths compared."""
+  if isinstance(a, dict):
+    return [p for k in a if k not in ('config', 'checkpoint')
+            for p in _compare_accuracies(a[k], b[k], tolerance, f'{path}/{k}'.lstrip('/'))]
+  if isinstance(a, float) and 'top' in path:
+    assert abs(a - b) <= tolerance, (path, a, b)
+    return [path]
+  return []
+
+
 def test_two_processes_probe_the_checkpoint_as_one_process_does(tmp_path, job, data_dir):
   """`cjepa-probe` with every evaluator as a 2-process job (4 devices): only process 0 writes and
-  prints; it sees every example once, as the single-process probe does (in this process).
+  prints, and every evaluator gives what the single-process probe (in this process) gives.
 
-  Not bitwise equal to one process: the gathered features come in the processes' read order
-  (each reads every other file), so the seeded holdout rows, minibatches and k-shot draws pick
-  other examples. kNN does not depend on the order and must agree exactly.
+  Each process reads every other file; the gathered features are put back in the split's order
+  (`pos`), so the seeded holdout rows, minibatches and k-shot draws pick the same examples. What
+  may differ is float rounding of sums split over 4 rather than 8 devices, so accuracies are
+  compared to within one of the 20 test images.
   """
   out = tmp_path / 'probe'
   address = f'127.0.0.1:{free_port()}'
@@ -404,6 +417,10 @@ def test_two_processes_probe_the_checkpoint_as_one_process_does(tmp_path, job, d
   assert two['knn'] == one['knn']
   assert two['complete'] and set(two['evals']) == set(one['evals'])
   assert set(two['fewshot']['top1']) == {'1', '2'}
+  # As written to JSON (integer keys such as the shot counts become strings).
+  compared = _compare_accuracies(two, json.loads(json.dumps(one)), tolerance=1 / 20 + 1e-9)
+  assert {p.split('/')[0] for p in compared} == {'linear', 'knn', 'fewshot', 'lowshot',
+                                                  'attentive'}
   assert two['lowshot']['fractions']['25%']['num_train'] == 20  # 2 of 8 per class, 10 classes.
   for name in ('linear', 'attentive'):
     assert 0.0 <= two[name]['top1'] <= 1.0 and np.isfinite(two[name]['holdout_loss'])

@@ -194,7 +194,7 @@ def make_feature_fn(encoder: vit.Encoder, kinds: Sequence[str]
   @jax.jit
   def features(params, batch):
     out = pooled_features(encoder, params, batch['image'], kinds)
-    out.update(label=batch['label'], valid=batch['valid'])
+    out.update(label=batch['label'], valid=batch['valid'], pos=batch['pos'])
     return out
 
   return features
@@ -207,8 +207,9 @@ def extract_features(feature_fn: Callable, params: Params, config: ml_collection
   """One pass of the eval pipeline over `split`: (features {kind: [N, F]}, labels [N]) on host.
 
   The eval preprocessing (resize the short side, centre crop, normalise) at
-  `config.data.image_size`. Every process gets all N rows (gathered from the processes); the
-  padded rows of the last batch (`valid = False`) are dropped. One batch stays in flight while
+  `config.data.image_size`. Every process gets all N rows (gathered from the processes), in the
+  split's order whatever the number of processes; the padded rows of the last batch
+  (`valid = False`) are dropped. One batch stays in flight while
   the previous one is fetched, so the device never waits for the host. 'tokens' are kept as
   float16. With `progress`, the main process logs a progress line about every 20 s. Call on every
   process (collectives).
@@ -243,6 +244,11 @@ def extract_features(feature_fn: Callable, params: Params, config: ml_collection
   if not chunks or not sum(len(c['label']) for c in chunks):
     raise ValueError(f'Split {split!r} of {config.data.dataset!r} gave no examples.')
   merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+  # Rows in split order, whatever the number of processes (each reads every P-th example, and
+  # the gather concatenates the processes' parts): the seeded holdouts, minibatches and shot
+  # draws of the probes then pick the same examples as with one process.
+  order = np.argsort(merged.pop('pos'), kind='stable')
+  merged = {k: v[order] for k, v in merged.items()}
   labels = merged.pop('label').astype(np.int32)
   meter.done()
   return {k: v if k == TOKENS else v.astype(np.float32) for k, v in merged.items()}, labels
