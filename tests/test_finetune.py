@@ -91,8 +91,10 @@ def test_mixup_and_cutmix_match_numpy_and_targets_sum_to_one(mixup_alpha, cutmix
   images = rng.normal(size=(6, 12, 10, 3)).astype(np.float32)
   labels = rng.integers(0, 10, size=6).astype(np.int32)
   seen_cutmix = set()
+  sample = jax.jit(mixup.sample, static_argnums=(1, 2, 3))   # Eager dispatch is slow on CPU.
+  apply = jax.jit(mixup.apply, static_argnums=3)
   for seed in range(12):
-    params = mixup.sample(jax.random.key(seed), spec, 12, 10)
+    params = sample(jax.random.key(seed), spec, 12, 10)
     lam, use_cutmix = float(params.lam), bool(params.use_cutmix)
     box = [int(v) for v in params.box]
     seen_cutmix.add(use_cutmix)
@@ -100,7 +102,7 @@ def test_mixup_and_cutmix_match_numpy_and_targets_sum_to_one(mixup_alpha, cutmix
       assert lam == pytest.approx(1 - (box[1] - box[0]) * (box[3] - box[2]) / 120, abs=1e-6)
       assert 0 <= box[0] <= box[1] <= 12 and 0 <= box[2] <= box[3] <= 10
     assert 0.0 <= lam <= 1.0
-    out, targets = mixup.apply(jnp.asarray(images), jnp.asarray(labels), params, spec)
+    out, targets = apply(jnp.asarray(images), jnp.asarray(labels), params, spec)
     want_x, want_y = numpy_mix(images, labels, lam, use_cutmix, box, 10, 0.1)
     np.testing.assert_allclose(np.asarray(out), want_x, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(targets), want_y, rtol=1e-5, atol=1e-6)
@@ -155,8 +157,8 @@ def test_every_update_is_scaled_by_its_layer_multiplier():
   grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.01, params)
   plain = optax.adamw(run.schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
                       mask=optim.weight_decay_mask)
-  want, _ = plain.update(grads, plain.init(params), params)
-  got, _ = run.tx.update(grads, run.tx.init(params), params)
+  want, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+  got, _ = jax.jit(run.tx.update)(grads, run.tx.init(params), params)
   for path, g in jax.tree_util.tree_leaves_with_path(got):
     names = [str(getattr(k, 'key', k)) for k in path]
     if names[0] != 'encoder':
@@ -178,10 +180,10 @@ def test_classifier_is_mean_pool_layernorm_linear():
   from cjepa_jax.models import classifier  # pylint: disable=g-import-not-at-top
   model = classifier.Classifier(encoder, 5)
   images = jax.random.normal(jax.random.key(1), (3, 16, 16, 3))
-  params = model.init(jax.random.key(0), images)['params']
+  params = jax.jit(model.init)(jax.random.key(0), images)['params']
   assert set(params) == {'encoder', 'head_norm', 'head'}
   params['head']['kernel'] = jax.random.normal(jax.random.key(2), (192, 5))  # Not ~0.
-  tokens = np.asarray(encoder.apply({'params': params['encoder']}, images), np.float64)
+  tokens = np.asarray(jax.jit(encoder.apply)({'params': params['encoder']}, images), np.float64)
   pooled = tokens.mean(1)
   normed = (pooled - pooled.mean(-1, keepdims=True)) / np.sqrt(pooled.var(-1, keepdims=True)
                                                               + vit.LN_EPS)
@@ -189,7 +191,7 @@ def test_classifier_is_mean_pool_layernorm_linear():
       params['head_norm']['bias'])
   want = normed @ np.asarray(params['head']['kernel'], np.float64) + np.asarray(
       params['head']['bias'])
-  np.testing.assert_allclose(np.asarray(model.apply({'params': params}, images)), want,
+  np.testing.assert_allclose(np.asarray(jax.jit(model.apply)({'params': params}, images)), want,
                              rtol=1e-4, atol=1e-4)
 
 
