@@ -13,11 +13,15 @@ Every CLI of the package (`cjepa-train`, `cjepa-probe`) runs its absl `main` thr
     and keeps its traceback. With several processes the error goes through
     `distributed.fail_fast`, which shows it on every process.
 
+`trainer_main` is the absl `main` both trainers share: flag checks, exit 75 on preemption, exit 0
+for a run already complete, the JSON result line.
+
 Nothing here runs at import.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from typing import Any, Callable, Sequence
@@ -129,3 +133,35 @@ def run(prog: str, main: Callable[[Sequence[str]], Any], *, doc: str, module: st
 
   distributed.define_flags()
   app.run(wrapped, flags_parser=_flags_parser(prog, doc, module, extra_help))
+
+
+def trainer_main(argv: Sequence[str], config: Any, workdir: str | None,
+                 train_fn: Callable[[Any, str], dict[str, Any]], *, example: str,
+                 complete_hint: str = '') -> None:
+  """The absl `main` of both trainers (`cjepa-train`, `cjepa-finetune`).
+
+  Checks the flags, runs `train_fn(config, workdir)`, turns a preemption into exit code 75 and an
+  already complete run into exit 0 with a line saying so (`complete_hint` appended), and prints
+  the numeric entries of the result as one JSON line on process 0.
+  """
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if config is None or workdir is None:
+    raise app.UsageError(f'--config and --workdir are required, e.g. {example}')
+  # pylint: disable=g-import-not-at-top  (after the flag checks: TensorFlow takes ~10 s)
+  from cjepa_jax import input_pipeline
+  from cjepa_jax import metrics
+  from cjepa_jax import preemption
+  from cjepa_jax import workdir as workdir_lib
+  # pylint: enable=g-import-not-at-top
+  metrics.quiet_library_logs()
+  input_pipeline.hide_accelerators_from_tf()
+  try:
+    result = train_fn(config, workdir)
+  except workdir_lib.Preempted as e:
+    raise Exit(preemption.EXIT_CODE) from e
+  if result.get('already_complete'):
+    raise Exit(0, f'already complete at step {result["step"]} in {workdir}; nothing to do'
+                  f'{complete_hint}.')
+  if jax.process_index() == 0:
+    print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}))

@@ -212,34 +212,18 @@ def default_finetune_config() -> ml_collections.ConfigDict:
 
 def validate_finetune(config: ml_collections.ConfigDict) -> None:
   """`validate` for a fine-tuning config: one line naming the key and the valid range."""
-  _check(isinstance(config.batch_size, int) and config.batch_size > 0, 'batch_size',
-         config.batch_size, 'the global batch must be a positive integer')
-  _check(_is_number(config.epochs) and config.epochs >= 0, 'epochs', config.epochs,
-         'must be >= 0 (0 with total_steps > 0)')
-  _check(isinstance(config.total_steps, int) and config.total_steps >= 0, 'total_steps',
-         config.total_steps, 'must be an integer >= 0 (0: use epochs)')
-  for key in ('log_every_steps', 'ckpt_every_steps', 'keep_ckpts', 'eval_every_steps'):
-    _check(isinstance(config[key], int) and config[key] >= 1, key, config[key],
-           'must be an integer >= 1')
-  for key in ('keep_every_steps', 'eval_batch_size', 'eval_examples'):
-    _check(isinstance(config[key], int) and config[key] >= 0, key, config[key],
-           'must be an integer >= 0 (0: off / the default)')
+  _validate_run(config, every=('log_every_steps', 'ckpt_every_steps', 'keep_ckpts',
+                               'eval_every_steps'),
+                optional=('keep_every_steps', 'eval_batch_size', 'eval_examples'))
   _check(config.encoder in ('target', 'context'), 'encoder', config.encoder,
          "use 'target' (the EMA encoder) or 'context'")
   _check(isinstance(config.pretrained, str) and config.pretrained != '', 'pretrained',
          config.pretrained, "pass --config.pretrained=<a pretraining workdir or step directory> "
          "or --config.pretrained=random (the baseline)")
   o = config.optim
-  for key in ('base_lr', 'final_lr', 'weight_decay', 'grad_clip', 'warmup_epochs'):
-    _check(_is_number(o[key]) and o[key] >= 0, f'optim.{key}', o[key], 'must be >= 0')
-  _check(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0, 'optim.warmup_steps',
-         o.warmup_steps, 'must be an integer >= 0 (0: use warmup_epochs)')
+  _validate_adamw(o, ('base_lr', 'final_lr', 'weight_decay', 'grad_clip', 'warmup_epochs'))
   _check(_is_number(o.layer_decay) and 0 < o.layer_decay <= 1, 'optim.layer_decay',
          o.layer_decay, 'must be in (0, 1] (1: no layer-wise decay)')
-  for key in ('b1', 'b2'):
-    _check(_is_number(o[key]) and 0 <= o[key] < 1, f'optim.{key}', o[key],
-           "Adam's decay rates lie in [0, 1)")
-  _check(_is_number(o.eps) and o.eps > 0, 'optim.eps', o.eps, 'must be > 0')
   m = config.mix
   for key in ('mixup_alpha', 'cutmix_alpha'):
     _check(_is_number(m[key]) and m[key] >= 0, f'mix.{key}', m[key], 'must be >= 0 (0: off)')
@@ -247,13 +231,7 @@ def validate_finetune(config: ml_collections.ConfigDict) -> None:
     _check(_is_number(m[key]) and 0 <= m[key] <= 1, f'mix.{key}', m[key], 'must be in [0, 1]')
   _check(_is_number(config.model.drop_path_rate) and 0 <= config.model.drop_path_rate < 1,
          'model.drop_path_rate', config.model.drop_path_rate, 'must be in [0, 1)')
-  d = config.data
-  _check(isinstance(d.num_classes, int) and d.num_classes >= 2, 'data.num_classes',
-         d.num_classes, 'a labelled dataset has at least 2 classes')
-  _check(isinstance(d.num_train_examples, int) and d.num_train_examples >= 1,
-         'data.num_train_examples', d.num_train_examples, 'must be a positive integer')
-  lo, hi = tuple(d.crop_scale)
-  _check(0 < lo <= hi <= 1, 'data.crop_scale', (lo, hi), 'need 0 < lo <= hi <= 1')
+  _validate_data(config.data)
 
 
 def set_cifar10_image_folder(data: ml_collections.ConfigDict) -> None:
@@ -288,36 +266,29 @@ def _is_number(x: Any) -> bool:
   return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Refuses config values no run can mean (negative lr, EMA outside [0, 1], ...).
-
-  Shapes that need the model (mask blocks against the patch grid, the variant) are checked where
-  they are built (`masks.MaskSpec`, `models.vit`); this checks the scalar knobs.
-
-  Raises:
-    ValueError: one line naming the key, its value and the valid range.
-  """
+def _validate_run(config: ml_collections.ConfigDict, *, every: tuple[str, ...],
+                  optional: tuple[str, ...]) -> None:
+  """The run's length, cadences (`every`: integers >= 1; `optional`: >= 0, 0 = off / default)
+  and peak_tflops: what both trainers' configs share."""
   _check(isinstance(config.batch_size, int) and config.batch_size > 0, 'batch_size',
          config.batch_size, 'the global batch must be a positive integer')
   _check(_is_number(config.epochs) and config.epochs >= 0, 'epochs', config.epochs,
          'must be >= 0 (0 with total_steps > 0)')
   _check(isinstance(config.total_steps, int) and config.total_steps >= 0, 'total_steps',
          config.total_steps, 'must be an integer >= 0 (0: use epochs)')
-  for key in ('log_every_steps', 'ckpt_every_steps', 'keep_ckpts'):
-    value = config[key]
-    _check(isinstance(value, int) and value >= 1, key, value, 'must be an integer >= 1')
-  _check(isinstance(config.keep_every_steps, int) and config.keep_every_steps >= 0,
-         'keep_every_steps', config.keep_every_steps, 'must be an integer >= 0 (0: off)')
-  _check(_is_number(config.ipe_scale) and config.ipe_scale > 0, 'ipe_scale', config.ipe_scale,
-         'must be > 0 (1.0 in every reference recipe)')
+  for key in every:
+    _check(isinstance(config[key], int) and config[key] >= 1, key, config[key],
+           'must be an integer >= 1')
+  for key in optional:
+    _check(isinstance(config[key], int) and config[key] >= 0, key, config[key],
+           'must be an integer >= 0 (0: off / the default)')
   _check(_is_number(config.peak_tflops) and config.peak_tflops >= 0, 'peak_tflops',
          config.peak_tflops, 'must be >= 0 (0: look the device up)')
 
-  o = config.optim
-  for key in ('lr', 'start_lr', 'final_lr'):
-    _check(_is_number(o[key]) and o[key] >= 0, f'optim.{key}', o[key],
-           'a learning rate must be a finite number >= 0')
-  for key in ('weight_decay', 'final_weight_decay', 'grad_clip', 'warmup_epochs'):
+
+def _validate_adamw(o: ml_collections.ConfigDict, nonnegative: tuple[str, ...]) -> None:
+  """`optim.*`: the `nonnegative` keys, the warm-up steps and Adam's b1, b2 and eps."""
+  for key in nonnegative:
     _check(_is_number(o[key]) and o[key] >= 0, f'optim.{key}', o[key], 'must be >= 0')
   _check(isinstance(o.warmup_steps, int) and o.warmup_steps >= 0, 'optim.warmup_steps',
          o.warmup_steps, 'must be an integer >= 0 (0: use warmup_epochs)')
@@ -325,11 +296,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(_is_number(o[key]) and 0 <= o[key] < 1, f'optim.{key}', o[key],
            "Adam's decay rates lie in [0, 1)")
   _check(_is_number(o.eps) and o.eps > 0, 'optim.eps', o.eps, 'must be > 0')
-  ema = tuple(o.ema)
-  _check(len(ema) == 2 and all(_is_number(m) and 0 <= m <= 1 for m in ema), 'optim.ema', ema,
-         'EMA momenta (start, end) must both lie in [0, 1]')
 
-  d = config.data
+
+def _validate_data(d: ml_collections.ConfigDict) -> None:
+  """`data.*`: classes, examples, crop, normalisation and augmentation strengths."""
   _check(isinstance(d.num_classes, int) and d.num_classes >= 2, 'data.num_classes',
          d.num_classes, 'a labelled dataset has at least 2 classes')
   _check(isinstance(d.num_train_examples, int) and d.num_train_examples >= 1,
@@ -343,6 +313,32 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ('color_jitter', 'grayscale', 'blur'):
     _check(_is_number(d[key]) and 0 <= d[key] <= 1, f'data.{key}', d[key],
            'a probability / strength in [0, 1]')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Refuses config values no run can mean (negative lr, EMA outside [0, 1], ...).
+
+  Shapes that need the model (mask blocks against the patch grid, the variant) are checked where
+  they are built (`masks.MaskSpec`, `models.vit`); this checks the scalar knobs.
+
+  Raises:
+    ValueError: one line naming the key, its value and the valid range.
+  """
+  _validate_run(config, every=('log_every_steps', 'ckpt_every_steps', 'keep_ckpts'),
+                optional=('keep_every_steps',))
+  _check(_is_number(config.ipe_scale) and config.ipe_scale > 0, 'ipe_scale', config.ipe_scale,
+         'must be > 0 (1.0 in every reference recipe)')
+
+  o = config.optim
+  for key in ('lr', 'start_lr', 'final_lr'):
+    _check(_is_number(o[key]) and o[key] >= 0, f'optim.{key}', o[key],
+           'a learning rate must be a finite number >= 0')
+  _validate_adamw(o, ('weight_decay', 'final_weight_decay', 'grad_clip', 'warmup_epochs'))
+  ema = tuple(o.ema)
+  _check(len(ema) == 2 and all(_is_number(m) and 0 <= m <= 1 for m in ema), 'optim.ema', ema,
+         'EMA momenta (start, end) must both lie in [0, 1]')
+
+  _validate_data(config.data)
 
   v = config.vicreg
   _check(_is_number(v.weight) and v.weight >= 0, 'vicreg.weight', v.weight,

@@ -27,12 +27,10 @@ current step and exit with code 75, as pretraining.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -286,24 +284,8 @@ def _loop(config, workdir, mesh, run, encoder, info, ckpt, best, input_pipeline
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config, workdir = _FLAGS['config'].value, _FLAGS['workdir'].value
-  if config is None or workdir is None:
-    raise app.UsageError('--config and --workdir are required, e.g. --config '
-                         'configs/finetune_cifar10.py --workdir /tmp/cjepa_finetune')
-  metrics_lib.quiet_library_logs()
-  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
-  input_pipeline.hide_accelerators_from_tf()
-  try:
-    result = finetune(config, workdir)
-  except workdir_lib.Preempted as e:
-    raise cli.Exit(preemption.EXIT_CODE) from e
-  if result.get('already_complete'):
-    raise cli.Exit(0, f'already complete at step {result["step"]} in {workdir}; nothing to do.')
-  if jax.process_index() == 0:
-    print(json.dumps({k: v for k, v in result.items()
-                      if isinstance(v, (int, float)) and v is not None}))
+  cli.trainer_main(argv, _FLAGS['config'].value, _FLAGS['workdir'].value, finetune,
+                   example='--config configs/finetune_cifar10.py --workdir /tmp/cjepa_finetune')
 
 
 def run() -> None:

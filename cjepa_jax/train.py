@@ -20,12 +20,10 @@ is already complete says so and exits 0.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -194,25 +192,11 @@ def _loop(config, workdir, mesh, run, ckpt, input_pipeline) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  config, workdir = _FLAGS['config'].value, _FLAGS['workdir'].value
-  if config is None or workdir is None:
-    raise app.UsageError('--config and --workdir are required, e.g. --config '
-                         'configs/cifar10_vit_tiny.py --workdir /tmp/cjepa_run')
-  metrics_lib.quiet_library_logs()
-  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
-  input_pipeline.hide_accelerators_from_tf()
-  try:
-    result = train_and_evaluate(config, workdir)
-  except workdir_lib.Preempted as e:
-    raise cli.Exit(preemption.EXIT_CODE) from e
-  if result.get('already_complete'):
-    raise cli.Exit(0, f'already complete at step {result["step"]} in {workdir}; nothing to do '
-                      '(to train further, raise --config.total_steps or --config.epochs and add '
-                      '--config.allow_config_change=True).')
-  if jax.process_index() == 0:
-    print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float))}))
+  cli.trainer_main(
+      argv, _FLAGS['config'].value, _FLAGS['workdir'].value, train_and_evaluate,
+      example='--config configs/cifar10_vit_tiny.py --workdir /tmp/cjepa_run',
+      complete_hint=' (to train further, raise --config.total_steps or --config.epochs and add '
+                    '--config.allow_config_change=True)')
 
 
 def run() -> None:
