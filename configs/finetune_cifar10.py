@@ -11,7 +11,8 @@ encoder, randomly initialised, the baseline every comparison needs).
 
 MAE / BEiT's recipe (config.default_finetune_config) shrunk for a 2-core CPU; ours where it says so:
   * 2 epochs of batch 128 (780 steps), evaluated on the 10,000 test images after each epoch
-    (about 30 img/s on this 2-core CPU beside a pretraining run, so roughly 30-55 minutes);
+    (measured: 31 img/s on this 2-core CPU beside a pretraining run, i.e. ~55 minutes; not
+    yet timed alone);
   * AdamW (0.9, 0.999), weight decay 0.05, base lr 1e-3 per 256 (peak 5e-4), warm-up 0.5 epoch,
     cosine to 1e-6;
   * layer-wise lr decay 0.75 (4 blocks: the patch embedding gets 0.75^5 = 0.24), drop path 0.1;
