@@ -271,3 +271,36 @@ def test_suite_report_table_mfu_against_both_peaks():
                       '395.5 | 40.0% | 50.1% | 40.00 | 30.0 | 1.000 |')
   assert lines[3].endswith('| 1.100 |')
   assert lines[4].startswith('| H14 | timeout: compiling |') and lines[4].count('|') == 11
+
+
+def _finetune_workdir(path, top1_by_step, pretrained, n=10_000):
+  path.mkdir()
+  (path / 'config.json').write_text(json.dumps({'pretrained': pretrained, 'encoder': 'target'}))
+  rows = [{'step': 1, 'loss': 2.3}]   # A training row: no evaluation in it.
+  rows += [{'step': s, 'eval_top1': t, 'eval_top5': t + 40.0, 'eval_loss': 1.5,
+            'eval_examples': n} for s, t in top1_by_step.items()]
+  rows.append(dict(rows[-1], eval_top1=rows[-1]['eval_top1']))   # A resume re-logs a step.
+  (path / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  return f'{pretrained}={path}'
+
+
+def test_finetune_table_gains_and_their_standard_errors(tmp_path, monkeypatch, capsys):
+  table = _load_module('finetune_table', REPO / 'benchmarks' / 'finetune_table.py')
+  base = _finetune_workdir(tmp_path / 'r', {130: 30.0, 260: 38.0}, 'random')
+  other = _finetune_workdir(tmp_path / 'p', {130: 41.0, 260: 45.5}, 'pre')
+  summary = tmp_path / 'summary.json'
+  monkeypatch.setattr(sys, 'argv', ['t', base, other, '--summary', str(summary)])
+  table.main()
+  lines = capsys.readouterr().out.splitlines()
+  se_base, se_pre = math.sqrt(0.38 * 0.62 / 1e4), math.sqrt(0.455 * 0.545 / 1e4)
+  assert lines[0].startswith('| init | top-1 @ 130 | top-1 @ 260 (last) |')
+  assert lines[2] == f'| random | 30.00 | 38.00 +- {100 * se_base:.2f} | 78.00 | 1.500 | - |'
+  assert lines[3].endswith(f'| +7.50 +- {100 * math.hypot(se_base, se_pre):.2f} |')
+  rows = json.loads(summary.read_text())
+  assert rows[1]['top1'] == 45.5 and rows[1]['top1_by_step'] == {'130': 41.0, '260': 45.5}
+  assert rows[1]['diff_se'] == pytest.approx(100 * math.hypot(se_base, se_pre))
+  # Runs of unequal length are not compared.
+  short = _finetune_workdir(tmp_path / 's', {130: 41.0}, 'short')
+  monkeypatch.setattr(sys, 'argv', ['t', base, short])
+  with pytest.raises(SystemExit):
+    table.main()
