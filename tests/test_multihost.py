@@ -17,7 +17,8 @@ written collectively. Checked:
   * the checkpoint written by 2 processes (parameters split between them) restores in one process:
     its parameter norm is the one the job logged, and the trainer's resume path (`restore_latest`
     onto a 1-device mesh) gives back every array of the state;
-  * an error on one process stops both, each showing the message.
+  * an error on one process stops both, each showing the message;
+  * the probe and fine-tuning as 2-process jobs agree with one process.
 """
 
 from __future__ import annotations
@@ -424,3 +425,51 @@ def test_two_processes_probe_the_checkpoint_as_one_process_does(tmp_path, job, d
   assert two['lowshot']['fractions']['25%']['num_train'] == 20  # 2 of 8 per class, 10 classes.
   for name in ('linear', 'attentive'):
     assert 0.0 <= two[name]['top1'] <= 1.0 and np.isfinite(two[name]['holdout_loss'])
+
+
+def test_two_processes_finetune_as_one_job(tmp_path, job, data_dir):
+  """`cjepa-finetune` from the job's checkpoint as a 2-process job (mesh data 1 x fsdp 4: the
+  parameters split between the processes): both exit 0, only process 0 writes metrics, the last
+  and best checkpoints are written collectively, and the evaluation counts each of the 20 test
+  images once: its top-1 and loss equal those of the saved last state evaluated in this process
+  on one device (to within one image and float rounding).
+  """
+  from cjepa_jax import finetune  # pylint: disable=g-import-not-at-top
+  from cjepa_jax import finetune_step  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  workdir = tmp_path / 'ft'
+  address = f'127.0.0.1:{free_port()}'
+  common = ['--config', 'configs/finetune_cifar10.py', f'--config.pretrained={job.workdir}',
+            f'--config.data.data_dir={data_dir}', '--config.batch_size=16',
+            '--config.total_steps=2', '--config.log_every_steps=1', '--config.eval_every_steps=1',
+            '--config.ckpt_every_steps=2', '--config.eval_batch_size=8',
+            '--config.optim.warmup_steps=1', '--config.mesh.data=1', '--config.mesh.fsdp=4']
+  commands = [[sys.executable, '-m', 'cjepa_jax.finetune', *common, f'--workdir={workdir}',
+               f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}']
+              for i in range(2)]
+  results, _ = run_processes(commands, [cpu_env(2), cpu_env(2)], timeout=TIMEOUT_S)
+  assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
+  assert "Mesh {'data': 1, 'fsdp': 4} over 4 devices (2 processes)" in results[0].stderr
+  rows = _metric_rows(workdir)
+  assert [r['step'] for r in rows] == [1, 2]   # Process 0 alone writes: one row per step.
+  assert all(r['eval_examples'] == 20 for r in rows), rows
+  assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [2]
+  assert checkpoint_lib.Checkpointer(str(workdir / finetune.BEST_DIR)).latest_step() in (1, 2)
+
+  saved = checkpoint_lib.load_config(str(workdir))
+  encoder = jepa.encoder_from_model_config(saved['model'])
+  config = ml_collections.ConfigDict({k: v for k, v in saved.items() if k != 'finetune_source'})
+  config.mesh.data, config.mesh.fsdp = 1, 1
+  mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
+  run = finetune_step.setup(config, mesh, encoder)
+  ckpt = checkpoint_lib.Checkpointer(str(workdir))
+  try:
+    _, state = ckpt.restore_latest(
+        workdir_lib.with_shardings(run.abstract_state, run.state_shardings))
+  finally:
+    ckpt.close()
+  one = finetune.evaluate(run, state['params'], config, mesh, input_pipeline)
+  assert one['eval_examples'] == 20
+  assert abs(one['eval_top1'] - rows[-1]['eval_top1']) <= 100 / 20 + 1e-9
+  np.testing.assert_allclose(one['eval_loss'], rows[-1]['eval_loss'], rtol=1e-4)
