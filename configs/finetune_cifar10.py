@@ -11,8 +11,8 @@ encoder, randomly initialised, the baseline every comparison needs).
 
 MAE / BEiT's recipe (config.default_finetune_config) shrunk for a 2-core CPU; ours where it says so:
   * 1 epoch of batch 128 (390 steps), evaluated on the 10,000 test images every 130 steps and
-    at the end (measured: 31 img/s on this 2-core CPU beside a pretraining run, i.e. about 27
-    minutes; RESULTS.md gives the measured time of each run);
+    at the end (measured: 33-38 minutes a run on this 2-core CPU beside a pretraining run,
+    25-36 img/s; RESULTS.md, section F);
   * AdamW (0.9, 0.999), weight decay 0.05, base lr 1e-3 per 256 (peak 5e-4), warm-up 0.2 epoch,
     cosine to 1e-6;
   * layer-wise lr decay 0.75 (4 blocks: the patch embedding gets 0.75^5 = 0.24), drop path 0.1;
