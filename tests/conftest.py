@@ -45,7 +45,7 @@ def shared_cifar10_tarballs():
 # The files that take longest (multi-process jobs, CLI runs) go first: under `pytest -n 2 --dist
 # loadfile` (README) each file runs whole on one worker, and a long file started last would leave
 # the other worker idle at the end.
-_SLOW_FIRST = ('test_multihost.py', 'test_train.py', 'test_finetune.py', 'test_train_step.py',
+_SLOW_FIRST = ('test_multihost.py', 'test_multihost_evals.py', 'test_train.py', 'test_finetune.py', 'test_train_step.py',
                'test_evals.py', 'test_benchmarks.py')
 
 

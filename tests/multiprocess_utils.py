@@ -1,19 +1,24 @@
 """Helpers for tests that start several real JAX processes on localhost (CPU, gloo collectives).
 
-Shared by tests/test_launch.py (jax.distributed smoke tests) and tests/test_multihost.py (the
-trainer as a 2-process job). Not a test module: pytest collects nothing here.
+Shared by tests/test_launch.py (jax.distributed smoke tests), tests/test_multihost.py (the
+trainer as a 2-process job) and tests/test_multihost_evals.py (the probe and fine-tuning as one). Not a test module: pytest
+collects nothing here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import tempfile
 import time
 from typing import Sequence
+
+from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -96,3 +101,39 @@ def run_processes(commands: Sequence[Sequence[str]], envs: Sequence[dict[str, st
     out.close()
     err.close()
   return results, elapsed
+
+
+# The 2-process jobs' image folder and what they write (tests/test_multihost*.py).
+
+NUM_CLASSES, PER_CLASS, SIZE = 10, 8, 32
+TIMEOUT_S = 420  # A hang guard: two processes share 2 cores with another xdist worker.
+
+
+def colour(label: int, k: int) -> tuple[int, int, int]:
+  """The uniform colour of training image k of class `label`: every file its own colour."""
+  return (12 + 24 * label, 20 + 30 * k, 128)
+
+
+def write_colour_folder(root: pathlib.Path) -> None:
+  """train/class<c>/img<k>.jpg: 10 x 8 uniform 32x32 JPEGs; test/: 2 copies per class.
+
+  test/class<c>/img0.jpg is byte-identical to train/class<c>/img<c % 8>.jpg (so a 1-NN gets it
+  right) and test/class<c>/img1.jpg to train/class<c+1>/img<c % 8>.jpg (so it gets it wrong).
+  The image folder gives sorted file i to process i % 2: process 0 evaluates every img0 and
+  process 1 every img1, so the kNN top-1 is exactly 0.5 only if both halves are counted once.
+  """
+  for c in range(NUM_CLASSES):
+    (root / 'train' / f'class{c}').mkdir(parents=True)
+    (root / 'test' / f'class{c}').mkdir(parents=True)
+    for k in range(PER_CLASS):
+      Image.new('RGB', (SIZE, SIZE), colour(c, k)).save(
+          root / 'train' / f'class{c}' / f'img{k}.jpg', quality=95)
+  for c in range(NUM_CLASSES):
+    for j, source in enumerate((c, (c + 1) % NUM_CLASSES)):
+      shutil.copyfile(root / 'train' / f'class{source}' / f'img{c % PER_CLASS}.jpg',
+                      root / 'test' / f'class{c}' / f'img{j}.jpg')
+
+
+def metric_rows(workdir: pathlib.Path) -> list[dict]:
+  with open(workdir / 'metrics.jsonl', encoding='utf-8') as f:
+    return [json.loads(line) for line in f]

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import pytest
 
 from cjepa_jax import flops as flops_lib
-from cjepa_jax import train_step as step_lib
 from cjepa_jax.models import jepa
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -30,6 +30,7 @@ from cjepa_jax import train_step as pretrain_step
 from cjepa_jax.evals import features as features_lib
 from cjepa_jax.models import jepa
 from cjepa_jax.models import vit
+import pretrained_utils
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -238,14 +239,12 @@ def test_sharded_equals_single_device():
 def pretrained(tmp_path_factory):
   """A pretraining checkpoint (the CIFAR recipe's encoder at depth 1) with target != context."""
   workdir = tmp_path_factory.mktemp('pretrained')
-  c = load_recipe_pretrain()
-  models = jepa.build_models(c)
-  tx = optim.make_optimizer(c, optim.make_schedules(c, 10, 10))
-  state = pretrain_step.init_state(models, tx, 0)
-  state['target_params'] = jax.tree.map(lambda x: x + 1.0, state['target_params'])
-  state['step'] = jnp.int32(7)
-  with checkpoint_lib.Checkpointer(str(workdir), async_save=False) as ckpt:
-    ckpt.save(7, state, c, force=True)
+
+  def move(state):
+    state['target_params'] = jax.tree.map(lambda x: x + 1.0, state['target_params'])
+    return state
+
+  state = pretrained_utils.save_pretraining_checkpoint(workdir, load_recipe_pretrain(), 7, move)
   return workdir, state
 
 

@@ -18,7 +18,9 @@ written collectively. Checked:
     its parameter norm is the one the job logged, and the trainer's resume path (`restore_latest`
     onto a 1-device mesh) gives back every array of the state;
   * an error on one process stops both, each showing the message;
-  * the probe and fine-tuning as 2-process jobs agree with one process.
+  * SIGTERM on one process: both save one agreed step, and the resumed job ends bit-identical.
+
+The probe and fine-tuning as 2-process jobs: tests/test_multihost_evals.py.
 """
 
 from __future__ import annotations
@@ -28,14 +30,12 @@ import importlib.util
 import json
 import os
 import pathlib
-import shutil
 import sys
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh
-from PIL import Image
 
 from cjepa_jax import checkpoint as checkpoint_lib
 from cjepa_jax import input_pipeline
@@ -44,13 +44,13 @@ from cjepa_jax import sharding as sharding_lib
 from cjepa_jax import train_step as step_lib
 from cjepa_jax import workdir as workdir_lib
 from cjepa_jax.models import jepa
-from multiprocess_utils import ROOT, cpu_env, free_port, gloo_unavailable_reason, run_processes
+from multiprocess_utils import (NUM_CLASSES, PER_CLASS, ROOT, SIZE, TIMEOUT_S, colour, cpu_env,
+                                free_port, gloo_unavailable_reason, metric_rows, run_processes,
+                                write_colour_folder)
 
 pytestmark = pytest.mark.skipif(gloo_unavailable_reason() is not None,
                                 reason=f'no gloo CPU collectives: {gloo_unavailable_reason()}')
 
-NUM_CLASSES, PER_CLASS, SIZE = 10, 8, 32
-TIMEOUT_S = 420  # A hang guard: two processes share 2 cores with another xdist worker.
 # Overrides shared by every run here: a tiny model and the test's image folder (added per run).
 TRAIN_ARGS = ('--config', 'configs/cifar10_vit_tiny.py', '--config.batch_size=16',
               '--config.model.depth=1', '--config.model.pred_depth=1',
@@ -85,31 +85,6 @@ runpy.run_module('cjepa_jax.train', run_name='__main__', alter_sys=True)
 '''
 
 
-def _colour(label: int, k: int) -> tuple[int, int, int]:
-  """The uniform colour of training image k of class `label`: every file its own colour."""
-  return (12 + 24 * label, 20 + 30 * k, 128)
-
-
-def _write_image_folder(root: pathlib.Path) -> None:
-  """train/class<c>/img<k>.jpg: 10 x 8 uniform 32x32 JPEGs; test/: 2 copies per class.
-
-  test/class<c>/img0.jpg is byte-identical to train/class<c>/img<c % 8>.jpg (so a 1-NN gets it
-  right) and test/class<c>/img1.jpg to train/class<c+1>/img<c % 8>.jpg (so it gets it wrong).
-  The image folder gives sorted file i to process i % 2: process 0 evaluates every img0 and
-  process 1 every img1, so the kNN top-1 is exactly 0.5 only if both halves are counted once.
-  """
-  for c in range(NUM_CLASSES):
-    (root / 'train' / f'class{c}').mkdir(parents=True)
-    (root / 'test' / f'class{c}').mkdir(parents=True)
-    for k in range(PER_CLASS):
-      Image.new('RGB', (SIZE, SIZE), _colour(c, k)).save(
-          root / 'train' / f'class{c}' / f'img{k}.jpg', quality=95)
-  for c in range(NUM_CLASSES):
-    for j, source in enumerate((c, (c + 1) % NUM_CLASSES)):
-      shutil.copyfile(root / 'train' / f'class{source}' / f'img{c % PER_CLASS}.jpg',
-                      root / 'test' / f'class{c}' / f'img{j}.jpg')
-
-
 def _config(data_dir: pathlib.Path):
   """The config the job's command line builds (recipe + TRAIN_ARGS + JOB_ARGS)."""
   spec = importlib.util.spec_from_file_location('recipe', ROOT / 'configs' / 'cifar10_vit_tiny.py')
@@ -124,11 +99,6 @@ def _config(data_dir: pathlib.Path):
 
 def _train_command(workdir: pathlib.Path, data_dir: pathlib.Path, *extra: str) -> list[str]:
   return ['--workdir', str(workdir), *TRAIN_ARGS, f'--config.data.data_dir={data_dir}', *extra]
-
-
-def _metric_rows(workdir: pathlib.Path) -> list[dict]:
-  with open(workdir / 'metrics.jsonl', encoding='utf-8') as f:
-    return [json.loads(line) for line in f]
 
 
 def _result_lines(stdout: str) -> list[dict]:
@@ -151,7 +121,7 @@ class Job:
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory) -> pathlib.Path:
   root = tmp_path_factory.mktemp('images')
-  _write_image_folder(root)
+  write_colour_folder(root)
   return root
 
 
@@ -168,7 +138,7 @@ def job(tmp_path_factory, data_dir) -> Job:
   results, elapsed = run_processes(commands, envs, timeout=TIMEOUT_S)
   for i, r in enumerate(results):
     assert r.returncode == 0, f'process {i} (rc {r.returncode}):\n{r.stderr[-4000:]}'
-  return Job(data_dir, workdir, record_prefix, results, elapsed, _metric_rows(workdir),
+  return Job(data_dir, workdir, record_prefix, results, elapsed, metric_rows(workdir),
              sorted(os.listdir(workdir)), sorted(os.listdir(workdir / 'checkpoints')))
 
 
@@ -199,11 +169,11 @@ def _file_of(image: np.ndarray, config) -> tuple[int, int]:
   """(class, k) of the uniform-colour training file a normalised [S, S, 3] crop came from."""
   pixels = (image * np.asarray(config.data.std) + np.asarray(config.data.mean)) * 255.0
   assert np.ptp(pixels, axis=(0, 1)).max() < 2.0, 'not a crop of a uniform image'
-  colour = pixels.mean(axis=(0, 1))
+  mean = pixels.mean(axis=(0, 1))
   files = [(c, k) for c in range(NUM_CLASSES) for k in range(PER_CLASS)]
-  dist = [np.abs(colour - _colour(c, k)).max() for c, k in files]
+  dist = [np.abs(mean - colour(c, k)).max() for c, k in files]
   best = int(np.argmin(dist))
-  assert dist[best] < 4.0, (colour, files[best])  # JPEG rounding; files are >= 24 levels apart.
+  assert dist[best] < 4.0, (mean, files[best])  # JPEG rounding; files are >= 24 levels apart.
   return files[best]
 
 
@@ -233,7 +203,7 @@ def test_each_process_feeds_its_own_disjoint_part(job):
 def test_knn_monitor_counts_each_eval_image_once(job):
   row = job.rows[-1]
   assert row['step'] == 4
-  assert row['knn_top1'] == 0.5, row['knn_top1']  # See _write_image_folder.
+  assert row['knn_top1'] == 0.5, row['knn_top1']  # See write_colour_folder.
 
 
 def test_checkpoint_of_two_processes_restores_in_one(job):
@@ -342,134 +312,3 @@ def test_sigterm_on_one_process_saves_one_agreed_step_and_resume_matches(tmp_pat
       str(job.workdir / 'checkpoints' / '4'), ()))
   for x, y in zip(ours, theirs, strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-# The probe config of the 2-process probe below: every evaluator, sized for 80 tiny images.
-PROBE_OVERRIDES = {
-    # One feature kind and one grid point each: no choice on 8 held-out images for float
-    # rounding to flip (the choices themselves are tested in test_probe.py / test_evals.py).
-    'evals': 'linear,knn,fewshot,lowshot,attentive', 'features': 'last', 'batch_size': 16,
-    'linear.epochs': 3, 'linear.batch_size': 16, 'linear.lrs': (0.1,), 'linear.wds': (0.0,),
-    'knn.k': 3,
-    'fewshot.shots': (1, 2), 'fewshot.seeds': 2, 'lowshot.fractions': (0.25,),
-    'lowshot.epochs': 3, 'attentive.epochs': 1, 'attentive.batch_size': 16,
-    'attentive.lrs': (0.001,), 'attentive.wds': (0.01,)}
-
-
-def _flag(key, value):
-  text = f'({",".join(map(str, value))},)' if isinstance(value, tuple) else str(value)
-  return f'--config.{key}={text}'
-
-
-def _probe_config(pretrained, data_dir):
-  """The config PROBE_OVERRIDES gives on the command line, built in this process."""
-  spec = importlib.util.spec_from_file_location('probe', ROOT / 'configs' / 'probe_linear.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.pretrained, c.data.data_dir = str(pretrained), str(data_dir)
-  for key, value in PROBE_OVERRIDES.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
-  return c
-
-
-def _compare_accuracies(a, b, tolerance, path=''):
-  """Asserts every top-k accuracy of probe results `a` is within `tolerance` of `b`'s; returns
-  the paths compared."""
-  if isinstance(a, dict):
-    return [p for k in a if k not in ('config', 'checkpoint')
-            for p in _compare_accuracies(a[k], b[k], tolerance, f'{path}/{k}'.lstrip('/'))]
-  if isinstance(a, float) and 'top' in path:
-    assert abs(a - b) <= tolerance, (path, a, b)
-    return [path]
-  return []
-
-
-def test_two_processes_probe_the_checkpoint_as_one_process_does(tmp_path, job, data_dir):
-  """`cjepa-probe` with every evaluator as a 2-process job (4 devices): only process 0 writes and
-  prints, and every evaluator gives what the single-process probe (in this process) gives.
-
-  Each process reads every other file; the gathered features are put back in the split's order
-  (`pos`), so the seeded holdout rows, minibatches and k-shot draws pick the same examples. What
-  may differ is float rounding of sums split over 4 rather than 8 devices, so accuracies are
-  compared to within one of the 20 test images.
-  """
-  out = tmp_path / 'probe'
-  address = f'127.0.0.1:{free_port()}'
-  common = ['--config', 'configs/probe_linear.py', f'--config.pretrained={job.workdir}',
-            f'--config.data.data_dir={data_dir}',
-            *(_flag(k, v) for k, v in PROBE_OVERRIDES.items())]
-  commands = [[sys.executable, '-m', 'cjepa_jax.probe', *common, f'--workdir={out}',
-               f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}']
-              for i in range(2)]
-  results, _ = run_processes(commands, [cpu_env(2), cpu_env(2)], timeout=TIMEOUT_S)
-  assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
-  assert 'attentive' in results[0].stdout and 'attentive' not in results[1].stdout
-  assert os.listdir(out) == ['probe_results.json']
-  two = json.loads((out / 'probe_results.json').read_text())
-
-  from cjepa_jax.evals import runner  # pylint: disable=g-import-not-at-top
-  one = runner.run(_probe_config(job.workdir, data_dir), str(tmp_path / 'one'))
-  assert two['num_train'] == one['num_train'] == 80 and two['num_test'] == one['num_test'] == 20
-  assert two['knn'] == one['knn']
-  assert two['complete'] and set(two['evals']) == set(one['evals'])
-  assert set(two['fewshot']['top1']) == {'1', '2'}
-  # As written to JSON (integer keys such as the shot counts become strings).
-  compared = _compare_accuracies(two, json.loads(json.dumps(one)), tolerance=1 / 20 + 1e-9)
-  assert {p.split('/')[0] for p in compared} == {'linear', 'knn', 'fewshot', 'lowshot',
-                                                  'attentive'}
-  assert two['lowshot']['fractions']['25%']['num_train'] == 20  # 2 of 8 per class, 10 classes.
-  for name in ('linear', 'attentive'):
-    assert 0.0 <= two[name]['top1'] <= 1.0 and np.isfinite(two[name]['holdout_loss'])
-
-
-def test_two_processes_finetune_as_one_job(tmp_path, job, data_dir):
-  """`cjepa-finetune` from the job's checkpoint as a 2-process job (mesh data 1 x fsdp 4: the
-  parameters split between the processes): both exit 0, only process 0 writes metrics, the last
-  and best checkpoints are written collectively, and the evaluation counts each of the 20 test
-  images once: its top-1 and loss equal those of the saved last state evaluated in this process
-  on one device (to within one image and float rounding).
-  """
-  from cjepa_jax import finetune  # pylint: disable=g-import-not-at-top
-  from cjepa_jax import finetune_step  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
-  workdir = tmp_path / 'ft'
-  address = f'127.0.0.1:{free_port()}'
-  common = ['--config', 'configs/finetune_cifar10.py', f'--config.pretrained={job.workdir}',
-            f'--config.data.data_dir={data_dir}', '--config.batch_size=16',
-            '--config.total_steps=2', '--config.log_every_steps=1', '--config.eval_every_steps=1',
-            '--config.ckpt_every_steps=2', '--config.eval_batch_size=8',
-            '--config.optim.warmup_steps=1', '--config.mesh.data=1', '--config.mesh.fsdp=4']
-  commands = [[sys.executable, '-m', 'cjepa_jax.finetune', *common, f'--workdir={workdir}',
-               f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}']
-              for i in range(2)]
-  results, _ = run_processes(commands, [cpu_env(2), cpu_env(2)], timeout=TIMEOUT_S)
-  assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
-  assert "Mesh {'data': 1, 'fsdp': 4} over 4 devices (2 processes)" in results[0].stderr
-  rows = _metric_rows(workdir)
-  assert [r['step'] for r in rows] == [1, 2]   # Process 0 alone writes: one row per step.
-  assert all(r['eval_examples'] == 20 for r in rows), rows
-  assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [2]
-  assert checkpoint_lib.Checkpointer(str(workdir / finetune.BEST_DIR)).latest_step() in (1, 2)
-
-  saved = checkpoint_lib.load_config(str(workdir))
-  encoder = jepa.encoder_from_model_config(saved['model'])
-  config = ml_collections.ConfigDict({k: v for k, v in saved.items() if k != 'finetune_source'})
-  config.mesh.data, config.mesh.fsdp = 1, 1
-  mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
-  run = finetune_step.setup(config, mesh, encoder)
-  ckpt = checkpoint_lib.Checkpointer(str(workdir))
-  try:
-    _, state = ckpt.restore_latest(
-        workdir_lib.with_shardings(run.abstract_state, run.state_shardings))
-  finally:
-    ckpt.close()
-  one = finetune.evaluate(run, state['params'], config, mesh, input_pipeline)
-  assert one['eval_examples'] == 20
-  assert abs(one['eval_top1'] - rows[-1]['eval_top1']) <= 100 / 20 + 1e-9
-  np.testing.assert_allclose(one['eval_loss'], rows[-1]['eval_loss'], rtol=1e-4)

@@ -11,18 +11,16 @@ import pytest
 from jax.sharding import Mesh
 from PIL import Image
 
-from cjepa_jax import checkpoint as checkpoint_lib
 from cjepa_jax import config as config_lib
 from cjepa_jax import input_pipeline
-from cjepa_jax import optim
 from cjepa_jax import sharding
-from cjepa_jax import train_step as step_lib
 from cjepa_jax.evals import features as features_lib
 from cjepa_jax.evals import knn as knn_lib
 from cjepa_jax.evals import linear as linear_lib
 from cjepa_jax.evals import registry
 from cjepa_jax.evals import runner
 from cjepa_jax.models import jepa
+import pretrained_utils
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ('apple', 'grass', 'sky')           # Sorted: labels 0, 1, 2.
@@ -211,16 +209,16 @@ def pretrained(tmp_path_factory):
   """
   workdir = tmp_path_factory.mktemp('pretrain')
   config = pretrain_config()
-  models = jepa.build_models(config)
-  total, per_epoch = optim.run_length(config)
-  tx = optim.make_optimizer(config, optim.make_schedules(config, total, per_epoch))
-  state = jax.device_get(jax.jit(lambda: step_lib.init_state(models, tx, config.seed))())
   rng = np.random.default_rng(0)
-  state['params']['encoder'] = jax.tree.map(
-      lambda p: (p + 0.01 * rng.normal(size=p.shape)).astype(p.dtype), state['params']['encoder'])
-  state['step'] = np.asarray(2, np.int32)
-  with checkpoint_lib.Checkpointer(str(workdir), async_save=False) as ckpt:
-    ckpt.save(2, state, config, force=True)
+
+  def move(state):
+    state['params']['encoder'] = jax.tree.map(
+        lambda p: (p + 0.01 * rng.normal(size=p.shape)).astype(p.dtype),
+        state['params']['encoder'])
+    return state
+
+  state = pretrained_utils.save_pretraining_checkpoint(workdir, config, 2, move)
+  models = jepa.build_models(config)
   return workdir, state, config, models
 
 
