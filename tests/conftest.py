@@ -45,8 +45,16 @@ def shared_cifar10_tarballs():
 # The files that take longest (multi-process jobs, CLI runs) go first: under `pytest -n 2 --dist
 # loadfile` (README) each file runs whole on one worker, and a long file started last would leave
 # the other worker idle at the end.
-_SLOW_FIRST = ('test_multihost.py', 'test_multihost_evals.py', 'test_train.py', 'test_finetune.py', 'test_train_step.py',
-               'test_evals.py', 'test_benchmarks.py')
+_SLOW_FIRST = ('test_train.py', 'test_multihost.py', 'test_train_step.py', 'test_finetune.py',
+               'test_multihost_evals.py', 'test_evals.py', 'test_benchmarks.py',
+               'test_input_pipeline.py', 'test_models.py')  # Longest first (--durations, 2 cores).
+
+
+def pytest_configure(config):
+  # pytest-xdist (>= 3.6) hands out `--dist loadfile` files in descending order of their number of
+  # tests unless told not to: the 2-test multi-process files would start last and end alone.
+  if hasattr(config.option, 'loadscopereorder'):
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):

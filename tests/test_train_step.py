@@ -150,26 +150,6 @@ def test_ema_target_follows_formula_and_gets_no_gradient():
   assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g))
 
 
-def test_metrics_are_reported():
-  config = tiny_config(vicreg_weight=0.001, total_steps=2)
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  run = step_lib.setup(config, mesh)
-  state = run.init_fn()
-  _, metrics, pooled = run.jitted_step(state, jax.device_put(fixed_batch(config),
-                                                         sharding.batch_sharding(mesh)))
-  for key in ('loss', 'jepa', 'vicreg', 'vicreg_inv', 'vicreg_var', 'vicreg_cov', 'lr',
-              'weight_decay', 'ema_momentum', 'grad_norm', 'update_norm', 'param_norm',
-              'target_feature_std', 'finite'):
-    assert key in metrics, key
-  # The pooled target features [B, D] for the trainer's RankMe; the step has no log cadence.
-  assert pooled.shape == (config.batch_size, 192) and 'target_effective_rank' not in metrics
-  # Step 0's logged lr is the one its update used (the reference steps its scheduler first).
-  total, spe = optim.run_length(config)
-  expected_lr = float(optim.lr_schedule(config, total, spe)(0))
-  assert float(metrics['lr']) == pytest.approx(expected_lr, rel=1e-6)
-  assert config.optim.start_lr < expected_lr < config.optim.lr
-
-
 def _rankme(x):
   """RankMe of `x [B, D]` in float64 numpy, with the step's epsilons."""
   s = np.linalg.svd(np.asarray(x, np.float64), compute_uv=False)
@@ -177,9 +157,9 @@ def _rankme(x):
   return float(np.exp(-np.sum(p * np.log(p))))
 
 
-def test_effective_rank_of_the_pooled_target_features_on_log_steps():
+def test_metrics_and_the_effective_rank_of_the_pooled_target_features_on_log_steps():
   # Log steps: every 3rd, every kNN evaluation (5th) and the last (7th); the others pay no SVD.
-  config = tiny_config(total_steps=7)
+  config = tiny_config(vicreg_weight=0.001, total_steps=7)
   config.log_every_steps = 3
   config.evals.knn_every_steps = 5
   assert [s for s in range(1, 8) if train.is_log_step(s, config, 7)] == [3, 5, 6, 7]
@@ -187,9 +167,21 @@ def test_effective_rank_of_the_pooled_target_features_on_log_steps():
   run = step_lib.setup(config, mesh)
   state = run.init_fn()
   batch = jax.device_put(fixed_batch(config), sharding.batch_sharding(mesh))
-  for _ in range(2):
+  for i in range(2):
     target_params = jax.device_get(state['target_params'])  # The step donates the state.
-    state, _, pooled = run.jitted_step(state, batch)
+    state, metrics, pooled = run.jitted_step(state, batch)
+    if i == 0:
+      for key in ('loss', 'jepa', 'vicreg', 'vicreg_inv', 'vicreg_var', 'vicreg_cov', 'lr',
+                  'weight_decay', 'ema_momentum', 'grad_norm', 'update_norm', 'param_norm',
+                  'target_feature_std', 'finite'):
+        assert key in metrics, key
+      # The pooled target features [B, D] for the trainer's RankMe; the step has no log cadence.
+      assert pooled.shape == (config.batch_size, 192) and 'target_effective_rank' not in metrics
+      # Step 0's logged lr is the one its update used (the reference steps its scheduler first).
+      total, spe = optim.run_length(config)
+      expected_lr = float(optim.lr_schedule(config, total, spe)(0))
+      assert float(metrics['lr']) == pytest.approx(expected_lr, rel=1e-6)
+      assert config.optim.start_lr < expected_lr < config.optim.lr
     rank = float(step_lib.effective_rank(pooled - jnp.mean(pooled, axis=0)))
     # RankMe of the centred, pooled, layer-normed target features the step used.
     h = run.models.encoder.apply({'params': target_params}, batch['image'])
@@ -208,6 +200,7 @@ def test_without_ema_the_state_keeps_no_target_copy_and_equals_momentum_zero():
   off.use_ema = False
   zero = tiny_config(total_steps=4)
   zero.optim.ema = (0.0, 0.0)
+  off.model.depth = zero.model.depth = 1  # One block shows it; each compile costs ~10 s.
   state_off, losses_off, _ = run_steps(off, jax.devices()[:1], 3, batches)
   state_zero, losses_zero, _ = run_steps(zero, jax.devices()[:1], 3, batches)
   assert 'target_params' not in state_off and 'target_params' in state_zero
@@ -224,6 +217,7 @@ def test_without_ema_the_state_keeps_no_target_copy_and_equals_momentum_zero():
 
 def test_sigreg_objective_logs_its_term_and_trains():
   config = tiny_config(total_steps=4)
+  config.model.depth = 1
   config.sigreg.weight = 0.05
   config.sigreg.num_slices = 16
   config.use_ema = False
