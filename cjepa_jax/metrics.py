@@ -192,7 +192,11 @@ class LogWindow:
         images_per_s=self.batch_size / step_time, tflops=flops_per_s / 1e12,
         mfu=flops_per_s / self.peak if self.peak else 0.0, **extra)
     if evaluate is not None:
+      # Timed apart from the steps: `eval_s` says what the window's evaluations (RankMe and any
+      # kNN / few-shot monitor due) added to the run's wall time, which img/s leaves out.
+      started = time.perf_counter()
       scalars.update(evaluate())
+      scalars['eval_s'] = time.perf_counter() - started
     self.writer.write(step, scalars)
     if self.writer.enabled:  # Process 0 only, like the metric files.
       per_step = (now - self.t_start) / max(step - self.first_step, 1)

@@ -171,7 +171,8 @@ def read_metrics(workdir):
 
 METRIC_KEYS = ('loss', 'jepa', 'lr', 'weight_decay', 'ema_momentum', 'grad_norm',
                'update_norm', 'param_norm', 'target_feature_std', 'target_effective_rank',
-               'images_per_s', 'step_time_s', 'tflops', 'mfu', 'compiles', 'data_skipped')
+               'images_per_s', 'step_time_s', 'eval_s', 'tflops', 'mfu', 'compiles',
+               'data_skipped')
 
 
 @pytest.fixture(scope='module')
@@ -200,6 +201,7 @@ def check_logged_run(workdir, result, steps):
   # The step computes RankMe on log steps only (NaN otherwise); every logged value is real.
   assert all(r['target_effective_rank'] > 1.0 for r in rows.values())
   assert rows[steps]['images_per_s'] > 0 and rows[steps]['tflops'] > 0
+  assert all(0 <= r['eval_s'] < 60 for r in rows.values())
   config = json.load(open(workdir / 'config.json', encoding='utf-8'))
   assert config['total_steps'] == steps and config['data']['dataset'] == 'synthetic'
   assert list(workdir.glob('events.out.tfevents.*')), 'no TensorBoard events'
@@ -213,6 +215,9 @@ def test_cli_trains_and_logs_metrics_on_one_device(straight_run):
   # The in-training few-shot monitor lands in metrics.jsonl on its steps only.
   assert 0.0 <= rows[12]['fewshot_1shot'] <= 1.0 and 0.0 <= rows[12]['fewshot_2shot'] <= 1.0
   assert not [k for k in rows[10] if k.startswith('fewshot')]
+  # eval_s times the log step's evaluations: RankMe alone (milliseconds) at step 10, plus the
+  # few-shot monitor (its feature pass compiles) at step 12.
+  assert rows[12]['eval_s'] > rows[10]['eval_s'] + 0.1, (rows[10]['eval_s'], rows[12]['eval_s'])
 
 
 def test_misspelled_config_key_is_one_line_and_leaves_no_workdir(tmp_path):
