@@ -38,7 +38,9 @@ Sizes are ours (the reference has no small-data recipe), chosen for a CPU:
     within 150 steps (target feature std 0.128 -> 0.045); the pair (lr 5e-4, Kc 22) lifts it
     clearly above random (RESULTS.md). C-JEPA keeps the settings it was tuned and reported with
     (its variance term already prevents the collapse; it has not been run with I-JEPA's);
-  * in-training kNN monitor (target encoder, 2,500 train / 500 test images) every 75 steps;
+  * in-training kNN monitor (target encoder, 2,500 train / 500 test images) every 195 steps,
+    4 times an epoch (each takes ~12-15 s here; every 75 steps, the earlier default, added ~27 %
+    to the steps' time, every 195 adds ~11 %: BENCHMARKS.md);
   * C-JEPA: VICReg weight 0.001 as the paper, a 512-512-512 projector for `blocks` mode;
   * SIGReg: weight 0.05 (LeJEPA's lambda ~0.05 written as jepa + w * SIGReg), 256 directions,
     17 knots on [0, 3]; C-JEPA's lr and Kc (it regularises where C-JEPA's `context` mode does).
@@ -77,7 +79,7 @@ def get_config(arg=None):
   c.optim.warmup_steps = 30
   c.optim.ema = (0.996, 1.0)  # The reference's; 0.99 collapsed I-JEPA (RESULTS.md).
 
-  c.evals.knn_every_steps = 75
+  c.evals.knn_every_steps = 195
   c.evals.knn_train_examples = 2_500
   c.evals.knn_eval_examples = 500
 

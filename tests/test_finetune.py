@@ -423,7 +423,8 @@ def test_a_run_without_ema_gives_its_context_encoder_as_the_target(tmp_path):
   c.use_ema = False
   models = jepa.build_models(c)
   tx = optim.make_optimizer(c, optim.make_schedules(c, 10, 10))
-  state = pretrain_step.init_state(models, tx, 0, use_ema=False)
+  # Jitted: eager initialisation dispatches (and compiles) every random op on its own.
+  state = jax.jit(lambda: pretrain_step.init_state(models, tx, 0, use_ema=False))()
   assert 'target_params' not in state
   with checkpoint_lib.Checkpointer(str(tmp_path), async_save=False) as ckpt:
     ckpt.save(3, state, c, force=True)
@@ -437,7 +438,7 @@ def test_a_run_without_ema_gives_its_context_encoder_as_the_target(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   # Pretraining with EMA from it: the target starts as its online encoder.
   c.use_ema = True
-  run_state = pretrain_step.init_state(models, tx, 1)
+  run_state = jax.jit(lambda: pretrain_step.init_state(models, tx, 1))()
   shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
                            run_state)
   loaded = checkpoint_lib.load_init_from(str(tmp_path), run_state, shardings)
