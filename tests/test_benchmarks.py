@@ -303,3 +303,36 @@ def test_finetune_table_gains_and_their_standard_errors(tmp_path, monkeypatch, c
   monkeypatch.setattr(sys, 'argv', ['t', base, short])
   with pytest.raises(SystemExit):
     table.main()
+
+
+def _probe_dir(path, linear, knn, fewshot10=None, n=2000):
+  path.mkdir(parents=True)
+  results = {'num_test': n, 'linear': {'top1': linear}, 'knn': {'top1': knn}}
+  if fewshot10 is not None:
+    results['fewshot'] = {'top1': {'1': 0.1, '10': fewshot10}}
+  (path / 'probe_results.json').write_text(json.dumps(results))
+  return str(path)
+
+
+def test_budget_plot_table_and_summary(tmp_path, capsys):
+  budget = _load_module('budget_plot', REPO / 'benchmarks' / 'budget_plot.py')
+  out, summary = tmp_path / 'b.png', tmp_path / 's.json'
+  budget.main([f'A@1={_probe_dir(tmp_path / "a1", 0.40, 0.30, 0.20)}',
+               f'A@4={_probe_dir(tmp_path / "a4", 0.50, 0.36, 0.25)}',
+               f'B@4={_probe_dir(tmp_path / "b4", 0.45, 0.31)}',
+               '--baseline', f'random={_probe_dir(tmp_path / "r", 0.375, 0.28, 0.19)}',
+               '--out', str(out), '--summary', str(summary)])
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == ('| objective | linear, 1 ep | linear, 4 ep | kNN (k 20), 1 ep | '
+                      'kNN (k 20), 4 ep | 10-shot, 1 ep | 10-shot, 4 ep |')
+  se = lambda p: 100 * math.sqrt(p * (1 - p) / 2000)  # noqa: E731
+  assert lines[2].startswith(f'| random | 37.50 +- {se(0.375):.2f} | 37.50 +- {se(0.375):.2f} |')
+  assert lines[3] == (f'| A | 40.00 +- {se(0.4):.2f} | 50.00 +- {se(0.5):.2f} | '
+                      f'30.00 +- {se(0.3):.2f} | 36.00 +- {se(0.36):.2f} | '
+                      f'20.00 +- {se(0.2):.2f} | 25.00 +- {se(0.25):.2f} |')
+  assert lines[4] == (f'| B | - | 45.00 +- {se(0.45):.2f} | - | 31.00 +- {se(0.31):.2f} | - | - |')
+  assert out.stat().st_size > 1000
+  data = json.loads(summary.read_text())
+  assert data['curves']['A']['4']['top1'] == {'linear': 0.5, 'knn': 0.36, 'fewshot10': 0.25}
+  with pytest.raises(SystemExit):  # A point without its budget: one usage line.
+    budget.main([f'A={tmp_path / "a1"}', '--out', str(out)])

@@ -1,0 +1,125 @@
+r"""Accuracy against pretraining budget, one curve per objective (RESULTS.md, issue 17).
+
+  python benchmarks/budget_plot.py --out results/cifar10_budgets.png \
+      --summary results/cifar10_budgets_summary.json --baseline 'random init=runs/probe17/random' \
+      'I-JEPA@1=runs/probe17/ijepa_781' 'I-JEPA@4=runs/probe17/ijepa_3124' ...
+
+Each argument is `LABEL@EPOCHS=DIR`, DIR holding the `probe_results.json` of `cjepa-probe` on the
+checkpoint of that many epochs. Writes one PNG with a panel per evaluator the runs have (linear,
+kNN, 10-shot, ...: `probe_table.COLUMNS`), test top-1 in % against epochs, and each `--baseline
+LABEL=DIR` (e.g. the random encoder) as a horizontal line; prints the markdown table (one row per
+objective, one column per evaluator and budget, +- one binomial standard error) and with
+`--summary` writes its numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import probe_table  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def parse_point(spec: str) -> tuple[str, float, str]:
+  """'LABEL@EPOCHS=DIR' -> (label, epochs, dir)."""
+  head, sep, path = spec.partition('=')
+  label, at, epochs = head.rpartition('@')
+  if not (sep and at and path):
+    raise ValueError(f'{spec!r}: use LABEL@EPOCHS=DIR (e.g. I-JEPA@4=runs/probe17/ijepa_3124).')
+  return label, float(epochs), path
+
+
+def collect(points: Sequence[str]) -> dict[str, dict[float, dict]]:
+  """{label: {epochs: {'top1': {column: fraction}, 'n': test images}}}."""
+  out: dict[str, dict[float, dict]] = {}
+  for spec in points:
+    label, epochs, path = parse_point(spec)
+    results = probe_table.read(path)
+    out.setdefault(label, {})[epochs] = {'top1': probe_table.top1s(results),
+                                         'n': int(results['num_test'])}
+  return out
+
+
+def table(curves: dict[str, dict[float, dict]], baselines: dict[str, dict]) -> str:
+  """Markdown: a row per objective (and baseline), a column per (evaluator, budget)."""
+  columns = [c for c, _ in probe_table.COLUMNS
+             if any(c in p['top1'] for pts in curves.values() for p in pts.values())]
+  budgets = sorted({e for pts in curves.values() for e in pts})
+  names = dict(probe_table.COLUMNS)
+  head = ['objective'] + [f'{names[c]}, {e:g} ep' for c in columns for e in budgets]
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
+
+  def cell(point, column):
+    if point is None or column not in point['top1']:
+      return '-'
+    p = point['top1'][column]
+    return f'{100 * p:.2f} +- {100 * math.sqrt(p * (1 - p) / point["n"]):.2f}'
+
+  for label, point in baselines.items():
+    lines.append('| ' + ' | '.join([label] + [cell(point, c) for c in columns for _ in budgets])
+                 + ' |')
+  for label, pts in curves.items():
+    lines.append('| ' + ' | '.join([label] + [cell(pts.get(e), c) for c in columns
+                                              for e in budgets]) + ' |')
+  return '\n'.join(lines)
+
+
+def plot(curves: dict[str, dict[float, dict]], baselines: dict[str, dict], out: str,
+         title: str = '') -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  columns = [(c, n) for c, n in probe_table.COLUMNS
+             if any(c in p['top1'] for pts in curves.values() for p in pts.values())]
+  fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.8), squeeze=False)
+  for ax, (column, name) in zip(axes[0], columns):
+    for label, pts in curves.items():
+      xs = [e for e in sorted(pts) if column in pts[e]['top1']]
+      ax.plot(xs, [100 * pts[e]['top1'][column] for e in xs], marker='o', label=label)
+    for label, point in baselines.items():
+      if column in point['top1']:
+        ax.axhline(100 * point['top1'][column], color='grey', linestyle='--', label=label)
+    ax.set_xlabel('pretraining epochs')
+    ax.set_ylabel(f'{name} top-1 (%)')
+    ax.grid(alpha=0.3)
+  axes[0][0].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('points', nargs='+', help='LABEL@EPOCHS=DIR (DIR/probe_results.json)')
+  parser.add_argument('--out', required=True, help='PNG to write')
+  parser.add_argument('--baseline', action='append', default=[], help='LABEL=DIR, a flat line')
+  parser.add_argument('--summary', default='', help="also write the table's numbers as JSON")
+  parser.add_argument('--title', default='')
+  args = parser.parse_args(argv)
+  try:
+    curves = collect(args.points)
+  except ValueError as e:
+    parser.error(str(e))
+  baselines = {}
+  for spec in args.baseline:
+    label, _, path = spec.partition('=')
+    results = probe_table.read(path)
+    baselines[label] = {'top1': probe_table.top1s(results), 'n': int(results['num_test'])}
+  plot(curves, baselines, args.out, args.title)
+  print(table(curves, baselines))
+  if args.summary:
+    with open(args.summary, 'w', encoding='utf-8') as f:
+      json.dump({'baselines': baselines,
+                 'curves': {k: {f'{e:g}': p for e, p in v.items()} for k, v in curves.items()}},
+                f, indent=1, sort_keys=True)
+
+
+if __name__ == '__main__':
+  main()
