@@ -46,7 +46,8 @@ Sizes are ours (the reference has no small-data recipe), chosen for a CPU:
     C-JEPA's `context` mode does). Weight 0.01 with the EMA target (`sigreg`): LeJEPA's lambda
     ~0.05 (written as jepa + w * SIGReg) grew the gradient norm 10x and the JEPA loss 2x within
     1,000 steps, and that run was stopped (chosen on those training signals, RESULTS.md); 0.05
-    without EMA (`sigreg_noema`, not yet run past 116 steps).
+    without EMA (`sigreg_noema`, its first run, stopped at step 975, shows the
+    same gradient growth: 0.01 is the next to try).
 See RESULTS.md for the numbers and what was tried.
 """
 
