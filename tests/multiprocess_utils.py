@@ -1,8 +1,8 @@
 """Helpers for tests that start several real JAX processes on localhost (CPU, gloo collectives).
 
 Shared by tests/test_launch.py (jax.distributed smoke tests), tests/test_multihost.py (the
-trainer as a 2-process job) and tests/test_multihost_evals.py (the probe and fine-tuning as one). Not a test module: pytest
-collects nothing here.
+trainer as a 2-process job) and tests/test_multihost_evals.py (the probe and fine-tuning as
+one). Not a test module: pytest collects nothing here.
 """
 
 from __future__ import annotations

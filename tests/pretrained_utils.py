@@ -20,12 +20,14 @@ def save_pretraining_checkpoint(workdir: pathlib.Path, config, step: int,
   """Saves the trainer's `init_state` for `config`, changed by `move`, as step `step`'s checkpoint.
 
   `move(state) -> state` pulls the context encoder and the EMA target apart, as training does, so
-  that a reader that restores the wrong one of the two is caught. Running real train steps would
+  that a reader that restores the wrong one of the two is caught (`config.use_ema=False`: no
+  target to move, pass `lambda s: s`). Running real train steps would
   only add a compile. Returns the saved state (host numpy arrays).
   """
   models = jepa.build_models(config)
   tx = optim.make_optimizer(config, optim.make_schedules(config, *optim.run_length(config)))
-  state = jax.device_get(jax.jit(lambda: step_lib.init_state(models, tx, config.seed))())
+  state = jax.device_get(jax.jit(
+      lambda: step_lib.init_state(models, tx, config.seed, config.use_ema))())
   state = move(state)
   state['step'] = np.asarray(step, np.int32)
   with checkpoint_lib.Checkpointer(str(workdir), async_save=False) as ckpt:

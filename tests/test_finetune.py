@@ -56,12 +56,7 @@ def tiny_config(**overrides):
   c.eval_batch_size = 16
   c.eval_examples = 32
   c.optim.warmup_steps = 2
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)  # Dotted keys, e.g. 'model.depth'.
   return c
 
 
@@ -423,11 +418,8 @@ def test_a_run_without_ema_gives_its_context_encoder_as_the_target(tmp_path):
   c.use_ema = False
   models = jepa.build_models(c)
   tx = optim.make_optimizer(c, optim.make_schedules(c, 10, 10))
-  # Jitted: eager initialisation dispatches (and compiles) every random op on its own.
-  state = jax.jit(lambda: pretrain_step.init_state(models, tx, 0, use_ema=False))()
+  state = pretrained_utils.save_pretraining_checkpoint(tmp_path, c, 3, lambda s: s)
   assert 'target_params' not in state
-  with checkpoint_lib.Checkpointer(str(tmp_path), async_save=False) as ckpt:
-    ckpt.save(3, state, c, force=True)
   config = tiny_config(pretrained=str(tmp_path))
   encoder, info = features_lib.resolve_encoder(config)
   assert info['encoder'] == 'context'

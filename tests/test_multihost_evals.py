@@ -89,12 +89,7 @@ def _probe_config(pretrained, data_dir):
   spec.loader.exec_module(module)
   c = module.get_config()
   c.pretrained, c.data.data_dir = str(pretrained), str(data_dir)
-  for key, value in PROBE_OVERRIDES.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for name in parents:
-      node = node[name]
-    node[leaf] = value
+  c.update_from_flattened_dict(PROBE_OVERRIDES)  # Dotted keys, e.g. 'model.depth'.
   return c
 
 

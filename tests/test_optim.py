@@ -18,12 +18,7 @@ def small_config(epochs=10, spe=10, warmup_epochs=2.0, **overrides):
   c.data.num_train_examples = 8 * spe + 5  # The partial last batch is dropped.
   c.epochs = epochs
   c.optim.warmup_epochs = warmup_epochs
-  for k, v in overrides.items():
-    target = c
-    *parents, leaf = k.split('.')
-    for p in parents:
-      target = target[p]
-    target[leaf] = v
+  c.update_from_flattened_dict(overrides)  # Dotted keys, e.g. 'model.depth'.
   return c
 
 

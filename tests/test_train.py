@@ -105,12 +105,7 @@ def tiny_cli_config(**overrides):
   c.model.pred_width = 48
   c.log_every_steps = 2
   c.evals.knn_every_steps = 0  # The kNN monitor is tested on its own (test_probe.py).
-  for k, v in overrides.items():
-    node = c
-    *parents, leaf = k.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  c.update_from_flattened_dict(overrides)  # Dotted keys, e.g. 'model.depth'.
   return c
 
 
