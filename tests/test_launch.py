@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -22,6 +23,8 @@ import pytest
 from cjepa_jax import distributed
 from multiprocess_utils import clean_env as _clean_env
 from multiprocess_utils import free_port as _free_port
+from multiprocess_utils import ProcessResult
+from multiprocess_utils import run_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / 'launch'
@@ -319,19 +322,18 @@ distributed.run_main(main)
 '''
 
 
-def _spawn(code: str, args_per_process: list[list[str]], envs: list[dict[str, str]]):
-  procs = [subprocess.Popen([sys.executable, '-c', code, *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-           for args, env in zip(args_per_process, envs)]
-  outputs = []
-  try:
-    for p in procs:
-      outputs.append(p.communicate(timeout=120))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
+def _spawn(code: str, args_per_process: list[list[str]], envs: list[dict[str, str]],
+           timeout: float = 120) -> list[ProcessResult]:
+  """Runs `python -c code ARGS` once per process (output to files, one shared deadline)."""
+  results, _ = run_processes([[sys.executable, '-c', code, *args] for args in args_per_process],
+                             envs, timeout=timeout)
+  return results
+
+
+def _describe(results: list[ProcessResult]) -> str:
+  """Every process's exit code (None: still running at the deadline) and the end of its stderr."""
+  return '\n'.join(f'process {i}: rc={r.returncode}\n{r.stderr[-1500:]}'
+                   for i, r in enumerate(results))
 
 
 def _worker_env(**extra: str) -> dict[str, str]:
@@ -340,19 +342,28 @@ def _worker_env(**extra: str) -> dict[str, str]:
 
 
 def test_two_process_cpu_collectives(tmp_path):
-  address = f'127.0.0.1:{_free_port()}'
-  result_file = str(tmp_path / 'result')
-  # Process 0 gets flags, process 1 the CJEPA_* environment variables.
-  results = _spawn(_SMOKE_WORKER,
-                   [[f'--coordinator_address={address}', '--num_processes=2', '--process_id=0'],
-                    []],
-                   [_worker_env(RESULT_FILE=result_file),
-                    _worker_env(RESULT_FILE=result_file, CJEPA_COORDINATOR_ADDRESS=address,
-                                CJEPA_NUM_PROCESSES='2', CJEPA_PROCESS_ID='1')])
   rows = np.stack([np.arange(6, dtype=np.float64).reshape(2, 3) + 100 * i for i in range(2)])
   expected_total = (rows.reshape(4, 3) ** 2).sum(axis=0)  # float64 reference over both processes.
-  for i, (rc, out, err) in enumerate(results):
-    assert rc == 0, err[-3000:]
+  # One retry, for a hang only: on CI (2 shared cores, late in the suite) this job once hung past
+  # its deadline after gloo had connected, which 12 local tries beside a training run never
+  # reproduced. Any error, wrong number or second hang fails the test, with both processes' ends.
+  for attempt in range(2):
+    address = f'127.0.0.1:{_free_port()}'
+    result_file = str(tmp_path / f'result{attempt}_')
+    # Process 0 gets flags, process 1 the CJEPA_* environment variables.
+    results = _spawn(_SMOKE_WORKER,
+                     [[f'--coordinator_address={address}', '--num_processes=2', '--process_id=0'],
+                      []],
+                     [_worker_env(RESULT_FILE=result_file),
+                      _worker_env(RESULT_FILE=result_file, CJEPA_COORDINATOR_ADDRESS=address,
+                                  CJEPA_NUM_PROCESSES='2', CJEPA_PROCESS_ID='1')],
+                     timeout=90)
+    if attempt == 0 and any(r.returncode is None for r in results):
+      warnings.warn(f'2-process smoke job hung; retrying once.\n{_describe(results)}')
+      continue
+    break
+  assert all(r.returncode == 0 for r in results), _describe(results)
+  for i in range(2):
     r = json.loads(pathlib.Path(result_file + str(i)).read_text())
     assert (r['index'], r['count'], r['local_devices'], r['devices']) == (i, 2, 2, 4)
     assert r['main'] == (i == 0)
@@ -372,11 +383,11 @@ def test_failure_on_one_process_stops_all(failing):
   elapsed = time.monotonic() - start
   assert elapsed < 60, f'the surviving process did not stop by itself ({elapsed:.0f} s)'
   other = 1 - failing
-  rc, out, err = results[failing]
-  assert rc == 1
+  assert results[failing].returncode == 1, _describe(results)
+  err = results[failing].stderr
   tb = [l for l in err.splitlines() if 'Traceback' in l or 'deliberate failure' in l]
   assert tb and all(l.startswith(f'[process {failing}/2] ') for l in tb), err[-3000:]
-  rc, out, err = results[other]
-  assert rc == 1 and 'NOT STOPPED' not in out
+  rc, out, err = (results[other].returncode, results[other].stdout, results[other].stderr)
+  assert rc == 1 and 'NOT STOPPED' not in out, _describe(results)
   assert (f'[process {other}/2] ' in err and
           f'stopping: process {failing} failed: ValueError: deliberate failure' in err), err[-3000:]
