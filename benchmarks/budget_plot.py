@@ -4,12 +4,12 @@ r"""Accuracy against pretraining budget, one curve per objective (RESULTS.md, is
       --summary results/cifar10_budgets_summary.json --baseline 'random init=runs/probe17/random' \
       'I-JEPA@1=runs/probe17/ijepa_781' 'I-JEPA@4=runs/probe17/ijepa_3124' ...
 
-Each argument is `LABEL@EPOCHS=DIR`, DIR holding the `probe_results.json` of `cjepa-probe` on the
-checkpoint of that many epochs. Writes one PNG with a panel per evaluator the runs have (linear,
-kNN, 10-shot, ...: `probe_table.COLUMNS`), test top-1 in % against epochs, and each `--baseline
-LABEL=DIR` (e.g. the random encoder) as a horizontal line; prints the markdown table (one row per
-objective, one column per evaluator and budget, +- one binomial standard error) and with
-`--summary` writes its numbers as JSON.
+Each argument is `LABEL@EPOCHS=PATH`, PATH the `cjepa-probe` workdir (or a copy of its
+`probe_results.json`, as in `results/probes17/`) of the checkpoint of that many epochs. Writes one
+PNG with a panel per evaluator the runs have (linear, kNN, 10-shot, ...: `probe_table.COLUMNS`),
+test top-1 in % against epochs, and each `--baseline LABEL=PATH` (e.g. the random encoder) as a
+horizontal line; prints the markdown table (one row per objective, one column per evaluator and
+budget, +- one binomial standard error) and with `--summary` writes its numbers as JSON.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ import probe_table  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_point(spec: str) -> tuple[str, float, str]:
-  """'LABEL@EPOCHS=DIR' -> (label, epochs, dir)."""
+  """'LABEL@EPOCHS=PATH' -> (label, epochs, path)."""
   head, sep, path = spec.partition('=')
   label, at, epochs = head.rpartition('@')
   if not (sep and at and path):
-    raise ValueError(f'{spec!r}: use LABEL@EPOCHS=DIR (e.g. I-JEPA@4=runs/probe17/ijepa_3124).')
+    raise ValueError(f'{spec!r}: use LABEL@EPOCHS=PATH (e.g. I-JEPA@4=runs/probe17/ijepa_3124).')
   return label, float(epochs), path
 
 
@@ -97,9 +97,9 @@ def plot(curves: dict[str, dict[float, dict]], baselines: dict[str, dict], out: 
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('points', nargs='+', help='LABEL@EPOCHS=DIR (DIR/probe_results.json)')
+  parser.add_argument('points', nargs='+', help='LABEL@EPOCHS=PATH (a probe workdir or its probe_results.json)')
   parser.add_argument('--out', required=True, help='PNG to write')
-  parser.add_argument('--baseline', action='append', default=[], help='LABEL=DIR, a flat line')
+  parser.add_argument('--baseline', action='append', default=[], help='LABEL=PATH, a flat line')
   parser.add_argument('--summary', default='', help="also write the table's numbers as JSON")
   parser.add_argument('--title', default='')
   args = parser.parse_args(argv)

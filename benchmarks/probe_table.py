@@ -3,7 +3,8 @@ r"""One table of every evaluator's test top-1 for several probe runs (RESULTS.md
   python benchmarks/probe_table.py --summary results/cifar10_evals_summary.json \
       'random init=runs/probe/random' 'C-JEPA context=runs/probe/cjepa'
 
-Each argument is `LABEL=DIR`, DIR holding the `probe_results.json` of `cjepa-probe`. Prints a
+Each argument is `LABEL=PATH`, PATH a `cjepa-probe` workdir (holding its `probe_results.json`)
+or a copy of that file (e.g. `results/probes17/random.json`). Prints a
 markdown table (percent, with one binomial standard error of the test split: sqrt(p (1 - p) / n))
 and, with --summary, writes the numbers it printed to a JSON file. Evaluators a run lacks are '-'.
 """
@@ -26,7 +27,10 @@ COLUMNS = (
 
 
 def read(path: str) -> dict:
-  with open(os.path.join(path, 'probe_results.json'), encoding='utf-8') as f:
+  """A probe's results: PATH is its workdir (holding probe_results.json) or a copy of that file."""
+  if os.path.isdir(path):
+    path = os.path.join(path, 'probe_results.json')
+  with open(path, encoding='utf-8') as f:
     return json.load(f)
 
 
@@ -47,14 +51,14 @@ def top1s(results: dict) -> dict[str, float]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('runs', nargs='+', help='LABEL=DIR (DIR/probe_results.json)')
+  parser.add_argument('runs', nargs='+', help='LABEL=PATH (a probe workdir or its probe_results.json)')
   parser.add_argument('--summary', help='write the table\'s numbers as JSON here')
   args = parser.parse_args()
   rows, summary = [], {}
   for spec in args.runs:
     label, _, path = spec.partition('=')
     if not path:
-      parser.error(f'{spec!r}: use LABEL=DIR.')
+      parser.error(f'{spec!r}: use LABEL=PATH.')
     results = read(path)
     n = int(results['num_test'])
     values = top1s(results)

@@ -317,7 +317,10 @@ def _probe_dir(path, linear, knn, fewshot10=None, n=2000):
 def test_budget_plot_table_and_summary(tmp_path, capsys):
   budget = _load_module('budget_plot', REPO / 'benchmarks' / 'budget_plot.py')
   out, summary = tmp_path / 'b.png', tmp_path / 's.json'
-  budget.main([f'A@1={_probe_dir(tmp_path / "a1", 0.40, 0.30, 0.20)}',
+  a1_file = tmp_path / 'a1.json'  # A copy of the file (as in results/) reads as its directory.
+  a1_file.write_text((pathlib.Path(_probe_dir(tmp_path / 'a1', 0.40, 0.30, 0.20)) /
+                      'probe_results.json').read_text())
+  budget.main([f'A@1={a1_file}',
                f'A@4={_probe_dir(tmp_path / "a4", 0.50, 0.36, 0.25)}',
                f'B@4={_probe_dir(tmp_path / "b4", 0.45, 0.31)}',
                '--baseline', f'random={_probe_dir(tmp_path / "r", 0.375, 0.28, 0.19)}',
