@@ -9,7 +9,7 @@ Each argument is `LABEL@EPOCHS=PATH`, PATH the `cjepa-probe` workdir (or a copy 
 PNG with a panel per evaluator the runs have (linear, kNN, 10-shot, ...: `probe_table.COLUMNS`),
 test top-1 in % against epochs, and each `--baseline LABEL=PATH` (e.g. the random encoder) as a
 horizontal line; prints the markdown table (one row per objective, one column per evaluator and
-budget, +- one binomial standard error) and with `--summary` writes its numbers as JSON.
+budget, +- one binomial standard error; with `--long` one row per objective and budget) and with `--summary` writes its numbers as JSON.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ def collect(points: Sequence[str]) -> dict[str, dict[float, dict]]:
   return out
 
 
+def _cell(point: dict | None, column: str) -> str:
+  """'top-1 +- one binomial standard error', in %; '-' where the point lacks the evaluator."""
+  if point is None or column not in point['top1']:
+    return '-'
+  p = point['top1'][column]
+  return f'{100 * p:.2f} +- {100 * math.sqrt(p * (1 - p) / point["n"]):.2f}'
+
+
 def table(curves: dict[str, dict[float, dict]], baselines: dict[str, dict]) -> str:
   """Markdown: a row per objective (and baseline), a column per (evaluator, budget)."""
   columns = [c for c, _ in probe_table.COLUMNS
@@ -54,18 +62,29 @@ def table(curves: dict[str, dict[float, dict]], baselines: dict[str, dict]) -> s
   head = ['objective'] + [f'{names[c]}, {e:g} ep' for c in columns for e in budgets]
   lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
 
-  def cell(point, column):
-    if point is None or column not in point['top1']:
-      return '-'
-    p = point['top1'][column]
-    return f'{100 * p:.2f} +- {100 * math.sqrt(p * (1 - p) / point["n"]):.2f}'
-
   for label, point in baselines.items():
-    lines.append('| ' + ' | '.join([label] + [cell(point, c) for c in columns for _ in budgets])
+    lines.append('| ' + ' | '.join([label] + [_cell(point, c) for c in columns for _ in budgets])
                  + ' |')
   for label, pts in curves.items():
-    lines.append('| ' + ' | '.join([label] + [cell(pts.get(e), c) for c in columns
+    lines.append('| ' + ' | '.join([label] + [_cell(pts.get(e), c) for c in columns
                                               for e in budgets]) + ' |')
+  return '\n'.join(lines)
+
+
+def long_table(curves: dict[str, dict[float, dict]], baselines: dict[str, dict]) -> str:
+  """Markdown: a row per (objective, budget) and per baseline, a column per evaluator.
+
+  For curves with many budgets, where `table`'s evaluator x budget columns get too wide.
+  """
+  columns = [c for c, _ in probe_table.COLUMNS
+             if any(c in p['top1'] for pts in curves.values() for p in pts.values())]
+  names = dict(probe_table.COLUMNS)
+  lines = ['| objective | epochs | ' + ' | '.join(names[c] for c in columns) + ' |',
+           '|' + ' --- |' * (len(columns) + 2)]
+  rows = [(label, '-', point) for label, point in baselines.items()]
+  rows += [(label, f'{e:g}', pts[e]) for label, pts in curves.items() for e in sorted(pts)]
+  for label, epochs, point in rows:
+    lines.append('| ' + ' | '.join([label, epochs] + [_cell(point, c) for c in columns]) + ' |')
   return '\n'.join(lines)
 
 
@@ -97,11 +116,14 @@ def plot(curves: dict[str, dict[float, dict]], baselines: dict[str, dict], out: 
 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('points', nargs='+', help='LABEL@EPOCHS=PATH (a probe workdir or its probe_results.json)')
+  parser.add_argument('points', nargs='+',
+                      help='LABEL@EPOCHS=PATH (a probe workdir or its probe_results.json)')
   parser.add_argument('--out', required=True, help='PNG to write')
   parser.add_argument('--baseline', action='append', default=[], help='LABEL=PATH, a flat line')
   parser.add_argument('--summary', default='', help="also write the table's numbers as JSON")
   parser.add_argument('--title', default='')
+  parser.add_argument('--long', action='store_true',
+                      help='print a row per objective and budget (a column per evaluator)')
   args = parser.parse_args(argv)
   try:
     curves = collect(args.points)
@@ -113,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     results = probe_table.read(path)
     baselines[label] = {'top1': probe_table.top1s(results), 'n': int(results['num_test'])}
   plot(curves, baselines, args.out, args.title)
-  print(table(curves, baselines))
+  print(long_table(curves, baselines) if args.long else table(curves, baselines))
   if args.summary:
     with open(args.summary, 'w', encoding='utf-8') as f:
       json.dump({'baselines': baselines,

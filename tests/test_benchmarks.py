@@ -339,3 +339,11 @@ def test_budget_plot_table_and_summary(tmp_path, capsys):
   assert data['curves']['A']['4']['top1'] == {'linear': 0.5, 'knn': 0.36, 'fewshot10': 0.25}
   with pytest.raises(SystemExit):  # A point without its budget: one usage line.
     budget.main([f'A={tmp_path / "a1"}', '--out', str(out)])
+  budget.main([f'A@1={a1_file}', f'A@4={tmp_path / "a4"}', '--baseline', f'random={tmp_path / "r"}',
+               '--out', str(out), '--long'])  # A row per budget: for curves with many budgets.
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == '| objective | epochs | linear | kNN (k 20) | 10-shot |'
+  assert lines[2].startswith(f'| random | - | 37.50 +- {se(0.375):.2f} |')
+  assert lines[3:] == [
+      f'| A | 1 | 40.00 +- {se(0.4):.2f} | 30.00 +- {se(0.3):.2f} | 20.00 +- {se(0.2):.2f} |',
+      f'| A | 4 | 50.00 +- {se(0.5):.2f} | 36.00 +- {se(0.36):.2f} | 25.00 +- {se(0.25):.2f} |']
