@@ -11,8 +11,10 @@ without the EMA teacher: the targets come from the online encoder under stop-gra
 RESULTS.md runs all three for `--config.epochs=4` and probes them against a random encoder:
 on a 10,000 / 2,000-image subset of the train / test splits (linear top-1, random 37.6 %) all
 three beat it, `ijepa` with 45.9 %, `cjepa` with 48.6 % and `cjepa_blocks` with 41.3 %; on the
-full splits with every evaluator, see RESULTS.md's newest section. Alone on a 2-core CPU, 4 epochs take an estimated ~25
-minutes for C-JEPA and ~40 for I-JEPA, whose larger context costs 1.5x per step (BENCHMARKS.md).
+full splits with every evaluator, see RESULTS.md's sections 0 and B (which also has `cjepa` for
+16 epochs). Alone on a 2-core CPU, 4 epochs take an estimated ~25 minutes for C-JEPA and ~40 for
+I-JEPA, whose larger context costs 1.5x per step (BENCHMARKS.md); `cjepa` for 16 epochs took
+96 min beside its probes.
 
 Data: an image folder at `data/cifar10/{train,test}/<class>/*.jpg` (unpack the shared tarballs
 there, see README), or `--config.data.dataset=cifar10` for the tfds build (set
@@ -46,8 +48,10 @@ Sizes are ours (the reference has no small-data recipe), chosen for a CPU:
     C-JEPA's `context` mode does). Weight 0.01 with the EMA target (`sigreg`): LeJEPA's lambda
     ~0.05 (written as jepa + w * SIGReg) grew the gradient norm 10x and the JEPA loss 2x within
     1,000 steps, and that run was stopped (chosen on those training signals, RESULTS.md); 0.05
-    without EMA (`sigreg_noema`, its first run, stopped at step 975, shows the
-    same gradient growth: 0.01 is the next to try).
+    without EMA (`sigreg_noema`) shows the same gradient growth, and so does 0.01 (with RankMe
+    falling 15.6 -> 8.2 from step 400 to 780): without the EMA teacher this recipe degrades at
+    both weights tried, and its weight stays 0.05 until a setting that works is found (a lower
+    lr is the next to try).
 See RESULTS.md for the numbers and what was tried.
 """
 
