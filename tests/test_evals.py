@@ -195,8 +195,11 @@ def test_attentive_training_sharded_equals_single_device_and_learns():
   idx = np.arange(96)
   one = attentive_lib.train_attentive(model, tokens, y, idx, mesh=mesh_of(1), **common)
   eight = attentive_lib.train_attentive(model, tokens, y, idx, mesh=mesh_of(8), **common)
+  # atol 5e-5: on parameters whose gradient is ~0, AdamW's normalised step turns float32
+  # reduction-order noise (1 vs 8 devices) into differences of ~1e-5 (seen on one CPU), against
+  # weights of ~1e-3.
   for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight), strict=True):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)
   result = attentive_lib.attentive_probe(tokens, y, tokens, y, num_classes=3, lrs=(1e-2,),
                                          wds=(0.01,), epochs=8, batch_size=16,
                                          holdout_fraction=0.0, num_heads=2, mesh=mesh_of(8))
