@@ -9,7 +9,8 @@ Each argument is `LABEL@EPOCHS=PATH`, PATH the `cjepa-probe` workdir (or a copy 
 PNG with a panel per evaluator the runs have (linear, kNN, 10-shot, ...: `probe_table.COLUMNS`),
 test top-1 in % against epochs, and each `--baseline LABEL=PATH` (e.g. the random encoder) as a
 horizontal line; prints the markdown table (one row per objective, one column per evaluator and
-budget, +- one binomial standard error; with `--long` one row per objective and budget) and with `--summary` writes its numbers as JSON.
+budget, +- one binomial standard error; with `--long` one row per objective and budget) and with
+`--summary` writes its numbers as JSON.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def collect(points: Sequence[str]) -> dict[str, dict[float, dict]]:
   return out
 
 
+def _columns(curves: dict[str, dict[float, dict]]) -> list[str]:
+  """The `probe_table.COLUMNS` keys that at least one point of the curves has."""
+  return [c for c, _ in probe_table.COLUMNS
+          if any(c in p['top1'] for pts in curves.values() for p in pts.values())]
+
+
 def _cell(point: dict | None, column: str) -> str:
   """'top-1 +- one binomial standard error', in %; '-' where the point lacks the evaluator."""
   if point is None or column not in point['top1']:
@@ -55,8 +62,7 @@ def _cell(point: dict | None, column: str) -> str:
 
 def table(curves: dict[str, dict[float, dict]], baselines: dict[str, dict]) -> str:
   """Markdown: a row per objective (and baseline), a column per (evaluator, budget)."""
-  columns = [c for c, _ in probe_table.COLUMNS
-             if any(c in p['top1'] for pts in curves.values() for p in pts.values())]
+  columns = _columns(curves)
   budgets = sorted({e for pts in curves.values() for e in pts})
   names = dict(probe_table.COLUMNS)
   head = ['objective'] + [f'{names[c]}, {e:g} ep' for c in columns for e in budgets]
@@ -76,8 +82,7 @@ def long_table(curves: dict[str, dict[float, dict]], baselines: dict[str, dict])
 
   For curves with many budgets, where `table`'s evaluator x budget columns get too wide.
   """
-  columns = [c for c, _ in probe_table.COLUMNS
-             if any(c in p['top1'] for pts in curves.values() for p in pts.values())]
+  columns = _columns(curves)
   names = dict(probe_table.COLUMNS)
   lines = ['| objective | epochs | ' + ' | '.join(names[c] for c in columns) + ' |',
            '|' + ' --- |' * (len(columns) + 2)]

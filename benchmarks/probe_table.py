@@ -4,9 +4,9 @@ r"""One table of every evaluator's test top-1 for several probe runs (RESULTS.md
       'random init=runs/probe/random' 'C-JEPA context=runs/probe/cjepa'
 
 Each argument is `LABEL=PATH`, PATH a `cjepa-probe` workdir (holding its `probe_results.json`)
-or a copy of that file (e.g. `results/probes17/random.json`). Prints a
-markdown table (percent, with one binomial standard error of the test split: sqrt(p (1 - p) / n))
-and, with --summary, writes the numbers it printed to a JSON file. Evaluators a run lacks are '-'.
+or a copy of that file (e.g. `results/probes17/random.json`). Prints a markdown table (percent,
+with one binomial standard error of the test split: sqrt(p (1 - p) / n)) and, with --summary,
+writes the numbers it printed to a JSON file. Evaluators a run lacks are '-'.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ def top1s(results: dict) -> dict[str, float]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('runs', nargs='+', help='LABEL=PATH (a probe workdir or its probe_results.json)')
+  parser.add_argument('runs', nargs='+',
+                      help='LABEL=PATH (a probe workdir or its probe_results.json)')
   parser.add_argument('--summary', help='write the table\'s numbers as JSON here')
   args = parser.parse_args()
   rows, summary = [], {}

@@ -22,6 +22,7 @@ import pytest
 
 from cjepa_jax import distributed
 from multiprocess_utils import clean_env as _clean_env
+from multiprocess_utils import cpu_env as _cpu_env
 from multiprocess_utils import free_port as _free_port
 from multiprocess_utils import ProcessResult
 from multiprocess_utils import run_processes
@@ -336,11 +337,6 @@ def _describe(results: list[ProcessResult]) -> str:
                    for i, r in enumerate(results))
 
 
-def _worker_env(**extra: str) -> dict[str, str]:
-  return _clean_env(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2',
-                    PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL='3', **extra)
-
-
 def test_two_process_cpu_collectives(tmp_path):
   rows = np.stack([np.arange(6, dtype=np.float64).reshape(2, 3) + 100 * i for i in range(2)])
   expected_total = (rows.reshape(4, 3) ** 2).sum(axis=0)  # float64 reference over both processes.
@@ -354,8 +350,8 @@ def test_two_process_cpu_collectives(tmp_path):
     results = _spawn(_SMOKE_WORKER,
                      [[f'--coordinator_address={address}', '--num_processes=2', '--process_id=0'],
                       []],
-                     [_worker_env(RESULT_FILE=result_file),
-                      _worker_env(RESULT_FILE=result_file, CJEPA_COORDINATOR_ADDRESS=address,
+                     [_cpu_env(2, RESULT_FILE=result_file),
+                      _cpu_env(2, RESULT_FILE=result_file, CJEPA_COORDINATOR_ADDRESS=address,
                                   CJEPA_NUM_PROCESSES='2', CJEPA_PROCESS_ID='1')],
                      timeout=90)
     if attempt == 0 and any(r.returncode is None for r in results):
@@ -379,7 +375,7 @@ def test_failure_on_one_process_stops_all(failing):
   results = _spawn(_FAIL_WORKER,
                    [[str(failing), f'--coordinator_address={address}', '--num_processes=2',
                      f'--process_id={i}'] for i in range(2)],
-                   [_worker_env(), _worker_env()])
+                   [_cpu_env(2, ), _cpu_env(2, )])
   elapsed = time.monotonic() - start
   assert elapsed < 60, f'the surviving process did not stop by itself ({elapsed:.0f} s)'
   other = 1 - failing
