@@ -232,7 +232,8 @@ def test_bad_flag_and_bad_value_are_one_line_each(tmp_path):
                         (('--config.batch_size=abc',), 'batch_size')):
     result = run_cli(tmp_path / 'run', *extra)
     assert result.returncode == 1, (extra, result.stderr[-2000:])
-    # The word, not a substring: some TensorFlow builds log a oneDNN notice about round-off "errors".
+    # The word, not a substring: some TensorFlow builds log a oneDNN notice about round-off
+    # "errors".
     errors = [l for l in result.stderr.splitlines() if re.search(r'\berror\b', l.lower())]
     assert len(errors) == 1 and errors[0].startswith('cjepa-train: error: '), result.stderr
     assert needle in errors[0], errors
