@@ -98,10 +98,12 @@ def plot(curves: dict[str, dict[float, dict]], baselines: dict[str, dict], out: 
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  columns = [(c, n) for c, n in probe_table.COLUMNS
-             if any(c in p['top1'] for pts in curves.values() for p in pts.values())]
-  fig, axes = plt.subplots(1, len(columns), figsize=(4.5 * len(columns), 3.8), squeeze=False)
-  for ax, (column, name) in zip(axes[0], columns):
+  columns = [(c, dict(probe_table.COLUMNS)[c]) for c in _columns(curves)]
+  # At most 3 panels a row, and the legend beside them: with many curves it hid points.
+  ncols = min(3, len(columns))
+  nrows = -(-len(columns) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.8 * nrows), squeeze=False)
+  for ax, (column, name) in zip(axes.flat, columns):
     for label, pts in curves.items():
       xs = [e for e in sorted(pts) if column in pts[e]['top1']]
       ax.plot(xs, [100 * pts[e]['top1'][column] for e in xs], marker='o', label=label)
@@ -111,11 +113,14 @@ def plot(curves: dict[str, dict[float, dict]], baselines: dict[str, dict], out: 
     ax.set_xlabel('pretraining epochs')
     ax.set_ylabel(f'{name} top-1 (%)')
     ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=8)
+  for ax in list(axes.flat)[len(columns):]:
+    ax.set_visible(False)
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  legend = fig.legend(handles, labels, loc='upper left', bbox_to_anchor=(1.0, 1.0), fontsize=8)
   if title:
     fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(out, dpi=120)
+  fig.savefig(out, dpi=120, bbox_extra_artists=(legend,), bbox_inches='tight')
   plt.close(fig)
 
 

@@ -335,6 +335,9 @@ def test_budget_plot_table_and_summary(tmp_path, capsys):
                       f'20.00 +- {se(0.2):.2f} | 25.00 +- {se(0.25):.2f} |')
   assert lines[4] == (f'| B | - | 45.00 +- {se(0.45):.2f} | - | 31.00 +- {se(0.31):.2f} | - | - |')
   assert out.stat().st_size > 1000
+  import matplotlib.image  # pylint: disable=g-import-not-at-top
+  height, width = matplotlib.image.imread(out).shape[:2]
+  assert width > 2 * height  # Three evaluators: one row of panels, the legend beside them.
   data = json.loads(summary.read_text())
   assert data['curves']['A']['4']['top1'] == {'linear': 0.5, 'knn': 0.36, 'fewshot10': 0.25}
   with pytest.raises(SystemExit):  # A point without its budget: one usage line.
@@ -342,6 +345,12 @@ def test_budget_plot_table_and_summary(tmp_path, capsys):
   budget.main([f'A@1={a1_file}', f'A@4={tmp_path / "a4"}', '--baseline', f'random={tmp_path / "r"}',
                '--out', str(out), '--long'])  # A row per budget: for curves with many budgets.
   lines = capsys.readouterr().out.splitlines()
+  # Four evaluators: two rows of at most three panels.
+  curves = {'A': {4.0: {'top1': {'linear': 0.5, 'knn': 0.4, 'attentive': 0.5, 'fewshot10': 0.2},
+                        'n': 100}}}
+  budget.plot(curves, {}, str(out))
+  height, width = matplotlib.image.imread(out).shape[:2]
+  assert height > 0.4 * width
   assert lines[0] == '| objective | epochs | linear | kNN (k 20) | 10-shot |'
   assert lines[2].startswith(f'| random | - | 37.50 +- {se(0.375):.2f} |')
   assert lines[3:] == [

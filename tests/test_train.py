@@ -84,15 +84,20 @@ def test_reference_recipes_match_reference_hyperparameters():
     assert (c.vicreg.sim_coeff, c.vicreg.std_coeff, c.vicreg.cov_coeff) == (25, 25, 1)
 
 
-def test_cifar_recipe_gives_ijepa_its_own_lr_and_context():
-  """RESULTS.md's tuning: I-JEPA Kc 22 at lr 5e-4; both C-JEPA modes keep Kc 11 at lr 1e-3."""
-  want = {'ijepa': (22, 5e-4, 1e-4, 0.0), 'cjepa': (11, 1e-3, 2e-4, 0.001),
-          'cjepa_blocks': (11, 1e-3, 2e-4, 0.001)}
-  for objective, (kc, lr, start_lr, vicreg) in want.items():
+def test_cifar_recipe_gives_each_objective_its_tuned_settings():
+  """RESULTS.md's tuning: I-JEPA Kc 22 at lr 5e-4; both C-JEPA modes keep Kc 11 at lr 1e-3;
+  SIGReg at lr 5e-4 (1e-3 grew its gradients), weight 0.01 with EMA and 0.05 without."""
+  # objective: (Kc, lr, start lr, VICReg weight, SIGReg weight, EMA)
+  want = {'ijepa': (22, 5e-4, 1e-4, 0.0, 0.0, True),
+          'cjepa': (11, 1e-3, 2e-4, 0.001, 0.0, True),
+          'cjepa_blocks': (11, 1e-3, 2e-4, 0.001, 0.0, True),
+          'sigreg': (11, 5e-4, 1e-4, 0.0, 0.01, True),
+          'sigreg_noema': (11, 5e-4, 1e-4, 0.0, 0.05, False)}
+  for objective, expected in want.items():
     c = load_recipe(ROOT / 'configs' / 'cifar10_vit_tiny.py', objective)
     got = (jepa.build_models(c).mask_spec.num_context, c.optim.lr, c.optim.start_lr,
-           c.vicreg.weight)
-    assert got == (kc, lr, start_lr, vicreg), (objective, got)
+           c.vicreg.weight, c.sigreg.weight, c.use_ema)
+    assert got == expected, (objective, got)
     assert tuple(c.optim.ema) == (0.996, 1.0) and c.mask.min_keep == 4
 
 
