@@ -375,7 +375,7 @@ def test_failure_on_one_process_stops_all(failing):
   results = _spawn(_FAIL_WORKER,
                    [[str(failing), f'--coordinator_address={address}', '--num_processes=2',
                      f'--process_id={i}'] for i in range(2)],
-                   [_cpu_env(2, ), _cpu_env(2, )])
+                   [_cpu_env(2), _cpu_env(2)])
   elapsed = time.monotonic() - start
   assert elapsed < 60, f'the surviving process did not stop by itself ({elapsed:.0f} s)'
   other = 1 - failing
