@@ -16,7 +16,7 @@ full splits with every evaluator, see RESULTS.md's sections 0 and B (which also 
 the last below the random encoder's 42.1 %). Alone on a 2-core CPU,
 4 epochs take an estimated ~25 minutes for C-JEPA and ~40 for I-JEPA, whose larger context costs
 1.5x per step (BENCHMARKS.md); `cjepa` for 16 epochs took 96 min beside its probes, `ijepa` for 8
-101 min beside the `sigreg` runs, `sigreg_noema` for 8 79 min alone on a slower machine (88 img/s).
+101 min beside the `sigreg` runs, `sigreg_noema` for 8 took 79 min alone on a slower machine (88 img/s).
 
 Data: an image folder at `data/cifar10/{train,test}/<class>/*.jpg` (unpack the shared tarballs
 there, see README), or `--config.data.dataset=cifar10` for the tfds build (set
