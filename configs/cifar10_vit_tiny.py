@@ -8,16 +8,17 @@ The argument is the objective: `ijepa` (default), `cjepa` (VICReg on the pooled 
 features), `cjepa_blocks` (VICReg between the projected target-block predictions), `sigreg`
 (LeJEPA's SIGReg on the pooled context features, EMA target kept) or `sigreg_noema` (the same
 without the EMA teacher: the targets come from the online encoder under stop-gradient).
-RESULTS.md runs all three for `--config.epochs=4` and probes them against a random encoder:
-on a 10,000 / 2,000-image subset of the train / test splits (linear top-1, random 37.6 %) all
-three beat it, `ijepa` with 45.9 %, `cjepa` with 48.6 % and `cjepa_blocks` with 41.3 %; on the
-full splits with every evaluator, see RESULTS.md's sections 0 and B (which also has `cjepa` for
-16 epochs, 58.9 % linear, and `ijepa`, `cjepa_blocks`, `sigreg` and `sigreg_noema` for 8, 54.7,
-50.8, 51.0 and 39.8 %, the last below the random encoder's 42.1 %). Alone on a 2-core CPU,
-4 epochs take an estimated ~25 minutes for C-JEPA and ~40 for I-JEPA, whose larger context costs
-1.5x per step (BENCHMARKS.md); `cjepa` for 16 epochs took 96 min beside its probes, `ijepa` for 8
-101 min beside the `sigreg` runs, `sigreg_noema` for 8 took 79 min alone on a slower machine (88 img/s),
-`cjepa_blocks` for 8 105 min on a like one beside its probes (74 img/s).
+RESULTS.md runs all three for `--config.epochs=4` and probes them against a random encoder: on a
+10,000 / 2,000-image subset of the train / test splits (linear top-1, random 37.6 %) all three beat
+it, `ijepa` with 45.9 %, `cjepa` with 48.6 % and `cjepa_blocks` with 41.3 %; on the full splits
+with every evaluator, see RESULTS.md's sections 0 and B (which also has `cjepa` for 16 epochs, 58.9
+% linear, and `ijepa`, `cjepa_blocks`, `sigreg` and `sigreg_noema` for 8, 54.7, 50.8, 51.0 and 39.8
+%, the last below the random encoder's 42.1 %; `sigreg` and `sigreg_noema` for 4, 49.0 and 44.3 %).
+Alone on a 2-core CPU, 4 epochs take an estimated ~25 minutes for C-JEPA and ~40 for I-JEPA, whose
+larger context costs 1.5x per step (BENCHMARKS.md); `cjepa` for 16 epochs took 96 min beside its
+probes, `ijepa` for 8 101 min beside the `sigreg` runs, `sigreg_noema` for 8 took 79 min alone on a
+slower machine (88 img/s), `cjepa_blocks` for 8 105 min on a like one beside its probes (74 img/s),
+`sigreg` for 4 48 min alone (83 img/s).
 
 Data: an image folder at `data/cifar10/{train,test}/<class>/*.jpg` (unpack the shared tarballs
 there, see README), or `--config.data.dataset=cifar10` for the tfds build (set

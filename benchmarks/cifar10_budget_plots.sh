@@ -1,0 +1,37 @@
+#!/bin/bash
+# Both budget plots of RESULTS.md's issue-17 section, from the probe files kept in results/.
+# Usage (repository root): bash benchmarks/cifar10_budget_plots.sh [OUTDIR]   (default results)
+set -euo pipefail
+O=${1:-results}
+Q=results/probes
+P=results/probes17
+python benchmarks/budget_plot.py --long --out $O/cifar10_budgets_full.png \
+  --summary $O/cifar10_budgets_full_summary.json --baseline "random init=$Q/random_init.json" \
+  "I-JEPA@4=$Q/ijepa_ep4.json" "I-JEPA@8=$Q/ijepa_ep8.json" \
+  "C-JEPA context@4=$Q/cjepa_context_ep4.json" \
+  "C-JEPA context, 16-ep run@8=$Q/cjepa_context_ep16run_8.json" \
+  "C-JEPA context, 16-ep run@16=$Q/cjepa_context_ep16.json" \
+  "C-JEPA blocks@4=$Q/cjepa_blocks_ep4.json" "C-JEPA blocks@8=$Q/cjepa_blocks_ep8.json" \
+  "SIGReg (EMA, w 0.01, lr 5e-4)@4=$Q/sigreg_ep4.json" "SIGReg (EMA, w 0.01, lr 5e-4)@8=$Q/sigreg_ep8.json" \
+  "SIGReg, no EMA (w 0.05, lr 5e-4)@4=$Q/sigreg_noema_ep4.json" \
+  "SIGReg, no EMA (w 0.05, lr 5e-4)@8=$Q/sigreg_noema_ep8.json"
+S=()
+for E in 2 4 6 8; do S+=("I-JEPA, 8-ep run@$E=$P/ijepa8_$((E * 781)).json"); done
+for E in 2 4 6 8 10 12 14 16; do S+=("C-JEPA context, 16-ep run@$E=$P/cjepa16_$((E * 781)).json"); done
+for E in 2 4 6 8; do S+=("C-JEPA blocks, 8-ep run@$E=$P/cjepa_blocks8_$((E * 781)).json"); done
+for E in 2 4 6 8; do S+=("SIGReg (EMA, w 0.01, lr 5e-4), 8-ep run@$E=$P/sigreg8lr_$((E * 781)).json"); done
+for E in 2 4 6 8; do S+=("SIGReg, no EMA (w 0.05, lr 5e-4), 8-ep run@$E=$P/sigreg_noema8_$((E * 781)).json"); done
+python benchmarks/budget_plot.py --long --out $O/cifar10_budgets.png --summary $O/cifar10_budgets_summary.json \
+  --baseline "random init=$P/random.json" \
+  "I-JEPA@1=$P/ijepa_781.json" "I-JEPA@4=$P/ijepa_3124.json" "${S[@]:0:4}" \
+  "C-JEPA context@1=$P/cjepa_781.json" "C-JEPA context@4=$P/cjepa_3124.json" "${S[@]:4:8}" \
+  "C-JEPA context (Kc 22, lr 5e-4), stopped@1=$P/cjepa_kc22_lr5e-4_781.json" \
+  "C-JEPA blocks@1=$P/cjepa_blocks_781.json" "C-JEPA blocks@4=$P/cjepa_blocks_3124.json" "${S[@]:12:4}" \
+  "SIGReg (EMA, w 0.01, lr 1e-3)@1=$P/sigreg_781.json" "SIGReg (EMA, w 0.01, lr 1e-3)@4=$P/sigreg_3124.json" \
+  "SIGReg (EMA, w 0.01, lr 1e-3), 8-ep run stopped@3.85=$P/sigreg8_lr1e-3_3010.json" \
+  "SIGReg (EMA, w 0.01, lr 5e-4)@1=$P/sigreg_lr5e-4_781.json" \
+  "SIGReg (EMA, w 0.01, lr 5e-4)@4=$P/sigreg_lr5e-4_3124.json" "${S[@]:16:4}" \
+  "SIGReg, no EMA (w 0.05, lr 1e-3)@1=$P/sigreg_noema_781.json" \
+  "SIGReg, no EMA (w 0.01, lr 1e-3)@1=$P/sigreg_noema_w0.01_781.json" \
+  "SIGReg, no EMA (w 0.05, lr 5e-4)@1=$P/sigreg_noema_lr5e-4_781.json" \
+  "SIGReg, no EMA (w 0.05, lr 5e-4)@4=$P/sigreg_noema_lr5e-4_3124.json" "${S[@]:20:4}"
