@@ -27,6 +27,7 @@ python benchmarks/budget_plot.py --long --out $O/cifar10_budgets.png --summary $
   "C-JEPA context@1=$P/cjepa_781.json" "C-JEPA context@4=$P/cjepa_3124.json" "${S[@]:4:8}" \
   "C-JEPA context (Kc 22, lr 5e-4), stopped@1=$P/cjepa_kc22_lr5e-4_781.json" \
   "C-JEPA blocks@1=$P/cjepa_blocks_781.json" "C-JEPA blocks@4=$P/cjepa_blocks_3124.json" "${S[@]:12:4}" \
+  "C-JEPA blocks (Kc 22, lr 5e-4), stopped@1=$P/cjepa_blocks_kc22_lr5e-4_781.json" \
   "SIGReg (EMA, w 0.01, lr 1e-3)@1=$P/sigreg_781.json" "SIGReg (EMA, w 0.01, lr 1e-3)@4=$P/sigreg_3124.json" \
   "SIGReg (EMA, w 0.01, lr 1e-3), 8-ep run stopped@3.85=$P/sigreg8_lr1e-3_3010.json" \
   "SIGReg (EMA, w 0.01, lr 5e-4)@1=$P/sigreg_lr5e-4_781.json" \
