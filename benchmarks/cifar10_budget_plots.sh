@@ -15,24 +15,30 @@ python benchmarks/budget_plot.py --long --out $O/cifar10_budgets_full.png \
   "SIGReg (EMA, w 0.01, lr 5e-4)@4=$Q/sigreg_ep4.json" "SIGReg (EMA, w 0.01, lr 5e-4)@8=$Q/sigreg_ep8.json" \
   "SIGReg, no EMA (w 0.05, lr 5e-4)@4=$Q/sigreg_noema_ep4.json" \
   "SIGReg, no EMA (w 0.05, lr 5e-4)@8=$Q/sigreg_noema_ep8.json"
-S=()
-for E in 2 4 6 8; do S+=("I-JEPA, 8-ep run@$E=$P/ijepa8_$((E * 781)).json"); done
-for E in 2 4 6 8 10 12 14 16; do S+=("C-JEPA context, 16-ep run@$E=$P/cjepa16_$((E * 781)).json"); done
-for E in 2 4 6 8; do S+=("C-JEPA blocks, 8-ep run@$E=$P/cjepa_blocks8_$((E * 781)).json"); done
-for E in 2 4 6 8; do S+=("SIGReg (EMA, w 0.01, lr 5e-4), 8-ep run@$E=$P/sigreg8lr_$((E * 781)).json"); done
-for E in 2 4 6 8; do S+=("SIGReg, no EMA (w 0.05, lr 5e-4), 8-ep run@$E=$P/sigreg_noema8_$((E * 781)).json"); done
+
+# The subset plot: the points in legend order; every2 adds a long run's checkpoints kept every
+# 2 epochs (781 steps an epoch) up to its last.
+A=()
+every2() {  # LABEL FILE_PREFIX LAST_EPOCH
+  for ((E = 2; E <= $3; E += 2)); do A+=("$1@$E=$P/$2_$((E * 781)).json"); done
+}
+A+=("I-JEPA@1=$P/ijepa_781.json" "I-JEPA@4=$P/ijepa_3124.json")
+every2 "I-JEPA, 8-ep run" ijepa8 8
+A+=("C-JEPA context@1=$P/cjepa_781.json" "C-JEPA context@4=$P/cjepa_3124.json")
+every2 "C-JEPA context, 16-ep run" cjepa16 16
+A+=("C-JEPA context (Kc 22, lr 5e-4), stopped@1=$P/cjepa_kc22_lr5e-4_781.json")
+A+=("C-JEPA blocks@1=$P/cjepa_blocks_781.json" "C-JEPA blocks@4=$P/cjepa_blocks_3124.json")
+every2 "C-JEPA blocks, 8-ep run" cjepa_blocks8 8
+A+=("C-JEPA blocks (Kc 22, lr 5e-4), stopped@1=$P/cjepa_blocks_kc22_lr5e-4_781.json")
+A+=("SIGReg (EMA, w 0.01, lr 1e-3)@1=$P/sigreg_781.json" "SIGReg (EMA, w 0.01, lr 1e-3)@4=$P/sigreg_3124.json"
+    "SIGReg (EMA, w 0.01, lr 1e-3), 8-ep run stopped@3.85=$P/sigreg8_lr1e-3_3010.json"
+    "SIGReg (EMA, w 0.01, lr 5e-4)@1=$P/sigreg_lr5e-4_781.json"
+    "SIGReg (EMA, w 0.01, lr 5e-4)@4=$P/sigreg_lr5e-4_3124.json")
+every2 "SIGReg (EMA, w 0.01, lr 5e-4), 8-ep run" sigreg8lr 8
+A+=("SIGReg, no EMA (w 0.05, lr 1e-3)@1=$P/sigreg_noema_781.json"
+    "SIGReg, no EMA (w 0.01, lr 1e-3)@1=$P/sigreg_noema_w0.01_781.json"
+    "SIGReg, no EMA (w 0.05, lr 5e-4)@1=$P/sigreg_noema_lr5e-4_781.json"
+    "SIGReg, no EMA (w 0.05, lr 5e-4)@4=$P/sigreg_noema_lr5e-4_3124.json")
+every2 "SIGReg, no EMA (w 0.05, lr 5e-4), 8-ep run" sigreg_noema8 8
 python benchmarks/budget_plot.py --long --out $O/cifar10_budgets.png --summary $O/cifar10_budgets_summary.json \
-  --baseline "random init=$P/random.json" \
-  "I-JEPA@1=$P/ijepa_781.json" "I-JEPA@4=$P/ijepa_3124.json" "${S[@]:0:4}" \
-  "C-JEPA context@1=$P/cjepa_781.json" "C-JEPA context@4=$P/cjepa_3124.json" "${S[@]:4:8}" \
-  "C-JEPA context (Kc 22, lr 5e-4), stopped@1=$P/cjepa_kc22_lr5e-4_781.json" \
-  "C-JEPA blocks@1=$P/cjepa_blocks_781.json" "C-JEPA blocks@4=$P/cjepa_blocks_3124.json" "${S[@]:12:4}" \
-  "C-JEPA blocks (Kc 22, lr 5e-4), stopped@1=$P/cjepa_blocks_kc22_lr5e-4_781.json" \
-  "SIGReg (EMA, w 0.01, lr 1e-3)@1=$P/sigreg_781.json" "SIGReg (EMA, w 0.01, lr 1e-3)@4=$P/sigreg_3124.json" \
-  "SIGReg (EMA, w 0.01, lr 1e-3), 8-ep run stopped@3.85=$P/sigreg8_lr1e-3_3010.json" \
-  "SIGReg (EMA, w 0.01, lr 5e-4)@1=$P/sigreg_lr5e-4_781.json" \
-  "SIGReg (EMA, w 0.01, lr 5e-4)@4=$P/sigreg_lr5e-4_3124.json" "${S[@]:16:4}" \
-  "SIGReg, no EMA (w 0.05, lr 1e-3)@1=$P/sigreg_noema_781.json" \
-  "SIGReg, no EMA (w 0.01, lr 1e-3)@1=$P/sigreg_noema_w0.01_781.json" \
-  "SIGReg, no EMA (w 0.05, lr 5e-4)@1=$P/sigreg_noema_lr5e-4_781.json" \
-  "SIGReg, no EMA (w 0.05, lr 5e-4)@4=$P/sigreg_noema_lr5e-4_3124.json" "${S[@]:20:4}"
+  --baseline "random init=$P/random.json" "${A[@]}"

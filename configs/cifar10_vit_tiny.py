@@ -11,9 +11,10 @@ without the EMA teacher: the targets come from the online encoder under stop-gra
 RESULTS.md runs all three for `--config.epochs=4` and probes them against a random encoder: on a
 10,000 / 2,000-image subset of the train / test splits (linear top-1, random 37.6 %) all three beat
 it, `ijepa` with 45.9 %, `cjepa` with 48.6 % and `cjepa_blocks` with 41.3 %; on the full splits
-with every evaluator, see RESULTS.md's sections 0 and B (which also has `cjepa` for 16 epochs, 58.9
-% linear, and `ijepa`, `cjepa_blocks`, `sigreg` and `sigreg_noema` for 8, 54.7, 50.8, 51.0 and 39.8
-%, the last below the random encoder's 42.1 %; `sigreg` and `sigreg_noema` for 4, 49.0 and 44.3 %).
+with every evaluator, see RESULTS.md's sections 0 and B (which also has `cjepa` for 16 epochs,
+58.9 % linear, and `ijepa`, `cjepa_blocks`, `sigreg` and `sigreg_noema` for 8, 54.7, 50.8, 51.0 and
+39.8 %, the last below the random encoder's 42.1 %; `sigreg` and `sigreg_noema` for 4, 49.0 and
+44.3 %).
 Alone on a 2-core CPU, 4 epochs take an estimated ~25 minutes for C-JEPA and ~40 for I-JEPA, whose
 larger context costs 1.5x per step (BENCHMARKS.md); `cjepa` for 16 epochs took 96 min beside its
 probes, `ijepa` for 8 101 min beside the `sigreg` runs, `sigreg_noema` for 8 took 79 min alone on a
