@@ -137,13 +137,13 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   try:
     curves = collect(args.points)
+    baselines = {}
+    for spec in args.baseline:
+      label, _, path = spec.partition('=')
+      results = probe_table.read(path)
+      baselines[label] = {'top1': probe_table.top1s(results), 'n': int(results['num_test'])}
   except ValueError as e:
     parser.error(str(e))
-  baselines = {}
-  for spec in args.baseline:
-    label, _, path = spec.partition('=')
-    results = probe_table.read(path)
-    baselines[label] = {'top1': probe_table.top1s(results), 'n': int(results['num_test'])}
   plot(curves, baselines, args.out, args.title)
   print(long_table(curves, baselines) if args.long else table(curves, baselines))
   if args.summary:

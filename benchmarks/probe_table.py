@@ -30,6 +30,9 @@ def read(path: str) -> dict:
   """A probe's results: PATH is its workdir (holding probe_results.json) or a copy of that file."""
   if os.path.isdir(path):
     path = os.path.join(path, 'probe_results.json')
+  if not os.path.isfile(path):
+    raise ValueError(f'{path}: no probe result there; give a cjepa-probe workdir or its '
+                     'probe_results.json (run cjepa-probe first).')
   with open(path, encoding='utf-8') as f:
     return json.load(f)
 
@@ -60,7 +63,10 @@ def main() -> None:
     label, _, path = spec.partition('=')
     if not path:
       parser.error(f'{spec!r}: use LABEL=PATH.')
-    results = read(path)
+    try:
+      results = read(path)
+    except ValueError as e:
+      parser.error(str(e))
     n = int(results['num_test'])
     values = top1s(results)
     cells = []

@@ -356,3 +356,53 @@ def test_budget_plot_table_and_summary(tmp_path, capsys):
   assert lines[3:] == [
       f'| A | 1 | 40.00 +- {se(0.4):.2f} | 30.00 +- {se(0.3):.2f} | 20.00 +- {se(0.2):.2f} |',
       f'| A | 4 | 50.00 +- {se(0.5):.2f} | 36.00 +- {se(0.36):.2f} | 25.00 +- {se(0.25):.2f} |']
+
+
+def _tuning_probe(path, holdout, linear, knn, num_train=10_000, fraction=0.1):
+  results = {'num_test': 2000, 'num_train': num_train, 'config': {'linear': {
+      'holdout_fraction': fraction}}, 'linear': {'top1': linear, 'holdout_top1': holdout},
+             'knn': {'top1': knn}}
+  path.write_text(json.dumps(results))
+  return str(path)
+
+
+def test_tuning_plot_compares_each_run_with_its_objectives_reference(tmp_path, capsys):
+  tuning = _load_module('tuning_plot', REPO / 'benchmarks' / 'tuning_plot.py')
+  out, summary = tmp_path / 't.png', tmp_path / 's.json'
+  runs = [f'A|recipe={_tuning_probe(tmp_path / "a.json", 0.468, 0.465, 0.343)}',
+          f'A|lr 5e-4={_tuning_probe(tmp_path / "a2.json", 0.483, 0.466, 0.348)}',
+          f'B|recipe={_tuning_probe(tmp_path / "b.json", 0.404, 0.40, 0.25, num_train=4000)}',
+          f'B|w 0.01={_tuning_probe(tmp_path / "b2.json", 0.405, 0.41, 0.27)}']
+  tuning.main(runs + ['--out', str(out), '--summary', str(summary)])
+  lines = capsys.readouterr().out.splitlines()
+  se = lambda p, n: math.sqrt(p * (1 - p) / n)  # noqa: E731
+  # A's difference: 1.5 points against sqrt(se_a^2 + se_a2^2) on 1,000 held-out images each.
+  d_se = math.hypot(se(0.468, 1000), se(0.483, 1000))
+  assert lines[0].startswith('| objective | change | train holdout top-1 | vs reference (in SEs) |')
+  assert lines[2] == f'| A | recipe | 46.8 +- {100 * se(0.468, 1000):.1f} | reference | 46.5 | 34.3 | - |'
+  assert lines[3] == (f'|  | lr 5e-4 | 48.3 +- {100 * se(0.483, 1000):.1f} | '
+                      f'+1.5 +- {100 * d_se:.1f} ({0.015 / d_se:+.1f}) | 46.6 | 34.8 | - |')
+  # B's reference holds out 400 of 4,000 images: its own, larger standard error.
+  b_se = math.hypot(se(0.404, 400), se(0.405, 1000))
+  assert lines[5].startswith(f'|  | w 0.01 | 40.5 +- 1.6 | +0.1 +- {100 * b_se:.1f} (+0.0) |')
+  data = json.loads(summary.read_text())
+  assert data['B'][0]['holdout_n'] == 400 and data['B'][1]['holdout_n'] == 1000
+  assert data['A'][1]['diff_se'] == pytest.approx(d_se)
+  assert out.stat().st_size > 1000
+  with pytest.raises(SystemExit):  # A run without its objective: one usage line.
+    tuning.main([f'recipe={tmp_path / "a.json"}', '--out', str(out)])
+  (tmp_path / 'nohold.json').write_text(json.dumps({'num_test': 10, 'knn': {'top1': 0.3}}))
+  with pytest.raises(SystemExit):  # A probe without the linear holdout names the fix.
+    tuning.main([f'A|x={tmp_path / "nohold.json"}', '--out', str(out)])
+  assert 'linear.holdout_fraction > 0' in capsys.readouterr().err
+  with pytest.raises(SystemExit):  # A probe file that is not there: named, no traceback.
+    tuning.main([f'A|x={tmp_path / "missing.json"}', '--out', str(out)])
+  assert 'missing.json: no probe result there' in capsys.readouterr().err
+
+
+def test_tuning_run_script_names_its_arguments():
+  # The full run is 781 training steps (RESULTS.md); here only its usage line is checked.
+  script = REPO / 'benchmarks' / 'cifar10_tuning_run.sh'
+  done = subprocess.run(['bash', str(script), 'runs/x'], capture_output=True, text=True,
+                        check=False)
+  assert done.returncode == 2 and 'usage:' in done.stderr and 'OBJECTIVE' in done.stderr
