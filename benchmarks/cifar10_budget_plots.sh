@@ -1,5 +1,6 @@
 #!/bin/bash
-# Both budget plots of RESULTS.md's issue-17 section, from the probe files kept in results/.
+# Both budget plots of RESULTS.md's issue-17 section and its tuning plot, from the probe files
+# kept in results/.
 # Usage (repository root): bash benchmarks/cifar10_budget_plots.sh [OUTDIR]   (default results)
 set -euo pipefail
 O=${1:-results}
@@ -42,3 +43,29 @@ A+=("SIGReg, no EMA (w 0.05, lr 1e-3)@1=$P/sigreg_noema_781.json"
 every2 "SIGReg, no EMA (w 0.05, lr 5e-4), 8-ep run" sigreg_noema8 8
 python benchmarks/budget_plot.py --long --out $O/cifar10_budgets.png --summary $O/cifar10_budgets_summary.json \
   --baseline "random init=$P/random.json" "${A[@]}"
+
+# The tuning plot: each objective's recipe at step 781 of its 4-epoch run first, then its tuning
+# runs (benchmarks/cifar10_tuning_run.sh), judged on the linear probe's train holdout.
+python benchmarks/tuning_plot.py --out $O/cifar10_tuning.png --summary $O/cifar10_tuning_summary.json \
+  --title 'Tuning runs at step 781 (1 epoch of a 4-epoch schedule): linear probe, train holdout' \
+  "C-JEPA context|recipe (Kc 11, lr 1e-3)=$P/cjepa_781.json" \
+  "C-JEPA context|Kc 22, lr 5e-4=$P/cjepa_kc22_lr5e-4_781.json" \
+  "C-JEPA context|lr 5e-4=$P/cjepa_lr5e-4_781.json" \
+  "C-JEPA context|Kc 22=$P/cjepa_kc22_781.json" \
+  "C-JEPA context|VICReg weight 0.01=$P/cjepa_w0.01_781.json" \
+  "C-JEPA context|EMA 0.999=$P/cjepa_ema999_781.json" \
+  "C-JEPA blocks|recipe (Kc 11, lr 1e-3)=$P/cjepa_blocks_781.json" \
+  "C-JEPA blocks|Kc 22, lr 5e-4=$P/cjepa_blocks_kc22_lr5e-4_781.json" \
+  "C-JEPA blocks|lr 5e-4=$P/cjepa_blocks_lr5e-4_781.json" \
+  "C-JEPA blocks|VICReg weight 0.01=$P/cjepa_blocks_w0.01_781.json" \
+  "C-JEPA blocks|EMA 0.999=$P/cjepa_blocks_ema999_781.json" \
+  "SIGReg (EMA)|recipe (w 0.01, lr 5e-4)=$P/sigreg_lr5e-4_781.json" \
+  "SIGReg (EMA)|lr 1e-3=$P/sigreg_781.json" \
+  "SIGReg (EMA)|Kc 22=$P/sigreg_kc22_781.json" \
+  "SIGReg (EMA)|EMA 0.999=$P/sigreg_ema999_781.json" \
+  "SIGReg, no EMA|recipe (w 0.05, lr 5e-4)=$P/sigreg_noema_lr5e-4_781.json" \
+  "SIGReg, no EMA|lr 1e-3=$P/sigreg_noema_781.json" \
+  "SIGReg, no EMA|w 0.01, lr 1e-3=$P/sigreg_noema_w0.01_781.json" \
+  "SIGReg, no EMA|w 0.1=$P/sigreg_noema_w0.1_781.json" \
+  "SIGReg, no EMA|Kc 22=$P/sigreg_noema_kc22_781.json" \
+  "SIGReg, no EMA|lr 2.5e-4=$P/sigreg_noema_lr2.5e-4_781.json"
