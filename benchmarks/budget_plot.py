@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -57,7 +56,7 @@ def _cell(point: dict | None, column: str) -> str:
   if point is None or column not in point['top1']:
     return '-'
   p = point['top1'][column]
-  return f'{100 * p:.2f} +- {100 * math.sqrt(p * (1 - p) / point["n"]):.2f}'
+  return f'{100 * p:.2f} +- {100 * probe_table.binomial_se(p, point["n"]):.2f}'
 
 
 def table(curves: dict[str, dict[float, dict]], baselines: dict[str, dict]) -> str:

@@ -26,6 +26,11 @@ COLUMNS = (
 )
 
 
+def binomial_se(p: float, n: int) -> float:
+  """One binomial standard error of an accuracy p (a fraction) over n examples: sqrt(p (1 - p) / n)."""
+  return math.sqrt(p * (1 - p) / n)
+
+
 def read(path: str) -> dict:
   """A probe's results: PATH is its workdir (holding probe_results.json) or a copy of that file."""
   if os.path.isdir(path):
@@ -73,7 +78,7 @@ def main() -> None:
     for key, _ in COLUMNS:
       if key in values:
         p = values[key]
-        cells.append(f'{100 * p:.2f} +- {100 * math.sqrt(p * (1 - p) / n):.2f}')
+        cells.append(f'{100 * p:.2f} +- {100 * binomial_se(p, n):.2f}')
       else:
         cells.append('-')
     rows.append(f'| {label} | ' + ' | '.join(cells) + ' |')

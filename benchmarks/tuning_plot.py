@@ -51,10 +51,6 @@ def holdout(results: dict, path: str) -> tuple[float, int]:
   return float(linear['holdout_top1']), int(round(fraction * results['num_train']))
 
 
-def _se(p: float, n: int) -> float:
-  return math.sqrt(p * (1 - p) / n)
-
-
 def collect(specs: Sequence[str]) -> dict[str, list[dict]]:
   """{objective: [run, ...]}, the reference first; each run's numbers as fractions."""
   groups: dict[str, list[dict]] = {}
@@ -63,7 +59,7 @@ def collect(specs: Sequence[str]) -> dict[str, list[dict]]:
     results = probe_table.read(path)
     p, n = holdout(results, path)
     groups.setdefault(objective, []).append(dict(
-        change=change, holdout_top1=p, holdout_n=n, holdout_se=_se(p, n),
+        change=change, holdout_top1=p, holdout_n=n, holdout_se=probe_table.binomial_se(p, n),
         test_top1=probe_table.top1s(results), num_test=int(results['num_test'])))
   for runs in groups.values():
     ref = runs[0]
