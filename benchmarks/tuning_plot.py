@@ -48,6 +48,9 @@ def holdout(results: dict, path: str) -> tuple[float, int]:
   if linear.get('holdout_top1') is None or not fraction or 'num_train' not in results:
     raise ValueError(f'{path}: no linear-probe holdout in this probe result; rerun cjepa-probe '
                      'with the linear evaluator and linear.holdout_fraction > 0.')
+  if 'holdout_n' in linear:
+    return float(linear['holdout_top1']), int(linear['holdout_n'])
+  # Probe files written before the probe recorded holdout_n: evals/linear.holdout_split's count.
   return float(linear['holdout_top1']), int(round(fraction * results['num_train']))
 
 

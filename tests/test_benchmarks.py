@@ -358,10 +358,12 @@ def test_budget_plot_table_and_summary(tmp_path, capsys):
       f'| A | 4 | 50.00 +- {se(0.5):.2f} | 36.00 +- {se(0.36):.2f} | 25.00 +- {se(0.25):.2f} |']
 
 
-def _tuning_probe(path, holdout, linear, knn, num_train=10_000, fraction=0.1):
+def _tuning_probe(path, holdout, linear, knn, num_train=10_000, fraction=0.1, holdout_n=None):
   results = {'num_test': 2000, 'num_train': num_train, 'config': {'linear': {
       'holdout_fraction': fraction}}, 'linear': {'top1': linear, 'holdout_top1': holdout},
              'knn': {'top1': knn}}
+  if holdout_n is not None:  # Probes record it since 2026-12-03; older files derive it.
+    results['linear']['holdout_n'] = holdout_n
   path.write_text(json.dumps(results))
   return str(path)
 
@@ -372,7 +374,8 @@ def test_tuning_plot_compares_each_run_with_its_objectives_reference(tmp_path, c
   runs = [f'A|recipe={_tuning_probe(tmp_path / "a.json", 0.468, 0.465, 0.343)}',
           f'A|lr 5e-4={_tuning_probe(tmp_path / "a2.json", 0.483, 0.466, 0.348)}',
           f'B|recipe={_tuning_probe(tmp_path / "b.json", 0.404, 0.40, 0.25, num_train=4000)}',
-          f'B|w 0.01={_tuning_probe(tmp_path / "b2.json", 0.405, 0.41, 0.27)}']
+          f'B|w 0.01={_tuning_probe(tmp_path / "b2.json", 0.405, 0.41, 0.27)}',
+          f'B|Kc 22={_tuning_probe(tmp_path / "b3.json", 0.42, 0.41, 0.27, holdout_n=250)}']
   tuning.main(runs + ['--out', str(out), '--summary', str(summary)])
   lines = capsys.readouterr().out.splitlines()
   se = lambda p, n: math.sqrt(p * (1 - p) / n)  # noqa: E731
@@ -387,6 +390,9 @@ def test_tuning_plot_compares_each_run_with_its_objectives_reference(tmp_path, c
   assert lines[5].startswith(f'|  | w 0.01 | 40.5 +- 1.6 | +0.1 +- {100 * b_se:.1f} (+0.0) |')
   data = json.loads(summary.read_text())
   assert data['B'][0]['holdout_n'] == 400 and data['B'][1]['holdout_n'] == 1000
+  # A recorded holdout_n wins over the count derived from the fraction (1,000 here).
+  assert data['B'][2]['holdout_n'] == 250
+  assert data['B'][2]['holdout_se'] == pytest.approx(se(0.42, 250))
   assert data['A'][1]['diff_se'] == pytest.approx(d_se)
   assert out.stat().st_size > 1000
   with pytest.raises(SystemExit):  # A run without its objective: one usage line.

@@ -154,6 +154,7 @@ def test_linear_probe_separates_and_chooses_on_holdout_only():
   best = max(result['sweep'], key=lambda s: (s['holdout_top1'], -s['holdout_loss']))
   assert (result['best_lr'], result['best_wd']) == (best['lr'], best['wd'])
   assert result['holdout_top1'] == best['holdout_top1']
+  assert result['holdout_n'] == 80  # 20 % of the 400 training rows, recorded for the holdout's SE.
 
   # Garbage test split (noise features, permuted labels): same choice, same sweep numbers.
   garbage_x = rng.normal(size=test_x.shape).astype(np.float32) * 10

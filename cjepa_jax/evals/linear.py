@@ -226,8 +226,9 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
     mesh: minibatches are split over its devices (default: one device).
 
   Returns:
-    dict(top1, top5 (test, fractions), best_lr, best_wd, holdout_top1, holdout_loss, retrained,
-    dim, sweep=[dict(lr, wd, holdout_top1, holdout_loss), ...]).
+    dict(top1, top5 (test, fractions), best_lr, best_wd, holdout_top1, holdout_loss, holdout_n
+    (the number of held-out rows, for the holdout's standard error), retrained, dim,
+    sweep=[dict(lr, wd, holdout_top1, holdout_loss), ...]).
   """
   mesh = mesh or features_lib.single_device_mesh()
   lrs, wds = tuple(float(v) for v in lrs), tuple(float(v) for v in wds)
@@ -275,4 +276,4 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
               best_wd=best_wd,
               holdout_top1=sweep[best]['holdout_top1'] if sweep else None,
               holdout_loss=sweep[best]['holdout_loss'] if sweep else None,
-              retrained=bool(retrained), dim=int(train_x.shape[1]), sweep=sweep)
+              holdout_n=int(len(hold_idx)), retrained=bool(retrained), dim=int(train_x.shape[1]), sweep=sweep)
