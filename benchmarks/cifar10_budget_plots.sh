@@ -48,6 +48,12 @@ python benchmarks/budget_plot.py --long --out $O/cifar10_budgets.png --summary $
 # runs (benchmarks/cifar10_tuning_run.sh), judged on the linear probe's train holdout.
 python benchmarks/tuning_plot.py --out $O/cifar10_tuning.png --summary $O/cifar10_tuning_summary.json \
   --title 'Tuning runs at step 781 (1 epoch of a 4-epoch schedule): linear probe, train holdout' \
+  "I-JEPA|recipe (Kc 22, lr 5e-4)=$P/ijepa_781.json" \
+  "I-JEPA|Kc 11, lr 1e-3=$P/ijepa_kc11_lr1e-3_781.json" \
+  "I-JEPA|lr 1e-3=$P/ijepa_lr1e-3_781.json" \
+  "I-JEPA|Kc 11=$P/ijepa_kc11_781.json" \
+  "I-JEPA|EMA 0.999=$P/ijepa_ema999_781.json" \
+  "I-JEPA|lr 2.5e-4=$P/ijepa_lr2.5e-4_781.json" \
   "C-JEPA context|recipe (Kc 11, lr 1e-3)=$P/cjepa_781.json" \
   "C-JEPA context|Kc 22, lr 5e-4=$P/cjepa_kc22_lr5e-4_781.json" \
   "C-JEPA context|lr 5e-4=$P/cjepa_lr5e-4_781.json" \
@@ -57,12 +63,15 @@ python benchmarks/tuning_plot.py --out $O/cifar10_tuning.png --summary $O/cifar1
   "C-JEPA blocks|recipe (Kc 11, lr 1e-3)=$P/cjepa_blocks_781.json" \
   "C-JEPA blocks|Kc 22, lr 5e-4=$P/cjepa_blocks_kc22_lr5e-4_781.json" \
   "C-JEPA blocks|lr 5e-4=$P/cjepa_blocks_lr5e-4_781.json" \
+  "C-JEPA blocks|Kc 22=$P/cjepa_blocks_kc22_781.json" \
   "C-JEPA blocks|VICReg weight 0.01=$P/cjepa_blocks_w0.01_781.json" \
   "C-JEPA blocks|EMA 0.999=$P/cjepa_blocks_ema999_781.json" \
   "SIGReg (EMA)|recipe (w 0.01, lr 5e-4)=$P/sigreg_lr5e-4_781.json" \
   "SIGReg (EMA)|lr 1e-3=$P/sigreg_781.json" \
   "SIGReg (EMA)|Kc 22=$P/sigreg_kc22_781.json" \
   "SIGReg (EMA)|EMA 0.999=$P/sigreg_ema999_781.json" \
+  "SIGReg (EMA)|w 0.05=$P/sigreg_w0.05_781.json" \
+  "SIGReg (EMA)|lr 2.5e-4=$P/sigreg_lr2.5e-4_781.json" \
   "SIGReg, no EMA|recipe (w 0.05, lr 5e-4)=$P/sigreg_noema_lr5e-4_781.json" \
   "SIGReg, no EMA|lr 1e-3=$P/sigreg_noema_781.json" \
   "SIGReg, no EMA|w 0.01, lr 1e-3=$P/sigreg_noema_w0.01_781.json" \
