@@ -276,4 +276,5 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
               best_wd=best_wd,
               holdout_top1=sweep[best]['holdout_top1'] if sweep else None,
               holdout_loss=sweep[best]['holdout_loss'] if sweep else None,
-              holdout_n=int(len(hold_idx)), retrained=bool(retrained), dim=int(train_x.shape[1]), sweep=sweep)
+              holdout_n=int(len(hold_idx)), retrained=bool(retrained),
+              dim=int(train_x.shape[1]), sweep=sweep)
