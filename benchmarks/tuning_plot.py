@@ -9,7 +9,8 @@ Each argument is `OBJECTIVE|CHANGE=PATH`, PATH a `cjepa-probe` workdir or a copy
 `probe_results.json`. The first argument of an objective is its reference (the recipe's checkpoint
 at the same step); every later run of that objective is compared with it. The comparison reads the
 number the tuning chose on: the linear probe's top-1 on its held-out part of the TRAIN split
-(`linear.holdout_fraction` of `num_train` images), with one binomial standard error, and the
+(the probe's recorded `holdout_n` images; in older probe files, which lack it,
+`linear.holdout_fraction` of `num_train`), with one binomial standard error, and the
 difference from the reference with the standard error of a difference of two independent
 estimates, sqrt(se_a^2 + se_b^2). The test-split columns (linear, kNN, 10-shot) are printed beside
 it for the record; they choose nothing. Prints a markdown table, writes a PNG (a row per run,
