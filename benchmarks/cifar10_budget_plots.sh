@@ -9,6 +9,7 @@ P=results/probes17
 python benchmarks/budget_plot.py --long --out $O/cifar10_budgets_full.png \
   --summary $O/cifar10_budgets_full_summary.json --baseline "random init=$Q/random_init.json" \
   "I-JEPA@4=$Q/ijepa_ep4.json" "I-JEPA@8=$Q/ijepa_ep8.json" \
+  "I-JEPA (lr 2.5e-4)@8=$Q/ijepa_lr2.5e-4_ep8.json" \
   "C-JEPA context@4=$Q/cjepa_context_ep4.json" \
   "C-JEPA context, 16-ep run@8=$Q/cjepa_context_ep16run_8.json" \
   "C-JEPA context, 16-ep run@16=$Q/cjepa_context_ep16.json" \
@@ -25,6 +26,7 @@ every2() {  # LABEL FILE_PREFIX LAST_EPOCH
 }
 A+=("I-JEPA@1=$P/ijepa_781.json" "I-JEPA@4=$P/ijepa_3124.json")
 every2 "I-JEPA, 8-ep run" ijepa8 8
+every2 "I-JEPA (lr 2.5e-4), 8-ep run" ijepa8_lr2.5e-4 8
 A+=("C-JEPA context@1=$P/cjepa_781.json" "C-JEPA context@4=$P/cjepa_3124.json")
 every2 "C-JEPA context, 16-ep run" cjepa16 16
 A+=("C-JEPA context (Kc 22, lr 5e-4), stopped@1=$P/cjepa_kc22_lr5e-4_781.json")
@@ -48,12 +50,12 @@ python benchmarks/budget_plot.py --long --out $O/cifar10_budgets.png --summary $
 # runs (benchmarks/cifar10_tuning_run.sh), judged on the linear probe's train holdout.
 python benchmarks/tuning_plot.py --out $O/cifar10_tuning.png --summary $O/cifar10_tuning_summary.json \
   --title 'Tuning runs at step 781 (1 epoch of a 4-epoch schedule): linear probe, train holdout' \
-  "I-JEPA|recipe (Kc 22, lr 5e-4)=$P/ijepa_781.json" \
+  "I-JEPA|recipe until 2026-12-03 (Kc 22, lr 5e-4)=$P/ijepa_781.json" \
   "I-JEPA|Kc 11, lr 1e-3=$P/ijepa_kc11_lr1e-3_781.json" \
   "I-JEPA|lr 1e-3=$P/ijepa_lr1e-3_781.json" \
   "I-JEPA|Kc 11=$P/ijepa_kc11_781.json" \
   "I-JEPA|EMA 0.999=$P/ijepa_ema999_781.json" \
-  "I-JEPA|lr 2.5e-4=$P/ijepa_lr2.5e-4_781.json" \
+  "I-JEPA|lr 2.5e-4 (the recipe since)=$P/ijepa_lr2.5e-4_781.json" \
   "C-JEPA context|recipe (Kc 11, lr 1e-3)=$P/cjepa_781.json" \
   "C-JEPA context|Kc 22, lr 5e-4=$P/cjepa_kc22_lr5e-4_781.json" \
   "C-JEPA context|lr 5e-4=$P/cjepa_lr5e-4_781.json" \

@@ -14,10 +14,10 @@ it, `ijepa` with 45.9 %, `cjepa` with 48.6 % and `cjepa_blocks` with 41.3 %; on 
 with every evaluator, see RESULTS.md's sections 0 and B (which also has `cjepa` for 16 epochs,
 58.9 % linear, and `ijepa`, `cjepa_blocks`, `sigreg` and `sigreg_noema` for 8, 54.7, 50.8, 51.0 and
 39.8 %, the last below the random encoder's 42.1 %; `sigreg` and `sigreg_noema` for 4, 49.0 and
-44.3 %).
+44.3 %; `ijepa` at its present lr, 2.5e-4, for 8: 56.1 %, the runs before at 5e-4).
 Alone on a 2-core CPU, 4 epochs take an estimated ~25 minutes for C-JEPA and ~40 for I-JEPA, whose
 larger context costs 1.5x per step (BENCHMARKS.md); `cjepa` for 16 epochs took 96 min beside its
-probes, `ijepa` for 8 101 min beside the `sigreg` runs, `sigreg_noema` for 8 took 79 min alone on a
+probes, `ijepa` for 8 101 min beside the `sigreg` runs (97 min mostly alone at lr 2.5e-4, 69 img/s), `sigreg_noema` for 8 took 79 min alone on a
 slower machine (88 img/s), `cjepa_blocks` for 8 105 min on a like one beside its probes (74 img/s),
 `sigreg` for 4 48 min alone (83 img/s).
 
