@@ -263,9 +263,13 @@ def _loop(config, workdir, mesh, run, encoder, info, ckpt, best, input_pipeline
           log.flush(step, evaluation, compiles=run.trace_count[0])
           result = log.last
         extra = {'best_top1': best_top1, 'best_step': best_step}
+        # The two managers never write at once: concurrent async saves of two orbax managers share
+        # multi-process barrier names ('... set_value_start is already ongoing' on 2 processes).
         if improved:
+          ckpt.wait()
           best.save(step, state, saved_config, force=True, extra=extra)
         if save_now or preempted:
+          best.wait()
           saved = ckpt.save(step, state, saved_config, force=step == total_steps or preempted,
                             extra=extra)
           last_good = step
