@@ -17,9 +17,9 @@ with every evaluator, see RESULTS.md's sections 0 and B (which also has `cjepa` 
 44.3 %; `ijepa` at its present lr, 2.5e-4, for 8: 56.1 %, the runs before at 5e-4).
 Alone on a 2-core CPU, 4 epochs take an estimated ~25 minutes for C-JEPA and ~40 for I-JEPA, whose
 larger context costs 1.5x per step (BENCHMARKS.md); `cjepa` for 16 epochs took 96 min beside its
-probes, `ijepa` for 8 101 min beside the `sigreg` runs (97 min mostly alone at lr 2.5e-4, 69 img/s), `sigreg_noema` for 8 took 79 min alone on a
-slower machine (88 img/s), `cjepa_blocks` for 8 105 min on a like one beside its probes (74 img/s),
-`sigreg` for 4 48 min alone (83 img/s).
+probes, `ijepa` for 8 101 min beside the `sigreg` runs (97 min mostly alone at lr 2.5e-4, 69
+img/s), `sigreg_noema` for 8 took 79 min alone on a slower machine (88 img/s), `cjepa_blocks` for 8
+105 min on a like one beside its probes (74 img/s), `sigreg` for 4 48 min alone (83 img/s).
 
 Data: an image folder at `data/cifar10/{train,test}/<class>/*.jpg` (unpack the shared tarballs
 there, see README), or `--config.data.dataset=cifar10` for the tfds build (set
@@ -59,21 +59,21 @@ Sizes are ours (the reference has no small-data recipe), chosen for a CPU:
     to the steps' time, every 195 adds ~11 %: BENCHMARKS.md);
   * C-JEPA: VICReg weight 0.001 as the paper, a 512-512-512 projector for `blocks` mode;
   * SIGReg: 256 directions, 17 knots on [0, 3]; C-JEPA's context budget (it regularises where
-    C-JEPA's `context` mode does). Weight 0.01 with the EMA target (`sigreg`): LeJEPA's lambda
-    ~0.05 (written as jepa + w * SIGReg) grew the gradient norm 10x and the JEPA loss 2x within
-    1,000 steps, and that run was stopped (chosen on those training signals, RESULTS.md). lr 5e-4
-    from 1e-4 (I-JEPA's until 2026-12-03) for `sigreg`: at C-JEPA's 1e-3, stable over a 4-epoch schedule, an 8-epoch
-    schedule (lr above 9e-4 for 1,300 steps) grew the gradient norm 0.17 -> 0.4-1.1 and the JEPA
-    loss 0.27 -> 0.35 from step ~1,200, and was stopped at step 3,010; at 5e-4 both stayed flat
-    for 8 epochs. Without EMA (`sigreg_noema`) at lr 1e-3, weight 0.05 shows the same gradient
-    growth, and so does 0.01 (with RankMe falling 15.6 -> 8.2 from step 400 to 780), both below
-    the random encoder after 1 epoch; at lr 5e-4 (weight 0.05) it trains for 4 epochs without
-    either sign (gradient norm 0.5-1.0 and falling, RankMe 12 -> 29) and ends above the random
-    encoder (subset linear 42.4 against 37.6 %), so both SIGReg objectives now use 5e-4. Over
-    8 epochs at 5e-4 the EMA-free run loses that (subset linear 36.3 %, full-split 39.8 % against
-    the random encoder's 42.1 %) without collapsing (RankMe 34): left as measured, not retuned.
-    Kc 22, EMA 0.999, weight 0.05 and lr 2.5e-4 (with EMA), weight 0.1, Kc 22 and lr 2.5e-4
-    (without) did not beat these settings either (1-epoch tuning runs, RESULTS.md).
+    C-JEPA's `context` mode does). Weight 0.01 with the EMA target (`sigreg`): LeJEPA's lambda ~0.05
+    (written as jepa + w * SIGReg) grew the gradient norm 10x and the JEPA loss 2x within 1,000
+    steps, and that run was stopped (chosen on those training signals, RESULTS.md). lr 5e-4 from
+    1e-4 (I-JEPA's until 2026-12-03) for `sigreg`: at C-JEPA's 1e-3, stable over a 4-epoch schedule,
+    an 8-epoch schedule (lr above 9e-4 for 1,300 steps) grew the gradient norm 0.17 -> 0.4-1.1 and
+    the JEPA loss 0.27 -> 0.35 from step ~1,200, and was stopped at step 3,010; at 5e-4 both stayed
+    flat for 8 epochs. Without EMA (`sigreg_noema`) at lr 1e-3, weight 0.05 shows the same gradient
+    growth, and so does 0.01 (with RankMe falling 15.6 -> 8.2 from step 400 to 780), both below the
+    random encoder after 1 epoch; at lr 5e-4 (weight 0.05) it trains for 4 epochs without either
+    sign (gradient norm 0.5-1.0 and falling, RankMe 12 -> 29) and ends above the random encoder
+    (subset linear 42.4 against 37.6 %), so both SIGReg objectives now use 5e-4. Over 8 epochs at
+    5e-4 the EMA-free run loses that (subset linear 36.3 %, full-split 39.8 % against the random
+    encoder's 42.1 %) without collapsing (RankMe 34): left as measured, not retuned. Kc 22, EMA
+    0.999, weight 0.05 and lr 2.5e-4 (with EMA), weight 0.1, Kc 22 and lr 2.5e-4 (without) did not
+    beat these settings either (1-epoch tuning runs, RESULTS.md).
 See RESULTS.md for the numbers and what was tried.
 """
 
