@@ -29,6 +29,9 @@ setuptools.setup(
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pillow>=10.0'],
         'torch': ['torch>=2.2'],  # CPU wheel is enough: only for converting reference checkpoints.
         'tensorboard': ['tensorboard>=2.15'],  # The viewer for the event files the trainer writes.
+        # libtpu, the TPU compiler, at the version the installed jax pins: `cjepa-compile`
+        # compiles for a TPU slice on any host (and a TPU VM needs it to run).
+        'tpu': ['jax[tpu]'],
     },
     entry_points={
         'console_scripts': [
@@ -36,6 +39,7 @@ setuptools.setup(
             'cjepa-probe=cjepa_jax.probe:run',
             'cjepa-finetune=cjepa_jax.finetune:run',
             'cjepa-convert-torch=cjepa_jax.convert_torch:run',
+            'cjepa-compile=cjepa_jax.compile:run',
         ],
     },
 )

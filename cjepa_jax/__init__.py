@@ -21,6 +21,8 @@ Objective and step
                         steps, and `setup`, without absl or TensorFlow.
   sharding.py           Device mesh and FSDP shardings.
   flops.py              Analytic FLOP count and device peaks for MFU.
+  aot.py                Ahead-of-time compiles for a TPU slice from any host: slice names,
+                        HBM table, memory / cost / collectives of a compiled program.
 Run machinery
   config.py             Every config key with its default and meaning; validation; resume rules.
   checkpoint.py         Orbax checkpoints: exact resume, checksums, failed saves, init_from.
@@ -38,6 +40,8 @@ Entry points (absl flags are defined in their `run()`, never at import)
   probe.py              `cjepa-probe`: evaluators on a checkpoint.
   finetune.py           `cjepa-finetune`: fine-tuning a pretrained encoder as a classifier.
   convert_torch.py      `cjepa-convert-torch`: reference PyTorch checkpoints -> orbax.
+  compile.py            `cjepa-compile`: a recipe's step compiled for a TPU slice (no TPU):
+                        fit, memory per chip, the compiler's estimate, collectives.
 """
 
 __version__ = "0.1.0"

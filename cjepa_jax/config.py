@@ -28,6 +28,9 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                     # Seeds the init, the masks and the data order.
   c.batch_size = 2048            # Global batch, over all processes and devices.
+  # Gradient accumulation: each step runs the batch as this many micro-batches (one optimizer
+  # and EMA update per step; fits a large batch on fewer chips; see train_step.py).
+  c.accum_steps = 1
   c.epochs = 300                 # Run length in epochs (when total_steps is 0).
   c.total_steps = 0              # > 0: the run's length in steps; replaces `epochs`.
   c.ipe_scale = 1.0              # Reference: stretches the EMA and wd schedules past the run.
@@ -326,6 +329,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """
   _validate_run(config, every=('log_every_steps', 'ckpt_every_steps', 'keep_ckpts'),
                 optional=('keep_every_steps',))
+  _check(isinstance(config.accum_steps, int) and not isinstance(config.accum_steps, bool)
+         and config.accum_steps >= 1, 'accum_steps', config.accum_steps,
+         'must be an integer >= 1 (1: no gradient accumulation)')
   _check(_is_number(config.ipe_scale) and config.ipe_scale > 0, 'ipe_scale', config.ipe_scale,
          'must be > 0 (1.0 in every reference recipe)')
 
@@ -383,9 +389,12 @@ STATE_SHAPING = ('model.variant', 'model.depth', 'model.pred_depth', 'model.pred
                  'model.scan', 'data.image_size', 'vicreg.projector', 'vicreg.projector_norm',
                  'vicreg.weight>0 and mode', 'optim.grad_clip>0', 'use_ema')
 # Keys that change neither shapes nor the run's meaning: free to change on resume.
+# (accum_steps: how the batch is split to fit the chips, like the mesh; for I-JEPA the step is
+# the same to float rounding, see train_step.py.)
 RESUME_FREE = ('log_every_steps', 'ckpt_every_steps', 'keep_ckpts', 'keep_every_steps',
                'peak_tflops', 'init_from', 'allow_config_change', 'mesh.data', 'mesh.fsdp',
-               'model.remat_policy', 'model.attention', 'data.data_dir', 'data.prefetch')
+               'model.remat_policy', 'model.attention', 'data.data_dir', 'data.prefetch',
+               'accum_steps')
 
 
 def flatten(config: ml_collections.ConfigDict | dict[str, Any], prefix: str = ''

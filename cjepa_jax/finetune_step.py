@@ -148,8 +148,9 @@ def make_eval_step(model: classifier_lib.Classifier) -> Callable[[Any, Batch], M
   return eval_step
 
 
-def _abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch_size: int,
-                    with_valid: bool) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, batch_size: int,
+                   with_valid: bool) -> dict[str, jax.ShapeDtypeStruct]:
+  """A batch as sharded ShapeDtypeStructs: image [B, S, S, 3], label [B] (and valid [B])."""
   size, s = config.data.image_size, sharding.batch_sharding(mesh)
   out = {'image': jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32, sharding=s),
          'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=s)}
@@ -204,8 +205,8 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, encoder: v
     return step_fn(state, batch)
 
   batch_sh = {k: v.sharding for k, v in
-              _abstract_batch(config, mesh, config.batch_size, False).items()}
-  eval_sh = {k: v.sharding for k, v in _abstract_batch(config, mesh, eval_batch, True).items()}
+              abstract_batch(config, mesh, config.batch_size, False).items()}
+  eval_sh = {k: v.sharding for k, v in abstract_batch(config, mesh, eval_batch, True).items()}
   jitted_step = jax.jit(counted_step, in_shardings=(state_shardings, batch_sh),
                         out_shardings=(state_shardings, sharding.replicated(mesh)),
                         donate_argnums=0)

@@ -49,6 +49,16 @@ def make_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = Non
   """Builds the `('data', 'fsdp')` mesh over all (or the given) devices."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(config, len(devices))
+  num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
+  if num_slices > 1:
+    # Multi-slice: only the data axis crosses the data-centre network (one gradient all-reduce
+    # per step); FSDP's all-gathers stay on each slice's fast interconnect.
+    if shape[0] % num_slices:
+      raise ValueError(f'config.mesh.data={shape[0]} must be a multiple of the {num_slices} '
+                       'slices: the data axis spans them (keep fsdp within a slice).')
+    grid = mesh_utils.create_hybrid_device_mesh((shape[0] // num_slices, shape[1]),
+                                                (num_slices, 1), devices=devices)
+    return Mesh(grid, MESH_AXES)
   try:
     # Physical-topology-aware placement (ICI rings on TPU); falls back for fake CPU devices.
     grid = mesh_utils.create_device_mesh(shape, devices=devices)

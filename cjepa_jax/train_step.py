@@ -10,6 +10,8 @@ input):
   4. the C-JEPA loss (plain I-JEPA when `vicreg.weight == 0`; SIGReg added when
      `sigreg.weight > 0`, its directions from the step's key), gradients, the optax update;
   5. the EMA update of the target encoder with the scheduled momentum (none with `use_ema=False`).
+With `accum_steps` = A > 1, steps 2-4 run over A micro-batches in a `lax.scan` and their mean
+gradient makes the one update of step 4 (`make_train_step`): a large batch on fewer chips.
 
 The train state is a plain dict pytree:
   step           int32 []            optimizer steps taken.
@@ -25,6 +27,7 @@ This module imports no TensorFlow, so the step can be benchmarked on synthetic b
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -96,8 +99,23 @@ def effective_rank(x: jax.Array) -> jax.Array:
   return jnp.exp(-jnp.sum(p * jnp.log(p)))
 
 
+def split_micro(x: jax.Array, accum_steps: int) -> jax.Array:
+  """[B, ...] -> [A, B / A, ...]: micro-batch a holds rows a, A + a, 2A + a, ...
+
+  Strided, not contiguous: each device holds a contiguous slice of the sharded batch, so every
+  micro-batch keeps an equal share on every device and the split moves no data.
+  """
+  return jnp.swapaxes(x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]), 0, 1)
+
+
+def merge_micro(x: jax.Array) -> jax.Array:
+  """The inverse of `split_micro`: [A, B / A, ...] -> [B, ...] in the batch's order."""
+  return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
 def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
-                    tx: optax.GradientTransformation, schedules: optim.Schedules
+                    tx: optax.GradientTransformation, schedules: optim.Schedules,
+                    mesh: jax.sharding.Mesh | None = None
                     ) -> Callable[[State, Batch], tuple[State, Metrics, jax.Array]]:
   """Reads the config once and returns the pure `train_step(state, batch)`.
 
@@ -105,6 +123,17 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
   window averages; `pooled` [B, D] float32 are the mean-pooled target features of the batch, from
   which the trainer computes RankMe on the steps it logs (`effective_rank`), so the step itself
   knows nothing of the log cadence.
+
+  Gradient accumulation (`config.accum_steps` = A > 1): the masks are drawn for the whole batch
+  as without accumulation, then the batch and its masks are split into A micro-batches
+  (`split_micro`) and a `lax.scan` runs the target encoder, the forward and the backward pass of
+  one micro-batch at a time, summing the gradients; one optimizer update and one EMA update
+  follow, on the mean gradient. Only one micro-batch's activations are live at once. The JEPA
+  loss is a mean over equally many valid tokens per image (one block size per batch), so the
+  accumulated step equals the full-batch step to float rounding. Terms built on batch statistics
+  (VICReg's variance / covariance, SIGReg, the 'blocks' projector's BatchNorm) are computed per
+  micro-batch and averaged: a different (noisier) objective, as with a smaller per-device batch.
+  `mesh` (optional) pins the micro-batches' sharding to the batch axes.
   """
   loss_kind = config.loss.kind
   vicreg = losses.VICRegSpec.from_config(config.vicreg)
@@ -112,23 +141,20 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
   use_ema = bool(config.get('use_ema', True))
   use_blocks = models.projector is not None
   spec = models.mask_spec
+  accum = int(config.get('accum_steps', 1))
 
-  def train_step(state: State, batch: Batch) -> tuple[State, Metrics, jax.Array]:
-    images = batch['image']
-    step = state['step']
-    step_key = jax.random.fold_in(state['rng'], step)
-    m = masks_lib.sample_masks(step_key, images.shape[0], spec)
-
+  def micro_loss(params, target, images, m, step_key):
+    """Loss, terms, gradients and pooled target features [b, D] of one (micro-)batch."""
     # Targets: EMA encoder (or the online one, without EMA) on every patch, layer-normed,
     # gathered per target block.
-    h = models.encoder.apply({'params': target_encoder_params(state)}, images)
-    h = jax.lax.stop_gradient(losses.normalize_targets(h))        # [B, N, D] float32
-    targets = losses.gather_tokens(h, m.tgt_idx)                  # [B, M, Kt, D]
+    h = models.encoder.apply({'params': target}, images)
+    h = jax.lax.stop_gradient(losses.normalize_targets(h))        # [b, N, D] float32
+    targets = losses.gather_tokens(h, m.tgt_idx)                  # [b, M, Kt, D]
 
     def loss_fn(params):
       z = models.encoder.apply({'params': params['encoder']}, images, m.ctx_idx, m.ctx_valid)
       pred = models.predictor.apply({'params': params['predictor']}, z, m.ctx_idx, m.ctx_valid,
-                                    m.tgt_idx, m.tgt_valid)       # [B, M, Kt, D]
+                                    m.tgt_idx, m.tgt_valid)       # [b, M, Kt, D]
       pred = pred.astype(jnp.float32)
       block_emb = None
       if use_blocks:
@@ -140,7 +166,39 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
           sigreg_key=jax.random.fold_in(step_key, _SIGREG_STREAM))
       return loss, terms
 
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, terms, grads, jnp.mean(h, axis=1)
+
+  def accumulated_loss(params, target, images, m, step_key):
+    """`micro_loss` over A micro-batches in a scan: mean loss, terms and gradients."""
+    micro_sharding = None
+    if mesh is not None:
+      micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+          None, sharding.BATCH_AXES))
+    split = lambda x: (split_micro(x, accum) if micro_sharding is None else
+                       jax.lax.with_sharding_constraint(split_micro(x, accum), micro_sharding))
+    xs = (split(images), jax.tree.map(split, m))
+
+    def body(carry, x):
+      loss, terms, grads, pooled = micro_loss(params, target, *x, step_key)
+      carry = jax.tree.map(jnp.add, carry, (loss, terms, grads))
+      return carry, pooled
+
+    first = jax.tree.map(lambda a: a[0], xs)
+    zeros = jax.eval_shape(lambda: micro_loss(params, target, *first, step_key)[:3])
+    zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zeros)
+    (loss, terms, grads), pooled = jax.lax.scan(body, zeros, xs)
+    loss, terms, grads = jax.tree.map(lambda a: a / accum, (loss, terms, grads))
+    return loss, terms, grads, merge_micro(pooled)
+
+  def train_step(state: State, batch: Batch) -> tuple[State, Metrics, jax.Array]:
+    images = batch['image']
+    step = state['step']
+    step_key = jax.random.fold_in(state['rng'], step)
+    m = masks_lib.sample_masks(step_key, images.shape[0], spec)
+    forward = micro_loss if accum == 1 else accumulated_loss
+    loss, terms, grads, pooled = forward(state['params'], target_encoder_params(state), images,
+                                         m, step_key)
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)
@@ -150,7 +208,6 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
                                                      momentum)
 
     grad_norm = optax.tree.norm(grads)
-    pooled = jnp.mean(h, axis=1)                                  # [B, D]
     # An objective without VICReg logs no VICReg terms (they would read as if they mattered).
     metrics = {k: v for k, v in terms.items() if vicreg.enabled or not k.startswith('vicreg')}
     if use_ema:
@@ -170,14 +227,40 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
   return train_step
 
 
-def _abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-                    ) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The step's batch as sharded ShapeDtypeStructs: image [B, S, S, 3] float32, label [B]."""
   size = config.data.image_size
   s = sharding.batch_sharding(mesh)
   return {
       'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=s),
       'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=s),
   }
+
+
+def check_accumulation(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+  """Refuses an `accum_steps` that does not split every device's share of the batch evenly, and
+  warns (once per run: `setup` calls it once) when it changes the objective's batch statistics."""
+  accum = config.get('accum_steps', 1)
+  if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
+    raise ValueError(f'config.accum_steps={accum!r} is invalid: must be an integer >= 1 '
+                     '(1: no gradient accumulation).')
+  shards = mesh.shape['data'] * mesh.shape['fsdp']
+  if config.batch_size % (shards * accum):
+    raise ValueError(
+        f'batch_size={config.batch_size} cannot be split into accum_steps={accum} micro-batches '
+        f'of equal shares on the {shards} batch shards: use a batch_size that is a multiple of '
+        f'{shards * accum} (e.g. --config.batch_size='
+        f'{max(1, config.batch_size // (shards * accum)) * shards * accum}), or another '
+        'accum_steps.')
+  batch_stats = [name for name, on in (('VICReg', config.vicreg.weight > 0),
+                                        ('SIGReg', config.get('sigreg', {}).get('weight', 0) > 0))
+                 if on]
+  if accum > 1 and batch_stats:
+    logging.warning(
+        'accum_steps=%d with %s: its batch statistics are computed per micro-batch of %d images '
+        'and the loss averaged over the micro-batches; that is not the full-batch objective.',
+        accum, ' and '.join(batch_stats), config.batch_size // accum)
 
 
 class Setup(NamedTuple):
@@ -201,6 +284,7 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   flags and no TensorFlow.
   """
   sharding.check_batch_divisible(config.batch_size, mesh, jax.process_count())
+  check_accumulation(config, mesh)
   models = jepa.build_models(config)
   total_steps, steps_per_epoch = optim.run_length(config)
   schedules = optim.make_schedules(config, total_steps, steps_per_epoch)
@@ -212,14 +296,14 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   init_fn = jax.jit(lambda: init_state(models, tx, config.seed, use_ema),
                     out_shardings=state_shardings)
 
-  step_fn = make_train_step(config, models, tx, schedules)
+  step_fn = make_train_step(config, models, tx, schedules, mesh)
   trace_count = [0]
 
   def counted_step(state, batch):
     trace_count[0] += 1  # Runs once per trace: a second trace means a recompilation.
     return step_fn(state, batch)
 
-  batch_shardings = {k: v.sharding for k, v in _abstract_batch(config, mesh).items()}
+  batch_shardings = {k: v.sharding for k, v in abstract_batch(config, mesh).items()}
   jitted_step = jax.jit(
       counted_step, in_shardings=(state_shardings, batch_shardings),
       out_shardings=(state_shardings, sharding.replicated(mesh), sharding.batch_sharding(mesh)),
