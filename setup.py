@@ -29,6 +29,10 @@ setuptools.setup(
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pillow>=10.0'],
         'torch': ['torch>=2.2'],  # CPU wheel is enough: only for converting reference checkpoints.
         'tensorboard': ['tensorboard>=2.15'],  # The viewer for the event files the trainer writes.
+        # Hugging Face interop (cjepa-convert-hf, cjepa-export) needs only safetensors; the parity
+        # tests also load the result in transformers, which needs torch: install the CPU wheel
+        # first (pip install torch==2.13.0), transformers itself does not pull torch.
+        'hf': ['safetensors>=0.8.0', 'transformers>=5.25.0'],
     },
     entry_points={
         'console_scripts': [
@@ -36,6 +40,8 @@ setuptools.setup(
             'cjepa-probe=cjepa_jax.probe:run',
             'cjepa-finetune=cjepa_jax.finetune:run',
             'cjepa-convert-torch=cjepa_jax.convert_torch:run',
+            'cjepa-convert-hf=cjepa_jax.convert_hf:run',
+            'cjepa-export=cjepa_jax.export:run',
         ],
     },
 )

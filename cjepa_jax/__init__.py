@@ -30,6 +30,10 @@ Run machinery
                         checks, the non-finite stop, the preempted exit.
   preemption.py         SIGTERM / SIGINT -> save the step in flight, exit 75.
   distributed.py        jax.distributed start-up and fail-fast errors across processes.
+  reference_layout.py   The reference I-JEPA state-dict layout <-> flax params; writing a
+                        converted checkpoint (shared by the converters and the export).
+  hf.py                 Hugging Face IJepaModel folders <-> encoders (safetensors, no torch):
+                        import, export, model card.
   evals/                Frozen-encoder evaluation: features, kNN, linear / low-shot, few-shot,
                         attentive probes, a registry, the probe runner.
 Entry points (absl flags are defined in their `run()`, never at import)
@@ -38,6 +42,8 @@ Entry points (absl flags are defined in their `run()`, never at import)
   probe.py              `cjepa-probe`: evaluators on a checkpoint.
   finetune.py           `cjepa-finetune`: fine-tuning a pretrained encoder as a classifier.
   convert_torch.py      `cjepa-convert-torch`: reference PyTorch checkpoints -> orbax.
+  convert_hf.py         `cjepa-convert-hf`: Hugging Face I-JEPA folders (safetensors) -> orbax.
+  export.py             `cjepa-export`: an encoder -> a Hugging Face IJepaModel folder and card.
 """
 
 __version__ = "0.1.0"
