@@ -521,18 +521,25 @@ def _probe_section(results: Mapping[str, Any]) -> list[str]:
   lines = ['| evaluator | features | top-1 % | top-5 % | notes |',
            '| --- | --- | --- | --- | --- |']
   lines += [f'| {" | ".join(str(c) for c in row)} |' for row in rows]
+  how = {
+      'linear': 'linear: a softmax classifier on standardised pre-extracted features (Adam, cosine '
+                'lr), its lr and weight decay chosen on a held-out part of the train split',
+      'knn': 'kNN: cosine similarity to every train image, the k nearest vote with weight '
+             'exp(sim / T)',
+      'fewshot': "few-shot: ridge regression on k images per class, big_vision's fixed l2",
+      'lowshot': 'low-shot: the linear probe fitted on a class-balanced fraction of the train '
+                 'labels',
+      'attentive': 'attentive: a cross-attention pooling head trained on the frozen tokens, its lr '
+                   'and weight decay chosen on a held-out part of the train split'}
   protocol = (
       f'Protocol (`cjepa-probe`, frozen {results.get("encoder") or "target"} encoder, step '
       f'{results.get("step")}): {results.get("dataset")} `{results.get("train_split")}` '
       f'({results.get("num_train")} images) -> `{results.get("eval_split")}` '
       f'({results.get("num_test")} images) at {results.get("image_size")} px, centre crop. '
       "Features: 'last' = the average-pooled final tokens, 'last4' = the last 4 blocks' tokens "
-      'through the final LayerNorm, pooled and concatenated; the kind and every hyperparameter '
-      '(lr, weight decay) were chosen on a held-out part of the train split, never on the test '
-      'split. Linear: a softmax classifier on standardised pre-extracted features (Adam, '
-      'cosine lr); kNN: cosine similarity, votes weighted exp(sim / T); few-shot: ridge '
-      'regression on k images per class; attentive: a cross-attention pooling head on the '
-      'frozen tokens.')
+      'through the final LayerNorm, pooled and concatenated, the kind chosen on a held-out part '
+      'of the train split (never on the test split); '
+      + '; '.join(v for k, v in how.items() if k in results) + '.')
   if results.get('complete') is False:
     protocol += ' The probe run was not complete: only the evaluators above had finished.'
   return lines + ['', protocol]
@@ -633,7 +640,7 @@ def model_card(saved: Mapping[str, Any], info: Mapping[str, Any],
         f'| masks | {saved.get("mask", {}).get("npred")} target blocks of scale '
         f'{list(saved.get("mask", {}).get("pred_scale", []))}, one context block of scale '
         f'{list(saved.get("mask", {}).get("enc_scale", []))} |',
-        f'| predictor | {model.get("pred_depth")} blocks of width {model.get("pred_width")} '
+        f'| predictor | depth {model.get("pred_depth")}, width {model.get("pred_width")} '
         '(not exported) |',
         f'| compute | {model.get("dtype")} (weights stored float32), seed {saved.get("seed")} |',
         '']

@@ -413,6 +413,21 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, monkeypatch, c
   assert not out.exists()
 
 
+@pytest.mark.parametrize('name,model_type', [('ViTMAE', 'vit_mae'), ('ViT', 'vit'),
+                                             ('Dinov2', 'dinov2')])
+def test_other_transformers_models_are_refused(name, model_type, tmp_path, monkeypatch, capsys):
+  """Real save_pretrained folders of ViT-MAE, ViT (DINO's hub checkpoints) and DINOv2."""
+  _, transformers = need_transformers()
+  config = getattr(transformers, f'{name}Config')(
+      hidden_size=WIDTH, num_hidden_layers=DEPTH, num_attention_heads=HEADS,
+      intermediate_size=MLP, image_size=IMAGE, patch_size=PATCH)
+  getattr(transformers, f'{name}Model')(config).save_pretrained(str(tmp_path / 'hf'))
+  err = cli_error(convert_hf, ['--hf', str(tmp_path / 'hf'), '--out', str(tmp_path / 'out')],
+                  monkeypatch, capsys)
+  assert f'describes a {model_type!r} model (model_type), not an I-JEPA one' in err
+  assert not (tmp_path / 'out').exists()
+
+
 def test_export_bad_input_is_one_line_and_writes_nothing(pretrained, tmp_path, monkeypatch,
                                                          capsys):
   workdir, _ = pretrained
