@@ -180,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> str:
       checkpoint, args.variant, depth=args.depth or None, pred_depth=args.pred_depth,
       pred_width=args.pred_width, image_size=args.image_size, scan=args.scan)
   del checkpoint
-  step_dir = save_converted(args.out, state, config)
+  step_dir = save_converted(args.out, state, config, extra={
+      'source': f'the reference checkpoint {os.path.abspath(args.checkpoint)}'})
   print(f'Wrote {step_dir} (model.variant={config.model.variant}, model.depth='
         f'{config.model.depth}, pred_depth={config.model.pred_depth}, pred_width='
         f'{config.model.pred_width}, image_size={config.data.image_size}). Use it with '
