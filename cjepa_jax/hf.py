@@ -57,6 +57,7 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -327,7 +328,7 @@ def load_tensors(paths: list[str]) -> tuple[dict[str, np.ndarray], dict[str, np.
     for key, x in tensors.items():
       if key in out:
         raise ValueError(f'{path}: tensor {key!r} is also in another shard.')
-      if x.dtype.itemsize not in (2, 4, 8) or x.dtype.kind not in 'fV':
+      if not jnp.issubdtype(x.dtype, jnp.floating):   # bfloat16 included.
         raise ValueError(f'{path}: tensor {key!r} has dtype {x.dtype}; expected floating-point '
                          'weights.')
       dtypes[key] = x.dtype
@@ -385,7 +386,7 @@ def check_sincos(pos: np.ndarray, stored_dtype: Any, where: str) -> None:
   # A 16-bit file stores the constant rounded: allow its precision (bfloat16: 2^-7 relative).
   atol = POS_EMBED_ATOL
   if stored_dtype is not None and np.dtype(stored_dtype).itemsize == 2:
-    atol = max(atol, float(jax.numpy.finfo(stored_dtype).eps))
+    atol = max(atol, float(jnp.finfo(stored_dtype).eps))
   if not err <= atol:
     raise ValueError(
         f'{where}: {_POS_HF} is not the fixed 2-D sin-cos embedding (max abs difference '
