@@ -1,4 +1,4 @@
-r"""Converts a Hugging Face I-JEPA folder (config.json + model.safetensors) to a cjepa_jax checkpoint.
+r"""Converts a Hugging Face I-JEPA folder (config.json, model.safetensors) into cjepa_jax format.
 
   cjepa-convert-hf --hf ijepa_vith14_1k --out ckpt/vith14_hf [--scan] [--dtype float32]
 

@@ -173,7 +173,7 @@ def pretrained(tmp_path_factory):
 def good_folder(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
   """An IJepaModel folder written without torch (random encoder -> the HF layout)."""
   encoder = vit.Encoder(VARIANT, depth=DEPTH)
-  params = encoder.init(jax.random.key(seed), jnp.zeros((1, IMAGE, IMAGE, 3)))['params']
+  params = jax.jit(encoder.init)(jax.random.key(seed), jnp.zeros((1, IMAGE, IMAGE, 3)))['params']
   ref = reference_layout.encoder_to_reference(jax.device_get(params), VARIANT, depth=DEPTH,
                                               grid=GRID)
   path.mkdir(parents=True)
@@ -240,6 +240,22 @@ def test_bfloat16_file_with_rounded_sincos_is_accepted(tmp_path):
   np.testing.assert_array_equal(
       state['target_params']['norm']['scale'],
       bf16['layernorm.weight'].astype(np.float32))
+
+
+def test_sharded_safetensors_with_an_index_are_read(tmp_path):
+  """Big models come as model-0000i-of-0000n.safetensors shards and model.safetensors.index.json."""
+  path = good_folder(tmp_path / 'hf')
+  tensors = st_numpy.load_file(str(path / hf.WEIGHTS_FILE))
+  whole, _ = hf.import_hf(str(path))
+  (path / hf.WEIGHTS_FILE).unlink()
+  names = ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors']
+  weight_map = {k: names[int(k.startswith('encoder.layer.1.'))] for k in tensors}
+  for name in names:
+    st_numpy.save_file({k: v for k, v in tensors.items() if weight_map[k] == name},
+                       str(path / name), metadata={'format': 'pt'})
+  (path / hf.WEIGHTS_INDEX_FILE).write_text(json.dumps({'weight_map': weight_map}))
+  sharded, _ = hf.import_hf(str(path))
+  assert_trees_equal(sharded, whole)
 
 
 # ------------------------------------------------------------------------------------------------
