@@ -620,9 +620,14 @@ def model_card(saved: Mapping[str, Any], info: Mapping[str, Any],
               f'Not pretrained by cjepa_jax: converted from {source}. The settings of the run '
               'that trained these weights are not recorded here.', '']
   else:
-    total, per_epoch = optim.run_length(ml_collections.ConfigDict(dict(saved)))
     step = int(info['step'])
     batch = saved.get('batch_size')
+    try:
+      total, per_epoch = optim.run_length(ml_collections.ConfigDict(dict(saved)))
+      length = (f'step {step} of {total}: {step / per_epoch:.2f} epochs of batch {batch} '
+                f'({per_epoch} steps per epoch)')
+    except (AttributeError, KeyError, TypeError, ValueError):   # No run length: the step alone.
+      length = f'step {step} of batch {batch}'
     ema = opt.get('ema', saved.get('ema'))
     lines += [
         '## Pretraining', '',
@@ -631,8 +636,7 @@ def model_card(saved: Mapping[str, Any], info: Mapping[str, Any],
         f'| data | {data.get("dataset")} `{data.get("train_split")}` '
         f'({data.get("num_train_examples")} images per epoch), {size} px random resized crops '
         f'(scale {list(data.get("crop_scale", []))}) |',
-        f'| length | step {step} of {total}: {step / per_epoch:.2f} epochs of batch {batch} '
-        f'({per_epoch} steps per epoch) |',
+        f'| length | {length} |',
         f'| optimizer | AdamW, lr {opt.get("start_lr")} -> {opt.get("lr")} (warm-up) -> '
         f'{opt.get("final_lr")} (cosine), weight decay {opt.get("weight_decay")} -> '
         f'{opt.get("final_weight_decay")} |',
