@@ -32,6 +32,10 @@ setuptools.setup(
         # libtpu, the TPU compiler, at the version the installed jax pins: `cjepa-compile`
         # compiles for a TPU slice on any host (and a TPU VM needs it to run).
         'tpu': ['jax[tpu]'],
+        # Hugging Face interop (cjepa-convert-hf, cjepa-export) needs only safetensors; the parity
+        # tests also load the result in transformers, which needs torch: install the CPU wheel
+        # first (pip install torch==2.13.0), transformers itself does not pull torch.
+        'hf': ['safetensors>=0.8.0', 'transformers>=5.25.0'],
     },
     entry_points={
         'console_scripts': [
@@ -40,6 +44,8 @@ setuptools.setup(
             'cjepa-finetune=cjepa_jax.finetune:run',
             'cjepa-convert-torch=cjepa_jax.convert_torch:run',
             'cjepa-compile=cjepa_jax.compile:run',
+            'cjepa-convert-hf=cjepa_jax.convert_hf:run',
+            'cjepa-export=cjepa_jax.export:run',
         ],
     },
 )

@@ -32,6 +32,10 @@ Run machinery
                         checks, the non-finite stop, the preempted exit.
   preemption.py         SIGTERM / SIGINT -> save the step in flight, exit 75.
   distributed.py        jax.distributed start-up and fail-fast errors across processes.
+  reference_layout.py   The reference I-JEPA state-dict layout <-> flax params; writing a
+                        converted checkpoint (shared by the converters and the export).
+  hf.py                 Hugging Face IJepaModel folders <-> encoders (safetensors, no torch):
+                        import, export, model card.
   evals/                Frozen-encoder evaluation: features, kNN, linear / low-shot, few-shot,
                         attentive probes, a registry, the probe runner.
 Entry points (absl flags are defined in their `run()`, never at import)
@@ -42,6 +46,8 @@ Entry points (absl flags are defined in their `run()`, never at import)
   convert_torch.py      `cjepa-convert-torch`: reference PyTorch checkpoints -> orbax.
   compile.py            `cjepa-compile`: a recipe's step compiled for a TPU slice (no TPU):
                         fit, memory per chip, the compiler's estimate, collectives.
+  convert_hf.py         `cjepa-convert-hf`: Hugging Face I-JEPA folders (safetensors) -> orbax.
+  export.py             `cjepa-export`: an encoder -> a Hugging Face IJepaModel folder and card.
 """
 
 __version__ = "0.1.0"

@@ -826,6 +826,14 @@ def load_config(path: str) -> dict[str, Any]:
     return ckptr.restore(config_dir, args=ocp.args.JsonRestore())
 
 
+def load_extra(path: str) -> dict[str, Any]:
+  """The `extra` dict saved with a checkpoint (workdir or step dir, as `resolve_checkpoint`);
+  {} when it has none. Reads only the small meta/ item, and opens no Checkpointer (no writes)."""
+  root, step = resolve_checkpoint(path)
+  meta = _read_meta(epath.Path(root) / str(step))
+  return dict((meta or {}).get('extra') or {})
+
+
 def restore_subtree(path: str, keys: Sequence[str] = (), *,
                     sharding: jax.sharding.Sharding | None = None) -> Any:
   """Restores only `state[keys[0]][keys[1]]...` of a checkpoint, e.g. the target encoder.

@@ -9,7 +9,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / 'cjepa_jax'
 # The command-line entry points (and their shared error path): nothing else may import them.
 CLI_MODULES = {'cjepa_jax.train', 'cjepa_jax.probe', 'cjepa_jax.finetune',
-               'cjepa_jax.convert_torch', 'cjepa_jax.compile', 'cjepa_jax.cli'}
+               'cjepa_jax.convert_torch', 'cjepa_jax.convert_hf', 'cjepa_jax.export',
+               'cjepa_jax.compile', 'cjepa_jax.cli'}
 
 
 def _module_name(path: pathlib.Path) -> str:
