@@ -6,8 +6,10 @@ the checkpoints mix two runs. Both trainers (`cjepa-train`, `cjepa-finetune`) th
 `WORKDIR/trainer.lock` from before they write anything until they exit (normally, with an error,
 or with code 75 on preemption). One lock per job: process 0 takes it for a multi-process job.
 
-The file: one JSON object, `{"format": 1, "host", "pid", "started" (UTC, ISO 8601), "token" (a
-random id of this holder), "lease_s", "heartbeat_s", "command"}`. It is written whole to a
+The file: one JSON object, `{"format": 1, "host", "pid", "boot_id" and "pid_start" (Linux: the
+machine's boot and the process's start time, which tell apart two machines of one hostname and a
+reused pid), "started" (UTC, ISO 8601), "token" (a random id of this holder), "lease_s",
+"heartbeat_s", "command"}`. It is written whole to a
 temporary file beside it and then hard-linked to `trainer.lock`: `link` fails with EEXIST when the
 lock exists (atomic and exclusive on POSIX file systems and NFS, where O_EXCL was not always),
 and a reader never sees a half-written holder.
@@ -16,8 +18,8 @@ The lease: the holder's heartbeat thread touches the file (its mtime) every `hea
 seconds; the lock is live while `now - mtime < lease_s` (default 120 s, six heartbeats: NFS
 attribute caches and clock skew are far smaller). A lock is taken over, with a warning naming the
 old holder, only when it is stale:
-  * its holder is on this host and its pid is not running (a SIGKILLed or crashed trainer): at
-    once;
+  * its holder is on this machine (hostname and boot id) and its process is gone (a SIGKILLed or
+    crashed trainer; a pid now running another process counts as gone): at once;
   * or its lease has expired (a dead host, a job killed elsewhere): nothing refreshed it for
     `lease_s`.
 Otherwise `WorkdirLockedError` (a ValueError, so one line from the CLIs) names the holder and what
@@ -62,6 +64,10 @@ class WorkdirLockedError(ValueError):
   """Another live trainer holds the workdir's lock (the message names it and what to do)."""
 
 
+class WorkdirNotWritableError(ValueError):
+  """The workdir (or its lock file) cannot be created: one line naming the path and OS error."""
+
+
 class WorkdirLockLostError(RuntimeError):
   """This trainer's lock was taken over (`force_unlock` elsewhere): it must stop writing."""
 
@@ -96,6 +102,24 @@ def read_holder(path: str) -> dict[str, Any] | None:
   return holder
 
 
+def _boot_id() -> str | None:
+  """This machine's boot id (Linux), which tells two machines of one hostname apart."""
+  try:
+    with open('/proc/sys/kernel/random/boot_id', encoding='ascii') as f:
+      return f.read().strip()
+  except OSError:
+    return None
+
+
+def _start_ticks(pid: int) -> str | None:
+  """When process `pid` started (Linux, clock ticks since boot), which tells a reused pid apart."""
+  try:
+    with open(f'/proc/{pid}/stat', encoding='ascii', errors='replace') as f:
+      return f.read().rsplit(')', 1)[1].split()[19]   # Field 22; the fields after ')' start at 3.
+  except (OSError, IndexError):
+    return None
+
+
 def _pid_running(pid: int) -> bool:
   try:
     os.kill(pid, 0)
@@ -111,9 +135,14 @@ def stale_reason(holder: dict[str, Any], now: float | None = None) -> str | None
   now = time.time() if now is None else now
   age = now - float(holder['mtime'])
   pid = holder.get('pid')
-  if holder.get('host') == socket.gethostname() and isinstance(pid, int) and pid > 0:
-    if pid != os.getpid() and not _pid_running(pid):
+  # The same machine: the same hostname and boot (containers and pods may share a hostname).
+  here = holder.get('host') == socket.gethostname() and holder.get('boot_id') == _boot_id()
+  if here and isinstance(pid, int) and pid > 0:
+    if not _pid_running(pid):
       return f'its process {pid} is not running on this host'
+    started = _start_ticks(pid)
+    if holder.get('pid_start') and started and started != holder['pid_start']:
+      return f'its process {pid} has exited (the pid now belongs to another process)'
   lease = float(holder.get('lease_s') or LEASE_S)
   if age >= lease:
     return f'its lease expired (last heartbeat {age:.0f} s ago, lease {lease:.0f} s)'
@@ -181,6 +210,7 @@ class WorkdirLock:
   def _holder_record(self) -> dict[str, Any]:
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
     return {'format': FORMAT, 'host': socket.gethostname(), 'pid': os.getpid(),
+            'boot_id': _boot_id(), 'pid_start': _start_ticks(os.getpid()),
             'started': started, 'token': self.token, 'lease_s': self.lease_s,
             'heartbeat_s': self.heartbeat_s, 'command': ' '.join(sys.argv)[:2000]}
 
@@ -198,6 +228,16 @@ class WorkdirLock:
       return False
     finally:
       os.unlink(tmp)
+
+  def _create(self) -> bool:
+    """`_link_new` in a workdir created if needed; OS errors become WorkdirNotWritableError."""
+    try:
+      os.makedirs(self.workdir, exist_ok=True)
+      return self._link_new()
+    except OSError as e:
+      raise WorkdirNotWritableError(
+          f'Workdir {self.workdir} is not writable: {e}; pass a --workdir on a writable disk.'
+      ) from None
 
   def _take_over(self, holder: dict[str, Any], why: str) -> bool:
     """Moves `holder`'s lock aside and links ours; False if another start was quicker."""
@@ -224,12 +264,12 @@ class WorkdirLock:
 
     Raises:
       WorkdirLockedError: a live trainer holds it (and `force` is off).
+      WorkdirNotWritableError: the workdir or the lock file cannot be created.
     """
     if not self.enabled:
       return self
-    os.makedirs(self.workdir, exist_ok=True)
     for _ in range(5):   # Each retry follows another start's move; a few at most.
-      if self._link_new():
+      if self._create():
         break
       holder = read_holder(self.path)
       if holder is None:

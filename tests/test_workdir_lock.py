@@ -17,12 +17,16 @@ import pytest
 from cjepa_jax import workdir_lock
 
 
-def _write_holder(workdir, *, host, pid, age_s=0.0, lease_s=workdir_lock.LEASE_S, token='old'):
+def _write_holder(workdir, *, host, pid, age_s=0.0, lease_s=workdir_lock.LEASE_S, token='old',
+                  **extra):
   """A lock file as another trainer would have left it, its last heartbeat `age_s` ago."""
   path = workdir / workdir_lock.LOCK_FILE
   workdir.mkdir(parents=True, exist_ok=True)
+  # pylint: disable-next=protected-access
+  here = {'boot_id': workdir_lock._boot_id()} if host == socket.gethostname() else {}
   path.write_text(json.dumps({'format': 1, 'host': host, 'pid': pid, 'token': token,
-                              'started': '2026-12-01T00:00:00+00:00', 'lease_s': lease_s}))
+                              'started': '2026-12-01T00:00:00+00:00', 'lease_s': lease_s,
+                              **here, **extra}))
   beat = time.time() - age_s
   os.utime(path, (beat, beat))
   return path
@@ -70,6 +74,29 @@ def test_dead_pid_on_this_host_is_taken_over_at_once(tmp_path, caplog):
   with workdir_lock.WorkdirLock(str(tmp_path)) as lock:
     assert json.loads((tmp_path / 'trainer.lock').read_text())['token'] == lock.token
   assert f'pid {pid}' in caplog.text and f'its process {pid} is not running' in caplog.text
+
+
+def test_reused_pid_and_another_machine_of_this_hostname(tmp_path):
+  """A live pid that started after the holder's record is a reused pid: stale at once. A holder
+  on another machine with this hostname (another boot id) is judged by its lease alone."""
+  # pylint: disable=protected-access
+  if workdir_lock._start_ticks(os.getpid()) is None:
+    pytest.skip('no /proc here')
+  _write_holder(tmp_path, host=socket.gethostname(), pid=os.getpid(), pid_start='1')
+  with workdir_lock.WorkdirLock(str(tmp_path)):
+    pass
+  _write_holder(tmp_path, host=socket.gethostname(), pid=_dead_pid(), boot_id='another-boot')
+  with pytest.raises(workdir_lock.WorkdirLockedError):
+    workdir_lock.WorkdirLock(str(tmp_path)).acquire()
+
+
+def test_unwritable_workdir_is_one_line(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  with pytest.raises(workdir_lock.WorkdirNotWritableError, match=r'Workdir .*/file/run is not '
+                     r'writable: \[Errno 20\] Not a directory') as info:
+    workdir_lock.WorkdirLock(str(blocker / 'run')).acquire()
+  assert isinstance(info.value, ValueError) and '\n' not in str(info.value)
 
 
 def test_other_host_is_live_until_its_lease_expires(tmp_path, caplog):
