@@ -48,43 +48,45 @@ class _Diverter(py_logging.Filter):
     self.path: str | None = None
     self.count = 0
     self._file: TextIO | None = None
+    self._failed: set[str] = set()   # Files that could not be opened or written.
     self._previous_unraisable = sys.unraisablehook
 
   # The file ----------------------------------------------------------------------------------
 
   def _open(self) -> TextIO | None:
+    """The file, opened on first use: the workdir's, else the temporary one; None if neither."""
     if self._file is not None:
       return self._file
     candidates = [os.path.join(tempfile.gettempdir(), f'cjepa-errors-{os.getpid()}.log')]
     if os.path.isdir(self.workdir):   # Never create the workdir from an error path.
       candidates.insert(0, os.path.join(self.workdir, ERRORS_FILE))
     for path in candidates:
+      if path in self._failed:
+        continue
       try:
         self._file = open(path, 'a', encoding='utf-8')   # pylint: disable=consider-using-with
         self.path = path
         return self._file
       except OSError:
-        continue
+        self._failed.add(path)
     return None
 
   def _write(self, text: str) -> bool:
-    """Appends `text` to the file; False if no file could be written."""
-    f = self._open()
-    if f is None:
+    """Appends `text` to the file; False if no file could be written (then: the console)."""
+    while (f := self._open()) is not None:
+      try:
+        f.write(text if text.endswith('\n') else text + '\n')
+        f.flush()
+        break
+      except OSError:   # E.g. the disk filled up: try the next file.
+        self._failed.add(self.path)
+        self._file = None
+    else:
       return False
-    try:
-      f.write(text if text.endswith('\n') else text + '\n')
-      f.flush()
-    except OSError:   # The disk filled up meanwhile: keep the records on the console.
-      if self.path and not self.path.startswith(tempfile.gettempdir()):
-        self._file, self.workdir = None, '/nonexistent'   # Next time: the temp directory.
-        return self._write(text)
-      return False
-    first = self.count == 0
-    self.count += 1
-    if first:
+    if self.count == 0:
       logging.warning('Library tracebacks of this failure go to %s (--verbosity=1 shows them '
                       'here).', self.path)
+    self.count += 1
     return True
 
   # The hooks ---------------------------------------------------------------------------------
