@@ -10,7 +10,8 @@ an earlier one after a damaged one, a SIGKILL or a crash) logs steps S+1, ... ag
     line cut off mid-write) are appended to `metrics.discarded.jsonl`, each with
     `"discarded_at_resume_from": S`, never silently duplicated or lost;
   * every TensorBoard events file in DIR is rewritten without its events of steps > S (the
-    records are copied byte for byte, CRCs included); the resumed run writes a new events file.
+    records are copied byte for byte, CRCs included); the resumed run writes a new events file,
+    `events.out.tfevents.<time>.<host>.<pid>.from_step_<S>`.
     So TensorBoard, or any reader of event files, shows one curve per tag (no step purge
     needed: the replaced values are in `metrics.discarded.jsonl`). A TensorBoard already
     running may need a reload to forget what it had read.
@@ -183,7 +184,10 @@ class MetricWriter:
     self._file = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
     try:
       import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._tb = tensorboardX.SummaryWriter(workdir)
+      # A new events file per start, named by where it starts (and the pid: two starts within a
+      # second would otherwise share tensorboardX's name, and the second would overwrite it).
+      suffix = f'.{os.getpid()}' + (f'.from_step_{start_step}' if start_step is not None else '')
+      self._tb = tensorboardX.SummaryWriter(workdir, filename_suffix=suffix)
     except ImportError:
       logging.warning('tensorboardX is not installed: no TensorBoard events are written.')
 
