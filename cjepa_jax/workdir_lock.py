@@ -111,23 +111,31 @@ def _boot_id() -> str | None:
     return None
 
 
-def _start_ticks(pid: int) -> str | None:
-  """When process `pid` started (Linux, clock ticks since boot), which tells a reused pid apart."""
+def _proc_stat(pid: int) -> list[str] | None:
+  """Fields 3... of /proc/<pid>/stat (Linux): [state, ppid, ...]; None where there is none."""
   try:
     with open(f'/proc/{pid}/stat', encoding='ascii', errors='replace') as f:
-      return f.read().rsplit(')', 1)[1].split()[19]   # Field 22; the fields after ')' start at 3.
-  except (OSError, IndexError):
+      return f.read().rsplit(')', 1)[1].split()
+  except OSError:
     return None
 
 
+def _start_ticks(pid: int) -> str | None:
+  """When process `pid` started (Linux, clock ticks since boot), which tells a reused pid apart."""
+  fields = _proc_stat(pid)
+  return fields[19] if fields and len(fields) > 19 else None   # Field 22 of the stat line.
+
+
 def _pid_running(pid: int) -> bool:
+  """Whether `pid` runs on this machine (a zombie, killed but not yet reaped, does not)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
   except PermissionError:   # Exists, owned by someone else.
-    return True
-  return True
+    pass
+  fields = _proc_stat(pid)
+  return not (fields and fields[0] == 'Z')
 
 
 def stale_reason(holder: dict[str, Any], now: float | None = None) -> str | None:
