@@ -51,6 +51,7 @@ _SLOW_FIRST = ('test_train.py', 'test_multihost.py', 'test_train_step.py', 'test
 
 
 def pytest_configure(config):
+  config.addinivalue_line('markers', 'slow: multi-process and long fault tests')
   # pytest-xdist (>= 3.6) hands out `--dist loadfile` files in descending order of their number of
   # tests unless told not to: the 2-test multi-process files would start last and end alone.
   if hasattr(config.option, 'loadscopereorder'):

@@ -521,6 +521,7 @@ _PAUSE_HARNESS = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_second_trainer_on_a_workdir_fails_at_once_and_the_first_finishes(tmp_path):
   workdir, go = tmp_path / 'run', tmp_path / 'go'
   common = ('--config.total_steps=8', '--config.ckpt_every_steps=4')
@@ -586,6 +587,7 @@ def _event_steps(workdir, tag):
   return steps
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_with_each_step_logged_once(tmp_path, straight_run):
   """SIGKILL after step 11 (checkpoints every 4, rows every 2), resume, finish: metrics.jsonl and
   TensorBoard hold each step once, equal to the uninterrupted run's (the issue's kill at 23 with
