@@ -30,6 +30,8 @@ Run machinery
   metrics.py            metrics.jsonl, TensorBoard, the progress line, the timed log window.
   workdir.py            What both trainers keep beside their checkpoints: config.json, resume
                         checks, the non-finite stop, the preempted exit.
+  workdir_lock.py       One trainer per workdir: a lock file with a heartbeat lease.
+  errorlog.py           Library tracebacks to WORKDIR/errors.log, off the console.
   preemption.py         SIGTERM / SIGINT -> save the step in flight, exit 75.
   distributed.py        jax.distributed start-up and fail-fast errors across processes.
   reference_layout.py   The reference I-JEPA state-dict layout <-> flax params; writing a

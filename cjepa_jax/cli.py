@@ -4,7 +4,10 @@ Every CLI of the package (`cjepa-train`, `cjepa-probe`) runs its absl `main` thr
 
   * flag parsing is wrapped: an unknown flag, a misspelled `--config.key` (with ml_collections'
     "did you mean") or a value of the wrong type prints `PROG: error: ...` on stderr and exits 1,
-    instead of absl's usage dump or a 59-line traceback;
+    instead of absl's usage dump or a 59-line traceback; so does a `--config` file that is
+    missing, unreadable or not valid Python (naming the file, and the line of a syntax error),
+    and an argument its recipe does not take (`configs/x.py:nope`: the recipe's own message,
+    which lists its arguments, without ml_collections' traceback);
   * `--help` (`-h`, `--helpshort`, `--helpfull`) prints the entry point's docstring, its own flags
     and, when given, an extra text (the trainer lists every config key with its default and
     meaning, read from `config.py`), then exits 0;
@@ -13,8 +16,10 @@ Every CLI of the package (`cjepa-train`, `cjepa-probe`) runs its absl `main` thr
     and keeps its traceback. With several processes the error goes through
     `distributed.fail_fast`, which shows it on every process.
 
-`trainer_main` is the absl `main` both trainers share: flag checks, exit 75 on preemption, exit 0
-for a run already complete, the JSON result line.
+`trainer_main` is the absl `main` both trainers share: flag checks, a workdir held by another
+live trainer refused at once (`workdir_lock.check_free`, before the slow imports), library
+tracebacks sent to `WORKDIR/errors.log` (`errorlog`; the error line names the file), exit 75 on
+preemption, exit 0 for a run already complete, the JSON result line.
 
 Nothing here runs at import.
 """
@@ -22,6 +27,7 @@ Nothing here runs at import.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from typing import Any, Callable, Sequence
@@ -31,12 +37,15 @@ from absl import flags
 import jax
 
 from cjepa_jax import distributed
+from cjepa_jax import errorlog
+from cjepa_jax import workdir_lock
 
 # Errors whose message already names the problem and the fix: no traceback for these.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
-               FloatingPointError, app.UsageError)
+               FloatingPointError, app.UsageError, workdir_lock.WorkdirLockLostError)
 _HELP_FLAGS = ('-h', '-?', '--help', '--helpshort', '--helpfull', '--help=true')
 _DID_YOU_MEAN = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"\?')
+_RECIPE_ERROR = 'Error whilst parsing config file:'  # ml_collections' wrapping of get_config's.
 
 
 class Exit(SystemExit):
@@ -66,7 +75,61 @@ def error_line(prog: str, error: BaseException | str) -> str:
       text = f'unknown config key {text.splitlines()[0]!r} (--help lists every key)'
   if isinstance(error, flags.Error) and 'Unknown command line flag' in text:
     text += ' (--help lists the flags)'
+  if _RECIPE_ERROR in text:
+    text = _recipe_error(text)
   return f'{prog}: error: {text}'
+
+
+def _recipe_error(text: str) -> str:
+  """`--config=PATH:ARG: <the recipe's own message>` from ml_collections' traceback dump.
+
+  A recipe that rejects its argument says which it takes (configs/*.py raise a ValueError naming
+  them); one that takes none fails with Python's TypeError, said here in words.
+  """
+  flag = text.split(f': {_RECIPE_ERROR}')[0].removeprefix('flag ')
+  last = [line for line in text.splitlines() if line.strip()][-1].strip()
+  kind, _, message = last.partition(': ')
+  if kind == 'TypeError' and 'get_config()' in message and 'positional argument' in message:
+    message = (f'{message}: this recipe takes no argument after ":" (or a different number; see '
+               'the docstring of its file)')
+  return f'{flag}: {message}'
+
+
+def _config_file(argv: Sequence[str]) -> str | None:
+  """The path given to `--config` (without its `:arg`), or None."""
+  for i, arg in enumerate(argv):
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1].split(':', 1)[0]
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1].split(':', 1)[0]
+  return None
+
+
+def check_config_file(path: str) -> None:
+  """Raises ValueError (one line) unless `path` is a readable file of valid Python.
+
+  ml_collections would defer a missing file's error to the first use of the config and let a
+  syntax error escape as a 58-line traceback.
+  """
+  if not os.path.exists(path):
+    folder = os.path.dirname(path) or '.'
+    recipes = (sorted(f for f in os.listdir(folder) if f.endswith('.py'))
+               if os.path.isdir(folder) else [])
+    hint = f' ({folder}/ has {", ".join(recipes)})' if recipes else ''
+    raise ValueError(f'--config {path}: no such file{hint}; check the --config path.')
+  try:
+    with open(path, 'rb') as f:
+      source = f.read()
+  except OSError as e:
+    raise ValueError(f'--config {path} cannot be read: {e.strerror or e}; check the --config '
+                     'path and its permissions.') from None
+  try:
+    compile(source, path, 'exec')
+  except SyntaxError as e:
+    where = f'line {e.lineno}' + (f', column {e.offset}' if e.offset else '')
+    code = f': {e.text.strip()!r}' if e.text and e.text.strip() else ''
+    raise ValueError(f'--config {path} is not valid Python: {e.msg} at {where}{code}; fix the '
+                     'recipe file.') from None
 
 
 def fail(prog: str, error: BaseException | str) -> None:
@@ -89,6 +152,12 @@ def _flags_parser(prog: str, doc: str, module: str, extra_help: Callable[[], str
     if any(a in _HELP_FLAGS for a in argv[1:]):
       print(_help(prog, doc, module, extra_help))
       sys.exit(0)
+    config_file = _config_file(argv[1:])
+    if config_file is not None:
+      try:
+        check_config_file(config_file)
+      except ValueError as e:
+        fail(prog, e)
     try:
       return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
@@ -129,7 +198,9 @@ def run(prog: str, main: Callable[[Sequence[str]], Any], *, doc: str, module: st
       except USER_ERRORS as e:
         if jax.process_count() > 1:
           raise  # fail_fast shows it on every process and stops them all.
-        fail(prog, e)
+        details = errorlog.diverted_to()
+        # The library tracebacks behind this error were kept off the console: say where they are.
+        fail(prog, f'{str(e).strip()} (library tracebacks: {details})' if details else e)
 
   distributed.define_flags()
   app.run(wrapped, flags_parser=_flags_parser(prog, doc, module, extra_help))
@@ -148,6 +219,10 @@ def trainer_main(argv: Sequence[str], config: Any, workdir: str | None,
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   if config is None or workdir is None:
     raise app.UsageError(f'--config and --workdir are required, e.g. {example}')
+  if jax.process_index() == 0:
+    # A second trainer on a workdir stops here, in seconds, before TensorFlow is imported.
+    workdir_lock.check_free(workdir, force=bool(config.get('force_unlock', False)))
+  errorlog.divert_library_errors(workdir)
   # pylint: disable=g-import-not-at-top  (after the flag checks: TensorFlow takes ~10 s)
   from cjepa_jax import input_pipeline
   from cjepa_jax import metrics

@@ -42,6 +42,8 @@ def default_config() -> ml_collections.ConfigDict:
   # Resuming a workdir with a config that changes the run's meaning (batch, objective, schedules,
   # data) is refused unless this is True; the changed keys are then logged one by one.
   c.allow_config_change = False
+  # Take the workdir's lock (WORKDIR/trainer.lock) even from a live holder; check it is gone first.
+  c.force_unlock = False
   c.peak_tflops = 0.0            # Per-device peak for MFU; 0 means look the device kind up.
 
   c.data = ml_collections.ConfigDict()
@@ -172,6 +174,8 @@ def default_finetune_config() -> ml_collections.ConfigDict:
   c.keep_ckpts = 2               # How many of the latest checkpoints to keep (best/ keeps 1).
   c.keep_every_steps = 0         # > 0: also keep every checkpoint at a multiple of this, forever.
   c.allow_config_change = False  # Resume with a config that changes the run (logged key by key).
+  # Take the workdir's lock (WORKDIR/trainer.lock) even from a live holder; check it is gone first.
+  c.force_unlock = False
   c.peak_tflops = 0.0            # Per-device peak for MFU; 0 means look the device kind up.
 
   c.data = default_config().data
@@ -395,6 +399,8 @@ RESUME_FREE = ('log_every_steps', 'ckpt_every_steps', 'keep_ckpts', 'keep_every_
                'peak_tflops', 'init_from', 'allow_config_change', 'mesh.data', 'mesh.fsdp',
                'model.remat_policy', 'model.attention', 'data.data_dir', 'data.prefetch',
                'accum_steps')
+# One start's switch, not part of the run: free to change on resume too.
+RESUME_FREE += ('force_unlock',)
 
 
 def flatten(config: ml_collections.ConfigDict | dict[str, Any], prefix: str = ''

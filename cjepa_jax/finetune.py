@@ -21,7 +21,9 @@ DIR/checkpoints/<step>/ and the best one (eval top-1) in DIR/best/checkpoints/<s
 orbax checkpoints of the fine-tuning state, so `cjepa-probe --config.pretrained=DIR/best` does not
 apply (their encoder is under params/encoder). Restarting with the same --workdir resumes exactly
 (the data position, mixing, drop path and the best-so-far continue); SIGTERM / SIGINT save the
-current step and exit with code 75, as pretraining.
+current step and exit with code 75, as pretraining. As pretraining, the trainer holds
+DIR/trainer.lock (one trainer per workdir), checks the data and labels before DIR is created, and
+a resumed run first drops what an interrupted one logged past its checkpoint.
 """
 
 from __future__ import annotations
@@ -112,15 +114,17 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   run = step_lib.setup(resolved, mesh, encoder)
   input_pipeline.check_dataset(resolved)
   input_pipeline.check_label_splits(resolved)  # Same classes in both splits, num_classes of them.
-  ckpt = checkpoint_lib.Checkpointer(
-      workdir, keep=config.keep_ckpts, keep_every_steps=config.keep_every_steps,
-      save_every_steps=config.ckpt_every_steps)
-  best = checkpoint_lib.Checkpointer(os.path.join(workdir, BEST_DIR), keep=1)
-  try:
-    return _loop(resolved, workdir, mesh, run, encoder, info, ckpt, best, input_pipeline)
-  finally:
-    best.close()
-    ckpt.close()
+  # Nothing is written in the workdir before its lock is held (process 0 holds it for the job).
+  with workdir_lib.locked(workdir, force=config.force_unlock) as lock:
+    ckpt = checkpoint_lib.Checkpointer(
+        workdir, keep=config.keep_ckpts, keep_every_steps=config.keep_every_steps,
+        save_every_steps=config.ckpt_every_steps)
+    best = checkpoint_lib.Checkpointer(os.path.join(workdir, BEST_DIR), keep=1)
+    try:
+      return _loop(resolved, workdir, mesh, run, encoder, info, ckpt, best, input_pipeline, lock)
+    finally:
+      best.close()
+      ckpt.close()
 
 
 def _workdir_config(workdir: str) -> dict[str, Any] | None:
@@ -180,7 +184,7 @@ def evaluate(run: step_lib.Setup, params: Any, config: ml_collections.ConfigDict
               eval_loss=host['loss'] / n, eval_examples=int(host['count']))
 
 
-def _loop(config, workdir, mesh, run, encoder, info, ckpt, best, input_pipeline
+def _loop(config, workdir, mesh, run, encoder, info, ckpt, best, input_pipeline, lock
           ) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   total_steps = run.total_steps
@@ -212,7 +216,8 @@ def _loop(config, workdir, mesh, run, encoder, info, ckpt, best, input_pipeline
                'peak lr %.3g.', dict(mesh.shape), jax.device_count(), jax.process_count(),
                total_steps, config.batch_size, run.steps_per_epoch, step_lib.peak_lr(config))
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  # Rows and events an interrupted start logged past `start_step` go first: each step once.
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, start_step=start_step)
   batch_sharding = sharding.batch_sharding(mesh)
   data = input_pipeline.make_train_iterator(config, start_step=start_step)
   spec = encoder.spec
@@ -236,6 +241,7 @@ def _loop(config, workdir, mesh, run, encoder, info, ckpt, best, input_pipeline
           workdir_lib.save_config(config, workdir, start_step)
         ckpt.check()
         best.check()
+        lock.check()   # Another trainer forced the lock over: stop before writing again.
         if pending is not None:
           workdir_lib.check_finite(*pending, last_good, workdir, lr_key='optim.base_lr')
         pending = (step, step_metrics['finite'])

@@ -3,6 +3,19 @@
 `LogWindow` is the trainers' (pretraining and fine-tuning) window of step metrics: averaged,
 timed (img/s, MFU) and written at each log step.
 
+Metrics that match the state: a trainer that resumes from the checkpoint of step S (the latest, or
+an earlier one after a damaged one, a SIGKILL or a crash) logs steps S+1, ... again, so
+`MetricWriter(workdir, start_step=S)` first removes what the lost run logged past S:
+  * `metrics.jsonl` keeps its rows of steps <= S (rewritten atomically); the later rows (and a
+    line cut off mid-write) are appended to `metrics.discarded.jsonl`, each with
+    `"discarded_at_resume_from": S`, never silently duplicated or lost;
+  * every TensorBoard events file in DIR is rewritten without its events of steps > S (the
+    records are copied byte for byte, CRCs included); the resumed run writes a new events file,
+    `events.out.tfevents.<time>.<host>.<pid>.from_step_<S>`.
+    So TensorBoard, or any reader of event files, shows one curve per tag (no step purge
+    needed: the replaced values are in `metrics.discarded.jsonl`). A TensorBoard already
+    running may need a reload to forget what it had read.
+
 Only the main process (process 0) writes; the others get a writer that drops everything, so call
 sites need no `if process_index() == 0`.
 """
@@ -14,11 +27,15 @@ import json
 import logging as py_logging
 import math
 import os
+import struct
 import time
 from typing import Any, Callable, Mapping
 
 from absl import logging
 
+METRICS_FILE = 'metrics.jsonl'
+DISCARDED_FILE = 'metrics.discarded.jsonl'
+EVENTS_GLOB = 'events.out.tfevents.'
 # Libraries whose INFO lines would bury the progress line; their warnings still show.
 _QUIET_PATHS = ('/orbax/', '/etils/', '/tensorflow_datasets/')
 
@@ -48,20 +65,129 @@ def quiet_library_logs() -> None:
     handler.addFilter(_QuietLibraries())
 
 
-class MetricWriter:
-  """Appends one JSON object per logged step and mirrors scalars to TensorBoard."""
+def _row_step(line: str) -> int | None:
+  """The `step` of a metrics.jsonl line, or None for a line that is not a whole row."""
+  try:
+    row = json.loads(line)
+    return int(row['step']) if isinstance(row, dict) else None
+  except (ValueError, KeyError, TypeError):
+    return None
 
-  def __init__(self, workdir: str, enabled: bool = True):
+
+def truncate_metrics(workdir: str, step: int) -> list[int]:
+  """Moves the rows of `workdir/metrics.jsonl` past `step` to `metrics.discarded.jsonl`.
+
+  Rows of steps <= `step` stay, in order (the file is rewritten through a temporary file and a
+  rename, so a kill meanwhile leaves either file whole). A line that is not a whole row (cut off
+  by a kill) is moved too. Returns the steps moved (-1 for a cut-off line).
+  """
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding='utf-8') as f:
+    lines = [line for line in f.read().splitlines() if line.strip()]
+  kept, moved, steps = [], [], []
+  for line in lines:
+    row_step = _row_step(line)
+    if row_step is not None and row_step <= step:
+      kept.append(line)
+      continue
+    steps.append(-1 if row_step is None else row_step)
+    row = json.loads(line) if row_step is not None else {'unparsed': line}
+    moved.append(json.dumps(dict(row, discarded_at_resume_from=int(step))))
+  if not moved:
+    return []
+  with open(os.path.join(workdir, DISCARDED_FILE), 'a', encoding='utf-8') as f:
+    f.write(''.join(m + '\n' for m in moved))
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    f.write(''.join(k + '\n' for k in kept))
+  os.replace(tmp, path)
+  return steps
+
+
+def read_event_records(path: str) -> list[tuple[bytes, int | None]]:
+  """The records of a TensorBoard events file (TFRecord framing): `(raw bytes, event step)`.
+
+  The raw bytes are the whole record (length, its CRC, the serialized Event, its CRC). The step is
+  None for a record that does not parse; reading stops at a record cut off by a kill.
+  """
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  with open(path, 'rb') as f:
+    data = f.read()
+  records, offset = [], 0
+  while offset + 12 <= len(data):
+    (length,) = struct.unpack('<Q', data[offset:offset + 8])
+    end = offset + 12 + length + 4
+    if end > len(data):
+      break
+    event = event_pb2.Event()
+    try:
+      event.ParseFromString(data[offset + 12:offset + 12 + length])
+      step = int(event.step)
+    except Exception:  # pylint: disable=broad-exception-caught  (protobuf's DecodeError)
+      step = None
+    records.append((data[offset:end], step))
+    offset = end
+  return records
+
+
+def truncate_events(workdir: str, step: int) -> list[str]:
+  """Rewrites every events file in `workdir` without its events past `step`; returns those files.
+
+  Cut-off or unparsable records are dropped as well.
+  """
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return []
+  changed = []
+  for name in sorted(os.listdir(workdir)):
+    path = os.path.join(workdir, name)
+    if not name.startswith(EVENTS_GLOB) or not os.path.isfile(path):
+      continue
+    records = read_event_records(path)
+    kept = [raw for raw, s in records if s is not None and s <= step]
+    if len(kept) == len(records) and sum(map(len, kept)) == os.path.getsize(path):
+      continue
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+      f.write(b''.join(kept))
+    os.replace(tmp, path)
+    changed.append(path)
+  return changed
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step and mirrors scalars to TensorBoard.
+
+  `start_step` (the step a trainer starts from: 0, or the checkpoint it resumed): metrics and
+  events past it, logged by an earlier start that did not save them, are removed first (see the
+  module docstring). None leaves the files as they are (append only).
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, start_step: int | None = None):
     self.enabled = enabled
     self._tb = None
     self._file = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._file = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    if start_step is not None:
+      moved = truncate_metrics(workdir, start_step)
+      events = truncate_events(workdir, start_step)
+      if moved or events:
+        logging.info('Starting from step %d: %d row(s) of %s logged past it (steps %s) moved to '
+                     '%s, and %d TensorBoard events file(s) cut at step %d, so that every step is '
+                     'logged once.', start_step, len(moved), METRICS_FILE,
+                     ', '.join(map(str, moved)) or '-', DISCARDED_FILE, len(events), start_step)
+    self._file = open(os.path.join(workdir, METRICS_FILE), 'a', encoding='utf-8')
     try:
       import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._tb = tensorboardX.SummaryWriter(workdir)
+      # A new events file per start, named by where it starts (and the pid: two starts within a
+      # second would otherwise share tensorboardX's name, and the second would overwrite it).
+      suffix = f'.{os.getpid()}' + (f'.from_step_{start_step}' if start_step is not None else '')
+      self._tb = tensorboardX.SummaryWriter(workdir, filename_suffix=suffix)
     except ImportError:
       logging.warning('tensorboardX is not installed: no TensorBoard events are written.')
 

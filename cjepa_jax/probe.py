@@ -17,7 +17,9 @@ FRACTION in [0, 1].
 
 What is restored: only the encoder weights, `target_params` (the EMA target encoder, the one the
 paper evaluates) with `--config.encoder=target` (default) or `params/encoder` (the context encoder)
-with `--config.encoder=context`, plus the model config saved with the checkpoint (variant, depth,
+with `--config.encoder=context` (for a fine-tuning workdir, whose only encoder that is: the
+fine-tuned one; the default `target` is refused there in one line saying so), plus the model
+config saved with the checkpoint (variant, depth,
 dtype, scan layout and the pretraining `data.image_size`, which the probe then uses). Never the
 predictor or the optimizer state. Parameters are replicated over the mesh; batches are split over
 every device.
@@ -69,6 +71,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cjepa_jax import cli
+from cjepa_jax import errorlog
 from cjepa_jax import metrics as metrics_lib
 from cjepa_jax.evals import runner
 
@@ -98,6 +101,7 @@ def main(argv: Sequence[str]) -> None:
                          'configs/probe_linear.py --config.pretrained=runs/cifar10_ijepa '
                          '--workdir runs/cifar10_ijepa/probe')
   metrics_lib.quiet_library_logs()   # orbax's ~15 INFO lines per restore stay off the console.
+  errorlog.divert_library_errors(workdir)  # A damaged checkpoint's tracebacks: errors.log.
   runner.run(config, workdir)   # Bad input: one line and exit 1 (cli.run).
 
 

@@ -8,14 +8,17 @@ complete checkpoint in `DIR/checkpoints/`: the step, the schedules, the EMA, the
 data position all continue, so the run ends as if it had never stopped.
 
 Writes `DIR/config.json`, `DIR/metrics.jsonl`, TensorBoard events in DIR and
-`DIR/checkpoints/<step>/`.
+`DIR/checkpoints/<step>/`, holding `DIR/trainer.lock` meanwhile (one trainer per workdir:
+`workdir_lock.py`). A resumed run first drops what an interrupted one logged past its checkpoint
+(`metrics.py`), so every step is logged once.
 
 Faults (README, "Faults"): SIGTERM / SIGINT save the current step and exit with code 75
 (`preemption.py`); a checkpoint directory that cannot be written stops the run before any compile,
 a failed save within the step; a checkpoint that fails its checksums is reported and the newest
 earlier one that verifies is used; resuming with a config that changes the state's shapes is
 refused, one that changes the run's meaning needs `--config.allow_config_change=True`; a run that
-is already complete says so and exits 0.
+is already complete says so and exits 0; a second trainer on a workdir fails at once naming the
+first; every data and label check runs before the workdir is created.
 """
 
 from __future__ import annotations
@@ -85,18 +88,24 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = sharding.make_mesh(config)
   run = step_lib.setup(config, mesh)   # Builds and checks the models; compiles nothing.
   input_pipeline.check_dataset(config)  # Fails fast, naming how to prepare the data.
-  # Opens (creating) WORKDIR/checkpoints and checks that it is writable, before any compile.
-  ckpt = checkpoint_lib.Checkpointer(
-      workdir, keep=config.keep_ckpts, keep_every_steps=config.keep_every_steps,
-      save_every_steps=config.ckpt_every_steps)
-  try:
-    return _loop(config, workdir, mesh, run, ckpt, input_pipeline)
-  finally:
-    ckpt.close()
+  # Evaluators run during pretraining (kNN, few-shot monitors), each with its period in steps.
+  # Made now: they check their splits' labels before anything is written.
+  in_training = evals_registry.in_training(config, mesh, run.models.encoder)
+  # Nothing is written in the workdir before its lock is held (process 0 holds it for the job).
+  with workdir_lib.locked(workdir, force=config.force_unlock) as lock:
+    # Opens (creating) WORKDIR/checkpoints and checks that it is writable, before any compile.
+    ckpt = checkpoint_lib.Checkpointer(
+        workdir, keep=config.keep_ckpts, keep_every_steps=config.keep_every_steps,
+        save_every_steps=config.ckpt_every_steps)
+    try:
+      return _loop(config, workdir, mesh, run, ckpt, input_pipeline, in_training, lock)
+    finally:
+      ckpt.close()
 
 
-def _loop(config, workdir, mesh, run, ckpt, input_pipeline) -> dict[str, Any]:
-  """Restore or initialise, then train; `ckpt` is closed by the caller."""
+def _loop(config, workdir, mesh, run, ckpt, input_pipeline, in_training, lock
+          ) -> dict[str, Any]:
+  """Restore or initialise, then train; `ckpt` is closed (and `lock` released) by the caller."""
   is_main = jax.process_index() == 0
   models, total_steps, steps_per_epoch = run.models, run.total_steps, run.steps_per_epoch
   ckpt.report_incomplete()   # Cut-off saves: reported (and moved aside) before any training.
@@ -124,7 +133,8 @@ def _loop(config, workdir, mesh, run, ckpt, input_pipeline) -> dict[str, Any]:
                dict(mesh.shape), jax.device_count(), jax.process_count(), total_steps,
                config.batch_size, steps_per_epoch)
 
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+  # Rows and events an interrupted start logged past `start_step` go first: each step once.
+  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, start_step=start_step)
   batch_sharding = sharding.batch_sharding(mesh)
   data = input_pipeline.make_train_iterator(config, start_step=start_step)
   flops_per_step = flops_lib.step_flops(models.step_shape()) * config.batch_size
@@ -133,8 +143,6 @@ def _loop(config, workdir, mesh, run, ckpt, input_pipeline) -> dict[str, Any]:
   log = metrics_lib.LogWindow(config.batch_size, total_steps, steps_per_epoch, flops_per_step,
                               peak, writer, last_value_keys=_LAST_VALUE)
   rank_fn = jax.jit(lambda x: step_lib.effective_rank(x - jnp.mean(x, axis=0)))
-  # Evaluators run during pretraining (kNN, few-shot monitors), each with its period in steps.
-  in_training = evals_registry.in_training(config, mesh, models.encoder)
   pending: tuple[int, jax.Array] | None = None   # (step, finite flag), checked one step late.
   # Images the input pipeline skipped as unreadable, over the whole run (kept in checkpoints).
   skipped_before = int(extra.get('data_skipped', 0))
@@ -151,6 +159,7 @@ def _loop(config, workdir, mesh, run, ckpt, input_pipeline) -> dict[str, Any]:
           # Compiled and running: this start is good.
           workdir_lib.save_config(config, workdir, start_step)
         ckpt.check()   # A background save that failed stops the run here, with its cause.
+        lock.check()   # Another trainer forced the lock over: stop before writing again.
         # Check the previous step's flag now, while the device is already busy with this step.
         if pending is not None:
           workdir_lib.check_finite(*pending, last_good, workdir)

@@ -1,5 +1,6 @@
 """What a run keeps around its checkpoints, shared by the pretraining and fine-tuning trainers.
 
+  locked(workdir, force)                      the trainer's workdir lock, held by process 0.
   save_config(config, workdir, start_step)    DIR/config.json, written once a start is good.
   check_resume_config(saved, config, ...)     refuses a resume that changes shapes or meaning.
   remove_if_empty(workdir)                    a failed first start leaves no empty workdir.
@@ -10,15 +11,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from typing import Any
+from typing import Any, Iterator
 
 from absl import logging
 import jax
 import ml_collections
 
 from cjepa_jax import config as config_lib
+from cjepa_jax import workdir_lock
 
 
 class NonFiniteError(FloatingPointError):
@@ -31,6 +34,25 @@ class Preempted(Exception):
   def __init__(self, step: int):
     super().__init__(f'preempted at step {step}; its checkpoint is saved')
     self.step = step
+
+
+@contextlib.contextmanager
+def locked(workdir: str, force: bool = False) -> Iterator[workdir_lock.WorkdirLock]:
+  """Holds `workdir`'s trainer lock (creating the workdir) on process 0 for the block's duration.
+
+  Every process waits at a barrier until process 0 holds it, so no process writes into a workdir
+  another job owns; a refusal on process 0 stops the job (`distributed.fail_fast`). Released on
+  every way out of the block (its end, an error, a preemption).
+
+  Raises:
+    workdir_lock.WorkdirLockedError: another live trainer holds it (one line naming the holder).
+  """
+  with workdir_lock.WorkdirLock(workdir, force=force,
+                                enabled=jax.process_index() == 0) as lock:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices('cjepa_workdir_locked')
+    yield lock
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str, start_step: int = 0) -> None:

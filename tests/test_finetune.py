@@ -437,3 +437,37 @@ def test_a_run_without_ema_gives_its_context_encoder_as_the_target(tmp_path):
   for a, b in zip(jax.tree.leaves(loaded['target_params']),
                   jax.tree.leaves(state['params']['encoder']), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_probing_a_finetuning_workdir_takes_its_encoder_or_says_how(straight):
+  """A fine-tuning checkpoint has no EMA target: the default is refused in one line naming the
+  fix; `encoder=context` restores the fine-tuned encoder (params/encoder)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  workdir, _ = straight
+  config = ml_collections.ConfigDict({'pretrained': str(workdir), 'encoder': 'target', 'seed': 0})
+  with pytest.raises(ValueError) as e:
+    features_lib.resolve_encoder(config)
+  message = str(e.value)
+  assert '\n' not in message and 'is a fine-tuning checkpoint (cjepa-finetune)' in message
+  assert '--config.encoder=context' in message and '--config.pretrained=' in message
+  config.encoder = 'context'
+  encoder, info = features_lib.resolve_encoder(config)
+  assert info['encoder'] == 'context' and info['step'] == 6
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params = features_lib.load_encoder_params(config, encoder, info, device)
+  want = checkpoint_lib.restore_subtree(str(workdir), ('params', 'encoder'))
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_finetuning_refuses_a_workdir_another_trainer_holds(tmp_path):
+  """The lock of a live trainer on another host: refused in one line, nothing else written."""
+  from cjepa_jax import workdir_lock  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'trainer.lock').write_text(json.dumps(
+      {'host': 'node-3', 'pid': 77, 'started': '2026-12-01T00:00:00+00:00', 'token': 't'}))
+  with pytest.raises(workdir_lock.WorkdirLockedError, match='host node-3, pid 77') as e:
+    finetune.finetune(tiny_config(), str(workdir))
+  assert '\n' not in str(e.value) and 'force_unlock' in str(e.value)
+  assert sorted(p.name for p in workdir.iterdir()) == ['trainer.lock']

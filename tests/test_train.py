@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -487,3 +488,230 @@ def test_corrupt_latest_checkpoint_falls_back_and_still_ends_exactly(tmp_path, s
   lb = jax.tree.leaves(checkpoint_lib.restore_subtree(str(workdir), ()))
   for x, y in zip(la, lb, strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# One trainer per workdir, metrics that match the state, failures as one block, start-up errors
+# (README, "Faults").
+
+def _console_lines(result):
+  """The whole console output of a CLI run (stdout and stderr), in non-empty lines."""
+  return [l for l in (result.stdout + result.stderr).splitlines() if l.strip()]
+
+
+def _not_info(stderr):
+  """stderr without absl's INFO lines and TensorFlow's start-up notices."""
+  return [l for l in stderr.splitlines() if l.strip() and not re.match(r'I\d{4} ', l)
+          and 'oneDNN' not in l and 'InitializeLog' not in l]
+
+
+# The first trainer of the double launch: it holds the lock and waits at step PAUSE_AT until the
+# file GO exists, so that the second one surely starts while the first is running.
+_PAUSE_HARNESS = textwrap.dedent('''
+    import os, sys, time
+    from cjepa_jax import preemption, train
+    at, go = int(os.environ['PAUSE_AT']), os.environ['GO']
+    original = preemption.Preemption.reached
+    def reached(self, step):
+      while step == at and not os.path.exists(go):
+        time.sleep(0.1)
+      return original(self, step)
+    preemption.Preemption.reached = reached
+    sys.argv = ['train'] + sys.argv[1:]
+    train.run()
+''')
+
+
+@pytest.mark.slow
+def test_second_trainer_on_a_workdir_fails_at_once_and_the_first_finishes(tmp_path):
+  workdir, go = tmp_path / 'run', tmp_path / 'go'
+  common = ('--config.total_steps=8', '--config.ckpt_every_steps=4')
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', PAUSE_AT='3', GO=str(go))
+  first = subprocess.Popen([sys.executable, '-c', _PAUSE_HARNESS, *tiny_cli_args(workdir, *common)],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+  try:
+    deadline = time.monotonic() + 300
+    while not (workdir / 'metrics.jsonl').exists() and first.poll() is None:
+      assert time.monotonic() < deadline, 'the first trainer never reached step 2'
+      time.sleep(0.2)
+    holder = json.loads((workdir / 'trainer.lock').read_text())
+    assert holder['pid'] == first.pid
+    started = time.monotonic()
+    second = run_cli(workdir, *common)
+    took = time.monotonic() - started
+  finally:
+    go.write_text('go')
+    out, err = first.communicate(timeout=300)
+  assert second.returncode == 1, second.stderr[-3000:]
+  assert took < 10, f'the second trainer took {took:.1f} s to refuse'
+  lines = _not_info(second.stderr)
+  assert len(lines) == 1 and lines[0].startswith('cjepa-train: error: '), second.stderr
+  for part in (f'{workdir} is in use by another trainer', f'pid {first.pid}', holder['host'],
+               holder['started'], '--config.force_unlock=True'):
+    assert part in lines[0], (part, lines[0])
+  assert 'Traceback' not in second.stderr
+  assert first.returncode == 0, err[-3000:]
+  rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [2, 4, 6, 8], 'one run, each step once'
+  assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [4, 8]
+  assert not (workdir / 'trainer.lock').exists(), 'released at the end'
+  del out
+
+
+_SIGKILL_AT_HARNESS = textwrap.dedent('''
+    import os, signal, sys
+    from cjepa_jax import preemption, train
+    at = int(os.environ['KILL_AT'])
+    original = preemption.Preemption.reached
+    def reached(self, step):
+      if step == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+      return original(self, step)
+    preemption.Preemption.reached = reached
+    sys.argv = ['train'] + sys.argv[1:]
+    train.run()
+''')
+
+
+def _event_steps(workdir, tag):
+  """The steps of every `tag` scalar in the workdir's TensorBoard events files, in file order."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  from cjepa_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  steps = []
+  for path in sorted(workdir.glob('events.out.tfevents.*')):
+    for raw, _ in metrics_lib.read_event_records(str(path)):
+      event = event_pb2.Event()
+      event.ParseFromString(raw[12:-4])
+      steps += [event.step for v in event.summary.value if v.tag == tag]
+  return steps
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_each_step_logged_once(tmp_path, straight_run):
+  """SIGKILL after step 11 (checkpoints every 4, rows every 2), resume, finish: metrics.jsonl and
+  TensorBoard hold each step once, equal to the uninterrupted run's (the issue's kill at 23 with
+  checkpoints every 10, scaled down). The dead trainer's lock is taken over at once."""
+  straight, _ = straight_run
+  workdir = tmp_path / 'run'
+  common = ('--config.total_steps=12', '--config.ckpt_every_steps=4')
+  killed = run_python(['-c', _SIGKILL_AT_HARNESS, *tiny_cli_args(workdir, *common)], KILL_AT='11')
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert json.loads((workdir / 'trainer.lock').read_text())['pid'] > 0, 'the dead one\'s lock'
+  assert [json.loads(l)['step'] for l in (workdir / 'metrics.jsonl').read_text().splitlines()
+          ] == [2, 4, 6, 8, 10]
+  resumed = run_cli(workdir, *common)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Took over the lock' in resumed.stderr and 'is not running' in resumed.stderr
+  assert not (workdir / 'trainer.lock').exists()
+  rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows] == [2, 4, 6, 8, 10, 12], 'each step once, in order'
+  a = read_metrics(straight)
+  for row in rows:
+    for key in ('loss', 'jepa', 'lr', 'weight_decay', 'ema_momentum', 'grad_norm', 'param_norm',
+                'update_norm', 'target_feature_std', 'data_skipped', 'compiles'):
+      assert row[key] == a[row['step']][key], (row['step'], key)
+  resumed_from = checkpoint_lib.Checkpointer(str(workdir)).all_steps()
+  discarded = [json.loads(l) for l in (workdir / 'metrics.discarded.jsonl').read_text()
+               .splitlines()]
+  assert discarded and all(d['step'] > d['discarded_at_resume_from'] for d in discarded)
+  assert resumed_from[-1] == 12
+  # TensorBoard: one curve, each step once, over every events file of both starts.
+  assert sorted(_event_steps(workdir, 'loss')) == [2, 4, 6, 8, 10, 12]
+  assert len(list(workdir.glob('events.out.tfevents.*'))) == 2
+
+
+# Disk full at the save of DISK_FULL_AT: from then on, no file of this process may grow past
+# FSIZE bytes (EFBIG, as ENOSPC), the checkpoint's array data included.
+_DISK_FULL_HARNESS = textwrap.dedent('''
+    import os, resource, signal, sys
+    from cjepa_jax import checkpoint, train
+    at = int(os.environ['DISK_FULL_AT'])
+    original = checkpoint.Checkpointer.save
+    def save(self, step, state, config=None, **kwargs):
+      if step == at:
+        self.wait()
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(os.environ['FSIZE']),
+                                                   resource.RLIM_INFINITY))
+      return original(self, step, state, config, **kwargs)
+    checkpoint.Checkpointer.save = save
+    sys.argv = ['train'] + sys.argv[1:]
+    train.run()
+''')
+
+
+def test_disk_full_at_a_save_is_one_short_block(tmp_path):
+  workdir = tmp_path / 'run'
+  result = run_python(['-c', _DISK_FULL_HARNESS, *tiny_cli_args(
+      workdir, '--config.total_steps=12', '--config.ckpt_every_steps=4')],
+                      DISK_FULL_AT='8', FSIZE=str(1 << 20))
+  assert result.returncode == 1, result.stderr[-3000:]
+  lines = _console_lines(result)
+  assert len(lines) <= 20, '\n'.join(lines)
+  assert lines[-1].startswith(f'cjepa-train: error: Saving checkpoint {workdir}/checkpoints/8 '
+                              'failed: '), lines[-1]
+  assert 'File too large' in lines[-1] and 'last complete checkpoint (step 4)' in lines[-1]
+  log = workdir / 'errors.log'
+  assert f'(library tracebacks: {log})' in lines[-1]
+  assert 'Traceback' in log.read_text() and 'Traceback' not in result.stderr
+  assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [4]
+
+
+def test_damaged_checkpoint_is_one_short_block(tmp_path, straight_run):
+  """Every data file of step 12 garbled: the read fails inside tensorstore (not only the
+  checksums), which used to print hundreds of 'Event loop is closed' tracebacks."""
+  workdir = _copy_run(straight_run[0], tmp_path / 'run')
+  step_dir = workdir / 'checkpoints' / '12'
+  for f in (step_dir / 'state').rglob('*'):
+    if f.is_file() and f.parent.name == 'd':
+      data = bytearray(f.read_bytes())
+      data[len(data) // 2:] = bytes(255 - b for b in data[len(data) // 2:])
+      f.write_bytes(bytes(data))
+  result = run_cli(workdir, '--config.total_steps=12', '--config.ckpt_every_steps=4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = _console_lines(result)
+  assert len(lines) <= 20, '\n'.join(lines)
+  assert f'Not resuming from {step_dir}' in result.stderr
+  assert 'Resuming from the checkpoint of step 8' in result.stderr
+  assert 'Traceback' not in result.stderr
+  if (workdir / 'errors.log').exists():   # Whether tensorstore left callbacks behind varies.
+    assert f'go to {workdir / "errors.log"}' in result.stderr
+
+
+def test_config_file_errors_are_one_line_and_leave_no_workdir(tmp_path):
+  bad = tmp_path / 'bad_recipe.py'
+  bad.write_text('def get_config(arg=None):\n  return {\n')
+  cases = ((str(tmp_path / 'missing.py'), f'--config {tmp_path / "missing.py"}: no such file'),
+           (str(tmp_path), f'--config {tmp_path} cannot be read: Is a directory'),
+           (str(bad), f'--config {bad} is not valid Python: '),
+           ('configs/cifar10_vit_tiny.py:nope', "takes one of ('ijepa', 'cjepa'"))
+  for config, needle in cases:
+    workdir = tmp_path / 'run'
+    result = run_python(['-m', 'cjepa_jax.train', '--config', config, '--workdir', str(workdir)])
+    assert result.returncode == 1, (config, result.stderr[-3000:])
+    lines = _console_lines(result)
+    assert len(lines) == 1 and lines[0].startswith('cjepa-train: error: '), result.stderr
+    assert needle in lines[0], (needle, lines[0])
+    assert not workdir.exists()
+  assert 'at line 2' in run_python(['-m', 'cjepa_jax.train', '--config', str(bad), '--workdir',
+                                    str(tmp_path / 'run')]).stderr
+
+
+def test_label_checks_run_before_the_workdir_is_created(tmp_path):
+  """The kNN monitor's classes differ between the splits: refused before anything is written."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for split, names in (('train', ('apple', 'grass')), ('test', ('apple', 'snow'))):
+    for name in names:
+      (tmp_path / 'data' / split / name).mkdir(parents=True)
+      Image.new('RGB', (8, 8), (90, 90, 90)).save(tmp_path / 'data' / split / name / '0.png')
+  config = tiny_cli_config(**{'data.dataset': 'image_folder', 'data.num_classes': 2,
+                              'data.data_dir': str(tmp_path / 'data'), 'data.eval_split': 'test',
+                              'evals.knn_every_steps': 2})
+  with pytest.raises(ValueError, match="has class 'grass' that"):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+  (tmp_path / 'old').mkdir()   # An existing workdir gets nothing either.
+  with pytest.raises(ValueError, match="has class 'grass' that"):
+    train.train_and_evaluate(config, str(tmp_path / 'old'))
+  assert not list((tmp_path / 'old').iterdir())
