@@ -18,16 +18,17 @@ ROWS=(
   # I-JEPA ViT-H/14, ImageNet-1K (the IN-22K H/14 recipe compiles to the same step).
   'h14_v5p32|configs/in1k_vith14_ep300.py|v5p-32|'
   'h14_v5p16|configs/in1k_vith14_ep300.py|v5p-16|'
-  'h14_v5p8_accum2|configs/in1k_vith14_ep300.py|v5p-8|--config.accum_steps=2'
-  # C-JEPA and fine-tuning at ViT-B.
+  'h14_v5p8|configs/in1k_vith14_ep300.py|v5p-8|'
+  # C-JEPA and fine-tuning.
   'cjepa_b16_v5p8|configs/cjepa_in1k_ep600.py:B/16|v5p-8|'
   'ft_b16_v5p8|configs/finetune_in1k.py:B/16|v5p-8|'
-  # ViT-g/16 (scan in its recipe).
+  # ViT-g/16 (scan in its recipe): FSDP over 8 chips against plain data parallel.
   'g16_v5p64|configs/in22k_vitg16_ep44.py|v5p-64|--config.mesh.fsdp=8'
-  'h14_v5p8|configs/in1k_vith14_ep300.py|v5p-8|'
-  'h14_v5p16_scan|configs/in1k_vith14_ep300.py|v5p-16|--config.model.scan=True'
+  'g16_v5p64_dp|configs/in22k_vitg16_ep44.py|v5p-64|'
   'cjepa_l16_v5p16|configs/cjepa_in1k_ep600.py:L/16|v5p-16|'
   'ft_l16_v5p16|configs/finetune_in1k.py:L/16|v5p-16|'
+  'h14_v5p16_scan|configs/in1k_vith14_ep300.py|v5p-16|--config.model.scan=True'
+  'h14_v5p8_accum2|configs/in1k_vith14_ep300.py|v5p-8|--config.accum_steps=2'
   'ft_h14_v5p16|configs/finetune_in1k.py:H/14|v5p-16|'
   'h16_448_v5p128|configs/in1k_vith16_448_ep300.py|v5p-128|'
   # Scaling: H/14 at global batch 2048 as the slice grows.

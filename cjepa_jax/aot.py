@@ -15,10 +15,13 @@ slice name into those devices and a compiled program into a report:
   * the collectives of the compiled program (all-gather, reduce-scatter, all-reduce,
     all-to-all, collective-permute): how many and how many bytes they produce per chip.
 
-A `lax.scan` (`model.scan=True`) body is counted ONCE by the cost model, so a scanned model's
-FLOPs, estimate and collectives would be ~depth times too small. `extrapolate_depth` corrects
-them from two small unrolled compiles (depth 1 and 2): every per-block quantity is linear in the
-depth, so cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)).
+A loop body (a `lax.scan`: `model.scan=True`, or gradient accumulation's scan over
+micro-batches) is counted ONCE by the cost model, so a scanned model's FLOPs, estimate and
+collectives would be ~depth times too small. `extrapolate_depth` corrects them from two small
+unrolled compiles (depth 1 and 2): every per-block quantity is linear in the depth, so
+cost(L) = cost(1) + (L - 1) * (cost(2) - cost(1)); for ViT-H/14 on 8 v5p chips this is within
+0.2 % of the unrolled program's own estimate. (`compile.py` costs accumulation from one
+micro-batch's step.)
 
 The chip table (`CHIPS`) is the one place that holds HBM capacities and peaks.
 """

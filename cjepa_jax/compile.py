@@ -22,10 +22,12 @@ network (the `data` mesh axis spans them). The task follows the config: a fine-t
 (`configs/finetune_*.py`) compiles the fine-tuning step, a probe config (`configs/probe_*.py`)
 the probe's feature extraction, anything else the pretraining step.
 
-With `model.scan=True` the compiler's cost model counts the scanned block once; the FLOPs, the
-estimate and the collectives are then taken from two extra unrolled compiles at depth 1 and 2,
-extrapolated linearly to the model's depth (`aot.extrapolate_depth`); memory and fit are always
-the real program's.
+The compiler's cost model counts the body of a loop once. With `model.scan=True` the FLOPs, the
+estimate and the collectives are therefore taken from two extra unrolled compiles at depth 1 and
+2, extrapolated linearly to the model's depth (`aot.extrapolate_depth`); with
+`accum_steps` = A > 1 (a scan over micro-batches) from the step of one micro-batch (batch / A,
+no accumulation) times A, an upper bound that counts the once-per-step optimizer, EMA and
+gradient reduction A times. Memory and fit are always the real program's.
 
 Exit status 0 when the program fits, 1 when it does not (one line naming the chip, what it
 needed, what it has and the knobs that lower it), or on a bad flag.
@@ -79,14 +81,19 @@ def _with(config: ml_collections.ConfigDict, **model: Any) -> ml_collections.Con
   return out
 
 
-def _random_encoder(config: ml_collections.ConfigDict) -> Any:
-  """The encoder `config` names: a checkpoint's own (variant, depth, scan), or `model.*`."""
+def _pretrained_or_random(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with `pretrained='random'` when the recipe leaves it unset: a compile needs only
+  the encoder's shapes, which the recipe's `model.*` gives."""
   c = copy.deepcopy(config)
   with c.unlocked():
     if not c.pretrained:
       c.pretrained = features_lib.RANDOM
-  encoder, info = features_lib.resolve_encoder(c)
-  return encoder, info
+  return c
+
+
+def _random_encoder(config: ml_collections.ConfigDict) -> Any:
+  """The encoder `config` names: a checkpoint's own (variant, depth, scan), or `model.*`."""
+  return features_lib.resolve_encoder(_pretrained_or_random(config))
 
 
 def program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, task: str
@@ -104,7 +111,7 @@ def program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, task: st
     return (run.jitted_step, (state, train_step.abstract_batch(config, mesh)), model_flops,
             dict(batch_size=config.batch_size, depth=enc.num_layers, scan=enc.scan))
   if task == 'finetune':
-    config_lib.validate_finetune(config)
+    config_lib.validate_finetune(_pretrained_or_random(config))
     encoder, _ = _random_encoder(config)
     run = finetune_step.setup(config, mesh, encoder)
     state = workdir_lib.with_shardings(run.abstract_state, run.state_shardings)
@@ -150,12 +157,28 @@ def compile_for_slice(config: ml_collections.ConfigDict, tpu_slice: aot.Slice,
   hbm = tpu_slice.chip.hbm_gib * aot.GIB
   result = aot.compile_program(jitted, *args, hbm_bytes=hbm)
   cost, coll, source = result.cost, result.collectives, 'program'
-  if result.memory and facts['scan']:
-    # The cost model counts a scanned body once: extrapolate from unrolled depth-1 / -2 compiles.
-    small = [aot.compile_program(*_program_args(_with(config, scan=False, depth=d), mesh, task),
-                                 hbm_bytes=float('inf')) for d in (1, 2)]
-    cost, coll = aot.extrapolate_depth(small[0], small[1], facts['depth'])
-    source = f'extrapolated from unrolled depth-1 and depth-2 compiles to depth {facts["depth"]}'
+  accum = int(config.get('accum_steps', 1)) if task == 'train' else 1
+  if result.memory and (facts['scan'] or accum > 1):
+    # The cost model counts a loop body once: a scanned block, or the scan over micro-batches.
+    # Cost one micro-batch's step without either, then scale (see the module docstring).
+    micro = copy.deepcopy(config)
+    with micro.unlocked():
+      micro.batch_size = config.batch_size // accum
+      if accum > 1:
+        micro.accum_steps = 1
+    if facts['scan']:
+      small = [aot.compile_program(*_program_args(_with(micro, scan=False, depth=d), mesh, task),
+                                   hbm_bytes=float('inf')) for d in (1, 2)]
+      cost, coll = aot.extrapolate_depth(small[0], small[1], facts['depth'])
+      source = f'extrapolated from unrolled depth-1 and depth-2 compiles to depth {facts["depth"]}'
+    else:
+      unrolled = aot.compile_program(*_program_args(micro, mesh, task), hbm_bytes=float('inf'))
+      cost, coll, source = unrolled.cost, unrolled.collectives, 'the micro-batch program'
+    if accum > 1:
+      cost = {k: v * accum for k, v in cost.items()}
+      coll = {k: {f: x * accum for f, x in v.items()} for k, v in coll.items()}
+      source += (f' x {accum} micro-batches (an upper bound: the optimizer, EMA and gradient '
+                 'reduction, once per step, are counted per micro-batch)')
   est = aot.estimate(cost, model_flops=model_flops, batch_size=facts['batch_size'],
                      tpu_slice=tpu_slice) if result.memory else {}
   m = config.model
@@ -208,6 +231,9 @@ def format_report(r: dict[str, Any], config_name: str) -> str:
                  f"{e['images_per_second_per_chip']:.0f} img/s per chip, MFU "
                  f"{100 * e['mfu']:.0f}% ({r['model_flops_per_step'] / 1e12:.3g} model TFLOP a "
                  f"step; the compiler counts {c['flops'] / 1e12:.3g} TFLOP per chip)")
+  elif c.get('optimal_seconds', 0) < 0:
+    lines.append(f"  compiler's estimate: none (its cost model returned a negative step time, "
+                 f"{c['optimal_seconds']:.2f} s, for this program)")
   else:
     lines.append("  compiler's estimate: none (the cost model gave no step time)")
   if r['cost_source'] != 'program':

@@ -224,3 +224,44 @@ def test_two_slices_put_the_data_axis_across_them():
   bad = tiny_config(fsdp=8)   # data = 1 cannot span 2 slices.
   with pytest.raises(ValueError, match='multiple of the 2 slices'):
     compile_lib.sharding.make_mesh(bad, devices)
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_accumulated_cost_counts_every_micro_batch():
+  s = aot.parse_slice('v5e:2x2')
+  devices = aot.slice_devices(s)
+  full = compile_lib.compile_for_slice(tiny_config(batch_size=32), s, devices=devices)
+  config = tiny_config(batch_size=32)
+  config.accum_steps = 2
+  acc = compile_lib.compile_for_slice(config, s, devices=devices)
+  assert 'x 2 micro-batches' in acc['cost_source']
+  # Two micro-batches of 16 cost what one batch of 32 does (plus a second optimizer count).
+  assert acc['cost']['flops'] == pytest.approx(full['cost']['flops'], rel=0.1)
+  assert acc['estimate']['step_seconds'] == pytest.approx(full['estimate']['step_seconds'],
+                                                          rel=0.5)
+
+
+def test_tpu_table_renders_a_report(tmp_path):
+  report = dict(
+      task='train', topology='v5p-16', chips=8, chip='v5p', hbm_gib=95.0,
+      mesh={'data': 8, 'fsdp': 1}, batch_per_chip=256.0, accum_steps=1, remat_policy='none',
+      scan=False, fits=True, headroom=0.19,
+      memory_gib=dict(arguments=9.8, outputs=9.6, aliased=9.6, temporaries=66.6, code=0.6,
+                      total=77.0),
+      compile_seconds=717.4, cost_source='program', config='configs/in1k_vith14_ep300.py',
+      estimate=dict(step_seconds=0.678, images_per_second_per_chip=377.5, mfu=0.543),
+      collectives={'all-reduce': {'count': 14, 'bytes': 1.3 * 2**30}})
+  (tmp_path / 'h14.json').write_text(json.dumps(report))
+  (tmp_path / 'h14.cmd').write_text('python -m cjepa_jax.compile ...')
+  r = subprocess.run([sys.executable, 'benchmarks/tpu_table.py', str(tmp_path)], cwd=ROOT,
+                     capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0, r.stderr
+  row = [l for l in r.stdout.splitlines() if l.startswith('| h14 ')][0]
+  cells = [c.strip() for c in row.strip('|').split('|')]
+  assert cells[2:] == ['v5p-16 (8)', '8 x 1', '256', '1', 'none', 'no', '9.8 + 66.6 = 77.0',
+                       'yes (19%)', '717', '0.678', '378', '54%', '0.0 / 0.0 / 1.3']
+  assert 'h14: python -m cjepa_jax.compile ...' in r.stdout
+  missing = subprocess.run([sys.executable, 'benchmarks/tpu_table.py', str(tmp_path), '--rows',
+                            'nope'], cwd=ROOT, capture_output=True, text=True, timeout=60)
+  assert missing.returncode == 2 and 'nope.json does not exist' in missing.stderr
