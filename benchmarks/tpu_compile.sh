@@ -8,7 +8,8 @@
 # A row already in OUT_DIR is skipped (delete its .json to redo it), so the script can be
 # stopped and restarted. Each row is `name|config|topology|extra flags`; the exact command of a
 # row is written beside its report (`name.cmd`). Rows run one after another: a ViT-H compile
-# takes minutes on 2 cores.
+# takes minutes on 2 cores. `--noestimate` rows report memory and fit only (a scanned model or
+# accumulation needs extra compiles for the cost model; see cjepa_jax/compile.py).
 set -uo pipefail
 out=${1:?usage: tpu_compile.sh OUT_DIR [ROW ...]}
 shift
@@ -27,8 +28,8 @@ ROWS=(
   'g16_v5p64_dp|configs/in22k_vitg16_ep44.py|v5p-64|'
   'cjepa_l16_v5p16|configs/cjepa_in1k_ep600.py:L/16|v5p-16|'
   'ft_l16_v5p16|configs/finetune_in1k.py:L/16|v5p-16|'
-  'h14_v5p16_scan|configs/in1k_vith14_ep300.py|v5p-16|--config.model.scan=True'
-  'h14_v5p8_accum2|configs/in1k_vith14_ep300.py|v5p-8|--config.accum_steps=2'
+  'h14_v5p16_scan|configs/in1k_vith14_ep300.py|v5p-16|--config.model.scan=True --noestimate'
+  'h14_v5p8_accum2|configs/in1k_vith14_ep300.py|v5p-8|--config.accum_steps=2 --noestimate'
   'ft_h14_v5p16|configs/finetune_in1k.py:H/14|v5p-16|'
   'h16_448_v5p128|configs/in1k_vith16_448_ep300.py|v5p-128|'
   # Scaling: H/14 at global batch 2048 as the slice grows.

@@ -36,7 +36,7 @@ def row(name: str, r: dict[str, Any]) -> list[str]:
     memory, fits = 'out of HBM at compile', 'no'
   est = e.get('step_seconds') or 0.0
   coll = ' / '.join(_gib(c.get(k, {}).get('bytes', 0.0) / 2**30)
-                    for k in ('all-gather', 'reduce-scatter', 'all-reduce')) if m else '-'
+                    for k in ('all-gather', 'reduce-scatter', 'all-reduce')) if c else '-'
   cost_note = '' if r.get('cost_source', 'program') == 'program' else ' (extrap.)'
   return [name, r.get('config', ''), f"{r['topology']} ({r['chips']})",
           f"{r['mesh']['data']} x {r['mesh']['fsdp']}", f"{r['batch_per_chip']:g}",

@@ -147,9 +147,13 @@ def program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, task: st
 
 
 def compile_for_slice(config: ml_collections.ConfigDict, tpu_slice: aot.Slice,
-                      task: str | None = None, devices: list[Any] | None = None
-                      ) -> dict[str, Any]:
-  """Compiles `task` of `config` for `tpu_slice`; the report as a JSON-able dict."""
+                      task: str | None = None, devices: list[Any] | None = None,
+                      estimate: bool = True) -> dict[str, Any]:
+  """Compiles `task` of `config` for `tpu_slice`; the report as a JSON-able dict.
+
+  `estimate=False` skips the extra compiles that a scanned model or accumulation needs for the
+  cost model (memory and fit only: faster).
+  """
   task = task or task_of(config)
   devices = devices if devices is not None else aot.slice_devices(tpu_slice)
   mesh = sharding.make_mesh(config, devices)
@@ -158,7 +162,10 @@ def compile_for_slice(config: ml_collections.ConfigDict, tpu_slice: aot.Slice,
   result = aot.compile_program(jitted, *args, hbm_bytes=hbm)
   cost, coll, source = result.cost, result.collectives, 'program'
   accum = int(config.get('accum_steps', 1)) if task == 'train' else 1
-  if result.memory and (facts['scan'] or accum > 1):
+  if result.memory and (facts['scan'] or accum > 1) and not estimate:
+    cost, coll = {}, {}
+    source = 'not computed (--noestimate: a loop body is counted once, see --help)'
+  elif result.memory and (facts['scan'] or accum > 1):
     # The cost model counts a loop body once: a scanned block, or the scan over micro-batches.
     # Cost one micro-batch's step without either, then scale (see the module docstring).
     micro = copy.deepcopy(config)
@@ -180,7 +187,7 @@ def compile_for_slice(config: ml_collections.ConfigDict, tpu_slice: aot.Slice,
       source += (f' x {accum} micro-batches (an upper bound: the optimizer, EMA and gradient '
                  'reduction, once per step, are counted per micro-batch)')
   est = aot.estimate(cost, model_flops=model_flops, batch_size=facts['batch_size'],
-                     tpu_slice=tpu_slice) if result.memory else {}
+                     tpu_slice=tpu_slice) if result.memory and cost else {}
   m = config.model
   return dict(
       task=task, topology=tpu_slice.cloud_name, topology_name=tpu_slice.topology_name,
@@ -226,7 +233,9 @@ def format_report(r: dict[str, Any], config_name: str) -> str:
                f"{_gib(m['temporaries'])}, code {_gib(m['code'])}; total {_gib(m['total'])} of "
                f"{r['hbm_gib']:g} GiB: {verdict}")
   e, c = r['estimate'], r['cost']
-  if e.get('step_seconds'):
+  if not c:
+    lines.append(f"  compiler's estimate: {r['cost_source']}")
+  elif e.get('step_seconds'):
     lines.append(f"  compiler's estimate (not measured): {e['step_seconds']:.3f} s a step, "
                  f"{e['images_per_second_per_chip']:.0f} img/s per chip, MFU "
                  f"{100 * e['mfu']:.0f}% ({r['model_flops_per_step'] / 1e12:.3g} model TFLOP a "
@@ -236,11 +245,12 @@ def format_report(r: dict[str, Any], config_name: str) -> str:
                  f"{c['optimal_seconds']:.2f} s, for this program)")
   else:
     lines.append("  compiler's estimate: none (the cost model gave no step time)")
-  if r['cost_source'] != 'program':
+  if c and r['cost_source'] != 'program':
     lines.append(f"  (cost and collectives {r['cost_source']})")
   coll = ', '.join(f"{k} {v['count']:.0f} x = {_gib(v['bytes'] / aot.GIB)}"
                    for k, v in r['collectives'].items() if v['count'])
-  lines.append(f"  collectives per chip and step: {coll or 'none'}")
+  if r['collectives']:
+    lines.append(f"  collectives per chip and step: {coll or 'none'}")
   return '\n'.join(lines)
 
 
@@ -261,7 +271,8 @@ def main(argv: list[str]) -> None:
                              'configs/in1k_vith14_ep300.py --topology v5p-32')
   tpu_slice = aot.parse_slice(topology, _FLAGS['num_slices'].value)
   task = _FLAGS['task'].value
-  report = compile_for_slice(config, tpu_slice, None if task == 'auto' else task)
+  report = compile_for_slice(config, tpu_slice, None if task == 'auto' else task,
+                             estimate=_FLAGS['estimate'].value)
   report['config'] = config_flags.get_config_filename(flags.FLAGS['config'])
   if _FLAGS['json'].value:
     print(json.dumps(report))
@@ -289,6 +300,9 @@ def run() -> None:
   _FLAGS['task'] = flags.DEFINE_enum('task', 'auto', ('auto',) + TASKS,
                                      'What to compile; auto follows the config.')
   _FLAGS['json'] = flags.DEFINE_bool('json', False, 'Print the report as one JSON line.')
+  _FLAGS['estimate'] = flags.DEFINE_bool(
+      'estimate', True, 'Cost a scanned model or accumulation with extra compiles; '
+      '--noestimate reports memory and fit only.')
   cli.run('cjepa-compile', main, doc=__doc__, module=sys.argv[0] if __name__ == '__main__'
           else __name__, extra_help=config_lib.help_text)
 

@@ -5,7 +5,8 @@ r"""I-JEPA ViT-H/14 on ImageNet-22K at 224 px, 66 epochs: the reference in22k_vi
 
 ImageNet-22K has no tfds builder, so this reads an image folder (`data_dir/train/<label>/<image>`,
 the layout of the full fall-2011 release); set num_train_examples to your copy's count. Warmup is 3
-epochs; everything else as in1k_vith14_ep300.
+epochs; everything else as in1k_vith14_ep300, whose train step this is (the same program on a
+TPU slice: see its docstring and BENCHMARKS.md for the slice to use).
 """
 
 from cjepa_jax import config as config_lib

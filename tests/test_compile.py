@@ -118,8 +118,14 @@ def test_missing_libtpu_is_one_line_naming_the_extra():
 
 @needs_libtpu
 def test_cli_json_reports_memory_flops_and_estimate():
-  # TensorFlow made unimportable: nothing on the compile path may need it.
-  code = ("import runpy, sys; sys.modules['tensorflow'] = None\n"
+  # TensorFlow made unimportable (a finder that refuses it: `sys.modules['tensorflow'] = None`
+  # would trip einops' backend probe): nothing on the compile path may need it.
+  code = ("import importlib.abc, runpy, sys\n"
+          "class NoTF(importlib.abc.MetaPathFinder):\n"
+          "  def find_spec(self, name, path, target=None):\n"
+          "    if name.split('.')[0] == 'tensorflow':\n"
+          "      raise ImportError('tensorflow is blocked in this test')\n"
+          "sys.meta_path.insert(0, NoTF())\n"
           "sys.argv = ['cjepa-compile', '--config', 'configs/cifar10_vit_tiny.py', '--topology', "
           "'v5e:2x2', '--config.model.depth=1', '--config.model.pred_depth=1', '--json']\n"
           "runpy.run_module('cjepa_jax.compile', run_name='__main__')\n")
