@@ -298,15 +298,16 @@ def train_transform(ex: dict[str, Any], rng: np.random.Generator,
                     data: ml_collections.ConfigDict) -> np.ndarray:
   """Decoded example -> float32 [S, S, 3] normalised: RandomResizedCrop, augmentations.
 
-  The crop box is resized in one PIL call (`resize(box=...)`, antialiased as tf.image.resize
-  with antialias=True), to uint8 then [0, 1].
+  The crop is cut out, then resized (PIL antialiases, as tf.image.resize with antialias=True;
+  `resize(box=...)` would filter across the box edges, unlike the tf.data crop), to uint8, then
+  scaled to [0, 1].
   """
   image = _open(ex)
   top, left, h, w = random_resized_crop_window(image.height, image.width, rng,
                                                scale=data.crop_scale, ratio=data.crop_ratio)
   size = int(data.image_size)
-  image = image.resize((size, size), _RESAMPLE[data.interpolation],
-                       box=(left, top, left + w, top + h))
+  image = image.crop((left, top, left + w, top + h)).resize((size, size),
+                                                           _RESAMPLE[data.interpolation])
   x = np.asarray(image, np.float32) / 255.0
   # One draw per augmentation whether or not it is on: switching one on moves no other's stream.
   flip, jitter, gray, blur = rng.spawn(4)
