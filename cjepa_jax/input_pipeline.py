@@ -164,11 +164,22 @@ def make_train_iterator(
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch(config.batch_size, process_count)
   _check_data_config(config)
+  it = _train_iterator(config, start_step, local_batch, process_index, process_count)
+  # Once per run (the trainers build one training iterator): whether anything imported TensorFlow.
+  logging.info('Input pipeline: loader=%s, tensorflow_imported=%s', _loader(config),
+               isinstance(sys.modules.get('tensorflow'), type(sys)))
+  return it
+
+
+def _train_iterator(config, start_step, local_batch, process_index, process_count):
   if _loader(config) == 'grain':
     if config.data.dataset == 'synthetic':  # An endless stream: global position = example id.
       source = grain_pipeline.SyntheticSource(config, config.data.train_split, 2 ** 62)
     else:
       source = _grain_source(config, config.data.train_split)
+      if not len(source):  # pylint: disable=g-explicit-length-test
+        raise ValueError(f'Split {config.data.train_split!r} of {config.data.dataset!r} has no '
+                         'examples; use a split with data.')
     return grain_pipeline.train_batches(
         source, config, start_step=start_step, local_batch=local_batch,
         process_index=process_index, process_count=process_count,

@@ -21,14 +21,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
-# Makes `import tensorflow` fail as if it were not installed (sys.modules['tensorflow'] = None
-# would also block it, but tfds then believes TensorFlow is loaded and breaks).
+# Makes every `import tensorflow` fail with ModuleNotFoundError, as if it were not installed.
+# (sys.modules['tensorflow'] = None would also block it, but tfds then believes TensorFlow is
+# loaded and breaks; raising from find_spec breaks etils' `importlib.util.find_spec` probe.)
 BLOCK_TF = '''
-import sys
-class _NoTensorFlow:
+import importlib.abc, importlib.machinery, sys
+class _NoTensorFlow(importlib.abc.MetaPathFinder, importlib.abc.Loader):
   def find_spec(self, name, path=None, target=None):
     if name == 'tensorflow' or name.startswith('tensorflow.'):
-      raise ModuleNotFoundError(f'No module named {name!r} (blocked by the test)')
+      return importlib.machinery.ModuleSpec(name, self)
+  def create_module(self, spec):
+    raise ModuleNotFoundError(f'No module named {spec.name!r} (blocked by the test)')
+  def exec_module(self, module):
+    raise AssertionError('unreachable')
 sys.meta_path.insert(0, _NoTensorFlow())
 '''
 
@@ -258,3 +263,106 @@ def test_parse_example_reads_what_pil_wrote():
   ex = gp.parse_example(gp.serialize_example({'image': [buf.getvalue()], 'label': [1]}))
   assert np.asarray(Image.open(io.BytesIO(ex['image'][0]))).shape == (4, 5, 3)
   assert json.dumps(ex['label']) == '[1]'
+
+
+# ------------------------------------------------------------------------------------------------
+# The command lines with TensorFlow unimportable: train, SIGKILL, resume == straight; probe;
+# fine-tune.
+# ------------------------------------------------------------------------------------------------
+
+_KILL_AT_SAVE = '''
+import os, signal
+from cjepa_jax import checkpoint, train
+kill_step = int(os.environ.get('KILL_AT', '0'))
+original = checkpoint.Checkpointer.save
+def save(self, step, state, config=None, **kwargs):
+  if step == kill_step:
+    self.wait()
+  result = original(self, step, state, config, **kwargs)
+  if step == kill_step:
+    os.kill(os.getpid(), signal.SIGKILL)   # The async save is still in flight.
+  return result
+checkpoint.Checkpointer.save = save
+'''
+
+
+def _run(code: str, *args, **env_extra):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+             JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT), **env_extra)
+  return subprocess.run([sys.executable, '-c', BLOCK_TF + code, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def _entry(module: str, harness: str = '') -> str:
+  return harness + f'''
+from cjepa_jax import {module}
+sys.argv = ['{module}'] + sys.argv[1:]
+try:
+  {module}.run()
+finally:
+  assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'
+'''
+
+
+@pytest.fixture(scope='module')
+def cifar_like(tmp_path_factory):
+  """A 10-class image folder of 32 px JPEGs (train: 8 per class, test: 2 per class)."""
+  root = tmp_path_factory.mktemp('cifar_like')
+  rng = np.random.default_rng(0)
+  for split, per_class in (('train', 8), ('test', 2)):
+    for k in range(10):
+      folder = root / split / f'class_{k}'
+      folder.mkdir(parents=True)
+      for i in range(per_class):
+        image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(image).save(folder / f'{i}.jpg', quality=90)
+  return root
+
+
+def _train_args(workdir, data_dir, *extra):
+  return ['--config', 'configs/cifar10_vit_tiny.py', '--workdir', str(workdir),
+          '--config.data.loader=grain', f'--config.data.data_dir={data_dir}',
+          '--config.batch_size=16', '--config.model.depth=1', '--config.model.pred_depth=1',
+          '--config.model.pred_width=48', '--config.log_every_steps=2',
+          '--config.evals.knn_every_steps=0', '--config.total_steps=8',
+          '--config.ckpt_every_steps=3', *extra]
+
+
+@pytest.mark.slow
+def test_cli_train_killed_resumed_exact_then_probe_and_finetune_without_tensorflow(
+    cifar_like, tmp_path):
+  from cjepa_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  straight, run = tmp_path / 'straight', tmp_path / 'run'
+  result = _run(_entry('train'), *_train_args(straight, cifar_like))
+  assert result.returncode == 0, result.stderr[-3000:]
+  killed = _run(_entry('train', _KILL_AT_SAVE), *_train_args(run, cifar_like), KILL_AT='6')
+  assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL while step 6 is saved.
+  resumed = _run(_entry('train'), *_train_args(run, cifar_like))
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert 'Resuming from the checkpoint of step 3' in resumed.stderr
+  rows = [[json.loads(line) for line in open(w / 'metrics.jsonl', encoding='utf-8')]
+          for w in (straight, run)]
+  a, b = ({r['step']: r for r in rs} for rs in rows)
+  for step in (6, 8):
+    for key in ('loss', 'grad_norm', 'param_norm'):
+      assert a[step][key] == b[step][key], (step, key)
+  for x, y in zip(jax.tree.leaves(checkpoint_lib.restore_subtree(str(straight), ())),
+                  jax.tree.leaves(checkpoint_lib.restore_subtree(str(run), ())), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+  probe = _run(_entry('probe'), '--config', 'configs/probe_linear.py',
+               f'--config.pretrained={straight}', '--workdir', str(tmp_path / 'probe'),
+               '--config.data.loader=grain', f'--config.data.data_dir={cifar_like}',
+               '--config.evals=knn')
+  assert probe.returncode == 0, probe.stderr[-3000:]
+  assert (tmp_path / 'probe' / 'probe_results.json').exists()
+
+  finetune = _run(_entry('finetune'), '--config', 'configs/finetune_cifar10.py',
+                  '--config.pretrained=random', '--config.data.loader=grain',
+                  f'--config.data.data_dir={cifar_like}', '--config.batch_size=16',
+                  '--config.total_steps=2', '--config.model.depth=1',
+                  '--config.log_every_steps=1', '--config.eval_every_steps=2',
+                  '--config.eval_batch_size=16', '--config.optim.warmup_steps=1',
+                  '--workdir', str(tmp_path / 'ft'))
+  assert finetune.returncode == 0, finetune.stderr[-3000:]
