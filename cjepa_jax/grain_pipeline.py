@@ -25,9 +25,11 @@ image of the batch and counted in `data_skipped`, as with the tf.data loader.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import io
+import math
 import os
 import threading
 import zlib
@@ -264,17 +266,24 @@ def random_resized_crop_window(height: int, width: int, rng: np.random.Generator
   round(sqrt(area * aspect)) x round(sqrt(area / aspect)) fits is placed uniformly. If none fits,
   the centre crop of the whole image with its aspect clamped to `ratio`. The draws are made all
   at once (a fixed number per example), as the tf.data version.
+
+  Args:
+    height, width: the image's size.
+    rng: the example's generator; this uses its next 2 * 10 + 2 uniforms.
+    scale: area fraction range.
+    ratio: aspect (width / height) range.
   """
-  area = height * width * rng.uniform(scale[0], scale[1], _CROP_ATTEMPTS)
-  aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), _CROP_ATTEMPTS))
-  u_top, u_left = rng.random(2)
-  cw = np.round(np.sqrt(area * aspect))  # Round half to even, as Python's round().
-  ch = np.round(np.sqrt(area / aspect))
-  fits = (cw > 0) & (cw <= width) & (ch > 0) & (ch <= height)
-  if fits.any():
-    k = int(np.argmax(fits))
-    h, w = int(ch[k]), int(cw[k])
-    return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
+  # One draw of all the uniforms (a fixed count per example), then plain Python arithmetic: a
+  # dozen tiny numpy operations would cost more than decoding a CIFAR image.
+  u = rng.random(2 * _CROP_ATTEMPTS + 2).tolist()
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  for k in range(_CROP_ATTEMPTS):
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[k])
+    aspect = math.exp(log_lo + (log_hi - log_lo) * u[_CROP_ATTEMPTS + k])
+    w = round(math.sqrt(area * aspect))  # Round half to even, as torchvision's round().
+    h = round(math.sqrt(area / aspect))
+    if 0 < w <= width and 0 < h <= height:
+      return (int(u[-2] * (height - h + 1)), int(u[-1] * (width - w + 1)), h, w)
   in_ratio = width / height
   if in_ratio < ratio[0]:
     w, h = width, int(round(width / ratio[0]))
@@ -294,54 +303,87 @@ def _open(ex: dict[str, Any]) -> Image.Image:
   return image if image.mode == 'RGB' else image.convert('RGB')
 
 
-def train_transform(ex: dict[str, Any], rng: np.random.Generator,
-                    data: ml_collections.ConfigDict) -> np.ndarray:
-  """Decoded example -> float32 [S, S, 3] normalised: RandomResizedCrop, augmentations.
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+  """The preprocessing parameters, read once from `config.data` (plain values: the per-example
+  functions run ~10^3 times a second per core, where ConfigDict look-ups would show)."""
+  image_size: int
+  crop_scale: tuple[float, float]
+  crop_ratio: tuple[float, float]
+  resample: int
+  flip: bool
+  color_jitter: float
+  grayscale: float
+  blur: float
 
+  @classmethod
+  def from_config(cls, data: ml_collections.ConfigDict) -> Preprocess:
+    return cls(int(data.image_size), tuple(data.crop_scale), tuple(data.crop_ratio),
+               _RESAMPLE[data.interpolation], bool(data.flip), float(data.color_jitter),
+               float(data.grayscale), float(data.blur))
+
+
+def train_transform(ex: dict[str, Any], seed: int, position: int, pp: Preprocess) -> np.ndarray:
+  """Decoded example -> [S, S, 3]: RandomResizedCrop, then the ablation augmentations.
+
+  All randomness comes from generators seeded by (seed, position): the crop and the flip from
+  the first, colour jitter and blur from their own (so switching one on changes no other draw).
   The crop is cut out, then resized (PIL antialiases, as tf.image.resize with antialias=True;
-  `resize(box=...)` would filter across the box edges, unlike the tf.data crop), to uint8, then
-  scaled to [0, 1].
+  `resize(box=...)` would filter across the box edges, unlike the tf.data crop).
+
+  Returns:
+    uint8 [S, S, 3] pixels, or float32 [S, S, 3] in [0, 1] when colour jitter, grayscale or blur
+    is on; `normalize_batch` turns a batch of either into the model's input.
   """
+  rng = np.random.default_rng([seed, _AUGMENT, position])
   image = _open(ex)
   top, left, h, w = random_resized_crop_window(image.height, image.width, rng,
-                                               scale=data.crop_scale, ratio=data.crop_ratio)
-  size = int(data.image_size)
-  image = image.crop((left, top, left + w, top + h)).resize((size, size),
-                                                           _RESAMPLE[data.interpolation])
-  x = np.asarray(image, np.float32) / 255.0
-  # One draw per augmentation whether or not it is on: switching one on moves no other's stream.
-  flip, jitter, gray, blur = rng.spawn(4)
-  if data.flip and flip.random() < 0.5:
+                                               scale=pp.crop_scale, ratio=pp.crop_ratio)
+  size = pp.image_size
+  image = image.crop((left, top, left + w, top + h)).resize((size, size), pp.resample)
+  x = np.asarray(image)
+  u_flip, u_gray = rng.random(2)
+  if pp.flip and u_flip < 0.5:
     x = x[:, ::-1]
-  if data.color_jitter > 0:
-    x = _color_jitter(x, float(data.color_jitter), jitter)
-  if data.grayscale > 0 and gray.random() < data.grayscale:
+  if not (pp.color_jitter > 0 or pp.grayscale > 0 or pp.blur > 0):
+    return np.ascontiguousarray(x)
+  x = x.astype(np.float32) / 255.0
+  if pp.color_jitter > 0:
+    x = _color_jitter(x, pp.color_jitter, np.random.default_rng([seed, _AUGMENT, position, 1]))
+  if pp.grayscale > 0 and u_gray < pp.grayscale:
     x = np.repeat(_gray(x), 3, axis=-1)
-  if data.blur > 0:
-    x = _random_blur(x, float(data.blur), blur)
-  return normalize(x, data)
+  if pp.blur > 0:
+    x = _random_blur(x, pp.blur, np.random.default_rng([seed, _AUGMENT, position, 2]))
+  return x.astype(np.float32)
 
 
-def eval_transform(ex: dict[str, Any], data: ml_collections.ConfigDict,
-                   resize: int) -> np.ndarray:
-  """Decoded example -> float32 [S, S, 3]: short side -> `resize`, centre crop, normalise."""
+def eval_transform(ex: dict[str, Any], pp: Preprocess, resize: int) -> np.ndarray:
+  """Decoded example -> uint8 [S, S, 3]: short side -> `resize` (torchvision Resize(int)), then
+  the centre crop (offsets round((H - S) / 2), as torchvision CenterCrop)."""
   image = _open(ex)
   w, h = image.size
   short = min(h, w)
-  new_h = resize if h <= w else int(resize * h / short)  # torchvision Resize(int).
+  new_h = resize if h <= w else int(resize * h / short)
   new_w = resize if w <= h else int(resize * w / short)
-  image = image.resize((new_w, new_h), _RESAMPLE[data.interpolation])
-  size = int(data.image_size)
+  image = image.resize((new_w, new_h), pp.resample)
+  size = pp.image_size
   top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
-  image = image.crop((left, top, left + size, top + size))
-  return normalize(np.asarray(image, np.float32) / 255.0, data)
+  return np.asarray(image.crop((left, top, left + size, top + size)))
 
 
-def normalize(x: np.ndarray, data: ml_collections.ConfigDict) -> np.ndarray:
-  """[0, 1] pixels [..., 3] -> (x - mean) / std per channel, float32."""
+def normalize_batch(images: Sequence[np.ndarray], data: ml_collections.ConfigDict) -> np.ndarray:
+  """Per-example uint8 pixels or [0, 1] floats -> float32 [b, S, S, 3], (x - mean) / std.
+
+  Elementwise and correctly rounded, so an example's values do not depend on its batch.
+  """
+  if all(x.dtype == np.uint8 for x in images):
+    x = np.stack(images).astype(np.float32) / np.float32(255.0)
+  else:
+    x = np.stack([i.astype(np.float32) / np.float32(255.0) if i.dtype == np.uint8 else i
+                  for i in images])
   mean = np.asarray(data.mean, np.float32)
   std = np.asarray(data.std, np.float32)
-  return ((x - mean) / std).astype(np.float32)
+  return (x - mean) / std
 
 
 def _gray(x: np.ndarray) -> np.ndarray:
@@ -432,7 +474,7 @@ def _threads(data: ml_collections.ConfigDict) -> int:
 
 
 def _placeholder(size: int) -> dict[str, Any]:
-  return dict(image=np.zeros((size, size, 3), np.float32), label=np.int32(-1),
+  return dict(image=np.zeros((size, size, 3), np.uint8), label=np.int32(-1),
               valid=np.bool_(False), pos=np.int64(-1), source='')
 
 
@@ -457,8 +499,14 @@ def _read(source, index: int) -> dict[str, Any]:
     return dict(encoded=b'', label=-1, source=f'{index} (read failed: {e})')
 
 
-def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-  return dict(image=np.stack([e['image'] for e in examples]),
+def _collate(examples: Sequence[dict[str, Any]], data: ml_collections.ConfigDict
+             ) -> dict[str, Any]:
+  """Examples -> a batch; images normalised, and zero where invalid (as the tf.data loader)."""
+  valid = np.asarray([e['valid'] for e in examples], bool)
+  images = normalize_batch([e['image'] for e in examples], data)
+  if not valid.all():
+    images[~valid] = 0.0
+  return dict(image=images,
               label=np.asarray([e['label'] for e in examples], np.int32),
               valid=np.asarray([e['valid'] for e in examples], bool),
               pos=np.asarray([e['pos'] for e in examples], np.int64),
@@ -472,7 +520,7 @@ def _parallel_batches(fn: Callable[[int], dict[str, Any]], start: int, stop: int
   ds = grain.MapDataset.range(start, stop).map(fn)
   ds = ds.to_iter_dataset(grain.ReadOptions(
       num_threads=_threads(data), prefetch_buffer_size=max(1, int(data.prefetch)) * batch))
-  return iter(ds.batch(batch, batch_fn=_collate))
+  return iter(ds.batch(batch, batch_fn=functools.partial(_collate, data=data)))
 
 
 def _fill_invalid(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -496,13 +544,13 @@ def train_batches(source, config: ml_collections.ConfigDict, *, start_step: int,
   order = None if infinite_source else EpochPermutation(config.seed, len(source))
   to_global = functools.partial(local_to_global, local_batch=local_batch,
                                 process_index=process_index, process_count=process_count)
-  size = int(data.image_size)
+  pp = Preprocess.from_config(data)
+  seed = int(config.seed)
 
   def example(k):
     g = to_global(k)
     ex = _read(source, g if order is None else order(g))
-    rng = np.random.default_rng([int(config.seed), _AUGMENT, g])
-    return _safe(lambda e: train_transform(e, rng, data), ex, g, size)
+    return _safe(lambda e: train_transform(e, seed, g, pp), ex, g, pp.image_size)
 
   skipped = 0
   for batch in _parallel_batches(example, start_step * local_batch, _STREAM_END, local_batch,
@@ -526,14 +574,14 @@ def eval_batches(source, config: ml_collections.ConfigDict, index: np.ndarray, *
   data_skipped).
   """
   data = config.data
-  size = int(data.image_size)
+  pp = Preprocess.from_config(data)
   steps = -(-(-(-total // process_count)) // local_batch)
 
   def example(k):
     if k >= len(index):
-      return _placeholder(size)
+      return _placeholder(pp.image_size)
     pos = int(index[k])
-    return _safe(lambda e: eval_transform(e, data, resize), _read(source, pos), pos, size)
+    return _safe(lambda e: eval_transform(e, pp, resize), _read(source, pos), pos, pp.image_size)
 
   skipped = 0
   for batch in _parallel_batches(example, 0, steps * local_batch, local_batch, data):
