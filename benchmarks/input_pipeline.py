@@ -134,7 +134,7 @@ def main(argv):
   for loader, dataset in rows:
     c = config.copy_and_resolve_references()
     c.data.loader = loader
-    if dataset == 'array_record':
+    if dataset == 'array_record' and ar_dir:  # The conversion made here.
       c.data.dataset, c.data.data_dir = 'array_record', ar_dir
     r = time_loader(c)
     r['tensorflow_imported'] = 'tensorflow' in sys.modules
