@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import glob
 import io
+import json
 import math
 import os
 import threading
@@ -147,13 +148,24 @@ def array_record_files(data_dir: str, split: str) -> list[str]:
 
 
 def array_record_class_names(data_dir: str) -> list[str]:
-  """Class names of an ArrayRecord dataset: `label.labels.txt`, one a line, in label order."""
+  """Class names of an ArrayRecord dataset, in label order.
+
+  `label.labels.txt` (one a line; the converter writes it, and tfds for a ClassLabel with names),
+  else a tfds `features.json` whose 'label' ClassLabel has only a class count (names '0', '1',
+  ..., as tfds names them).
+  """
   path = os.path.join(data_dir, 'label.labels.txt')
-  if not os.path.exists(path):
-    raise ValueError(f'{path} is missing: it lists the class names in label order (the converter '
-                     'and tfds write it); write one class name per line.')
-  with open(path, encoding='utf-8') as f:
-    return [line.rstrip('\n') for line in f if line.strip()]
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      return [line.rstrip('\n') for line in f if line.strip()]
+  features = os.path.join(data_dir, 'features.json')
+  if os.path.exists(features):
+    with open(features, encoding='utf-8') as f:
+      label = json.load(f).get('featuresDict', {}).get('features', {}).get('label', {})
+    if 'classLabel' in label:
+      return [str(i) for i in range(int(label['classLabel']['numClasses']))]
+  raise ValueError(f'{path} is missing: it lists the class names in label order (the converter '
+                   'and tfds write it); write one class name per line.')
 
 
 # ------------------------------------------------------------------------------------------------

@@ -367,3 +367,43 @@ def test_cli_train_killed_resumed_exact_then_probe_and_finetune_without_tensorfl
                   '--config.eval_batch_size=16', '--config.optim.warmup_steps=1',
                   '--workdir', str(tmp_path / 'ft'))
   assert finetune.returncode == 0, finetune.stderr[-3000:]
+
+
+def test_tfds_array_record_data_source(tmp_path):
+  """A tfds dataset prepared with file_format='array_record' reads through tfds.data_source
+  (dataset=<tfds name>) and, identically, as plain shards (dataset='array_record')."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (prepares only)
+
+  class CjepaGrainFlat(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'image': tfds.features.Image(shape=(None, None, 3)),
+          'label': tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {'train': self._generate_examples(24), 'test': self._generate_examples(5)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        image = np.zeros((20 + i % 5, 24, 3), np.uint8)
+        image[..., 0] = 5 + 3 * i
+        yield i, {'image': image, 'label': i % 3}
+
+  CjepaGrainFlat(data_dir=str(tmp_path)).download_and_prepare(
+      file_format='array_record', download_config=tfds.download.DownloadConfig(num_shards=None))
+  c = _config(tmp_path, dataset='cjepa_grain_flat', eval_split='test')
+  assert ip.num_examples(c, 'train') == 24 and ip.check_label_splits(c) == ['0', '1', '2']
+  batches = _take(ip.make_train_iterator(c, process_index=0, process_count=1), 4)
+  ids = np.concatenate([_ids(b['image']) for b in batches])
+  assert sorted(ids) == list(range(24))
+  np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]), ids % 3)
+  shards = _config(tmp_path / 'cjepa_grain_flat' / '1.0.0', dataset='array_record')
+  assert ip.class_names(shards, 'train') == ['0', '1', '2']
+  np.testing.assert_array_equal(
+      next(ip.make_train_iterator(shards, process_index=0, process_count=1))['image'],
+      batches[0]['image'])
+  evals = list(ip.make_eval_iterator(c, 'test', batch_size=4, process_index=0, process_count=1))
+  assert [int(b['valid'].sum()) for b in evals] == [4, 1]
