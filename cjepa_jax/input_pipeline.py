@@ -74,10 +74,10 @@ class _LazyModule:
 
   def __init__(self, name: str):
     self._name = name
+    self._module = None
 
   def __getattr__(self, attr: str) -> Any:
-    module = sys.modules.get(self._name)
-    if module is None:
+    if self._module is None:
       try:
         module = importlib.import_module(self._name)
       except ImportError as e:
@@ -85,9 +85,10 @@ class _LazyModule:
             f"config.data.loader='tf' needs {self._name}, which is not installed: pip install "
             "-e '.[tf]' (or pip install tensorflow-cpu tensorflow-datasets), or use the grain "
             'loader (--config.data.loader=grain).') from e
-      if self._name == 'tensorflow':
+      if self._name == 'tensorflow':  # First use here, whoever imported it before.
         _hide_gpus(module)
-    return getattr(module, attr)
+      self._module = module
+    return getattr(self._module, attr)
 
 
 tf = _LazyModule('tensorflow')
