@@ -65,6 +65,10 @@ import numpy as np
 from cjepa_jax import grain_pipeline
 
 
+class MissingDependencyError(ImportError, ValueError):
+  """The tf.data loader's TensorFlow is not installed (a ValueError: a one-line user error)."""
+
+
 class _LazyModule:
   """A module imported on first attribute access: the grain loader never imports TensorFlow.
 
@@ -81,7 +85,7 @@ class _LazyModule:
       try:
         module = importlib.import_module(self._name)
       except ImportError as e:
-        raise ImportError(
+        raise MissingDependencyError(
             f"config.data.loader='tf' needs {self._name}, which is not installed: pip install "
             "-e '.[tf]' (or pip install tensorflow-cpu tensorflow-datasets), or use the grain "
             'loader (--config.data.loader=grain).') from e
@@ -440,9 +444,11 @@ def _grain_eval_source(config: ml_collections.ConfigDict, split: str, count: int
 
 def _check_data_config(config: ml_collections.ConfigDict) -> None:
   d = config.data
-  if _loader(config) == 'tf' and d.dataset == 'array_record':
-    raise ValueError("config.data.dataset='array_record' is read by the grain loader only; set "
-                     '--config.data.loader=grain.')
+  if _loader(config) == 'tf':
+    if d.dataset == 'array_record':
+      raise ValueError("config.data.dataset='array_record' is read by the grain loader only; "
+                       'set --config.data.loader=grain.')
+    tf.__version__  # pylint: disable=pointless-statement  (fails now, in one line, if missing)
   if d.image_size <= 0:
     raise ValueError(f'config.data.image_size must be positive, got {d.image_size}.')
   lo, hi = d.crop_scale

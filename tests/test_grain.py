@@ -246,8 +246,8 @@ list(ip.make_eval_iterator(c, 'val', batch_size=4, process_index=0, process_coun
 assert 'tensorflow' not in sys.modules
 c.data.loader = 'tf'
 try:
-  next(ip.make_train_iterator(c, process_index=0, process_count=1))
-except ImportError as e:
+  ip.check_dataset(c)
+except ValueError as e:  # One line for the command lines (cli.USER_ERRORS).
   print('ERROR', e)
 '''
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu')
@@ -367,6 +367,15 @@ def test_cli_train_killed_resumed_exact_then_probe_and_finetune_without_tensorfl
                   '--config.eval_batch_size=16', '--config.optim.warmup_steps=1',
                   '--workdir', str(tmp_path / 'ft'))
   assert finetune.returncode == 0, finetune.stderr[-3000:]
+
+  # The tf.data loader without TensorFlow: one line naming the extra, before any workdir exists.
+  no_tf = _run(_entry('train'), *_train_args(tmp_path / 'tf_run', cifar_like,
+                                             '--config.data.loader=tf'))
+  assert no_tf.returncode == 1
+  assert no_tf.stderr.strip().splitlines()[-1].startswith(
+      "cjepa-train: error: config.data.loader='tf' needs tensorflow, which is not installed: "
+      "pip install -e '.[tf]'"), no_tf.stderr[-2000:]
+  assert not (tmp_path / 'tf_run').exists()
 
 
 def test_tfds_array_record_data_source(tmp_path):
