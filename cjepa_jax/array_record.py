@@ -51,13 +51,14 @@ def convert_image_folder(src: str, dst: str, splits: Sequence[str], *, name: str
   counts = {}
   os.makedirs(dst, exist_ok=True)
   for split in splits:
-    names = list(input_pipeline._image_folder_classes(src, split))  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access  (the image-folder loader's own listing and labels)
+    names = list(input_pipeline._image_folder_classes(src, split))
     if classes is not None and names != classes:
       raise ValueError(f'{os.path.join(src, split)} has other classes than the first split '
                        f'({len(names)} vs {len(classes)}); give every split the same <class> '
                        'sub-folders.')
     classes = names
-    paths, labels = input_pipeline._list_image_folder(src, split)  # pylint: disable=protected-access
+    paths, labels = input_pipeline._list_image_folder(src, split)  # pylint: disable=W0212
     order = np.random.default_rng([seed, len(paths)]).permutation(len(paths))
     num_shards = max(1, -(-len(paths) // shard_size))
     for shard, part in enumerate(np.array_split(order, num_shards)):

@@ -165,8 +165,8 @@ def test_corrupt_images_keep_their_slot_are_counted_and_resume(tmp_path):
 def test_eval_pads_covers_once_and_matches_pil(folder):
   c = _config(folder)
   assert ip.num_examples(c, 'val') == 11
-  id_of_pos = np.array([int(pathlib.Path(f).stem) for f in ip._list_image_folder(  # pylint: disable=protected-access
-      str(folder), 'val')[0]])
+  paths = ip._list_image_folder(str(folder), 'val')[0]  # pylint: disable=protected-access
+  id_of_pos = np.array([int(pathlib.Path(f).stem) for f in paths])
   pos = []
   counts = []
   for p in (0, 1):
@@ -225,7 +225,8 @@ def test_image_folder_to_array_record_converter(folder, tmp_path):
   evals = list(ip.make_eval_iterator(c, 'val', batch_size=4, process_index=0, process_count=1))
   valid = np.concatenate([b['valid'] for b in evals])
   labels = np.concatenate([b['label'] for b in evals])[valid]
-  np.testing.assert_array_equal(labels, _ids(np.concatenate([b['image'] for b in evals])[valid]) % 3)
+  images = np.concatenate([b['image'] for b in evals])[valid]
+  np.testing.assert_array_equal(labels, _ids(images) % 3)
   with pytest.raises(ValueError, match='loader=grain'):
     ip.make_train_iterator(_config(dst, dataset='array_record', loader='tf'))
   with pytest.raises(ValueError, match='No ArrayRecord shards'):
