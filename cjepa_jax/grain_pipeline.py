@@ -594,7 +594,8 @@ def eval_batches(source, config: ml_collections.ConfigDict, index: np.ndarray, *
   """
   data = config.data
   pp = Preprocess.from_config(data)
-  steps = -(-(-(-total // process_count)) // local_batch)
+  per_process = -(-total // process_count)  # ceil: the process with the most examples.
+  steps = -(-per_process // local_batch)     # The same number of batches on every process.
 
   def example(k):
     if k >= len(index):
