@@ -18,6 +18,10 @@ setuptools.setup(
         'orbax-checkpoint>=0.12.8',
         'tensorflow-cpu>=2.21.0',   # tf.data on the hosts only; never on the accelerator.
         'tensorflow-datasets>=4.9.10',
+        # The TensorFlow-free loader (config.data.loader='grain') and its ArrayRecord files.
+        'grain>=0.2.18',
+        'array-record>=0.8.1',
+        'pillow>=10.0',
         'ml-collections>=1.1.0',
         'einops>=0.8.2',
         'numpy>=2.0',
@@ -27,6 +31,9 @@ setuptools.setup(
     ],
     extras_require={
         'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pillow>=10.0'],
+        # The tf.data loader (config.data.loader='tf'). Also in install_requires while it is the
+        # default; named here so `pip install -e '.[tf]'` keeps working once it is optional.
+        'tf': ['tensorflow-cpu>=2.21.0', 'tensorflow-datasets>=4.9.10'],
         'torch': ['torch>=2.2'],  # CPU wheel is enough: only for converting reference checkpoints.
         'tensorboard': ['tensorboard>=2.15'],  # The viewer for the event files the trainer writes.
         # libtpu, the TPU compiler, at the version the installed jax pins: `cjepa-compile`

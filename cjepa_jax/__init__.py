@@ -26,7 +26,10 @@ Objective and step
 Run machinery
   config.py             Every config key with its default and meaning; validation; resume rules.
   checkpoint.py         Orbax checkpoints: exact resume, checksums, failed saves, init_from.
-  input_pipeline.py     tf.data / tfds input split across hosts (the only TensorFlow user).
+  input_pipeline.py     The input API: tf.data / tfds (the only TensorFlow user, imported on
+                        first use) or, with data.loader='grain', grain_pipeline.
+  grain_pipeline.py     grain over random-access sources, numpy / PIL, a global shuffle.
+  array_record.py       Image folder -> ArrayRecord shards (`python -m cjepa_jax.array_record`).
   metrics.py            metrics.jsonl, TensorBoard, the progress line, the timed log window.
   workdir.py            What both trainers keep beside their checkpoints: config.json, resume
                         checks, the non-finite stop, the preempted exit.

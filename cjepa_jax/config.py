@@ -66,6 +66,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.blur = 0.0                # Probability of a Gaussian blur.
   c.data.shuffle_buffer = 10_000   # tf.data shuffle buffer per host.
   c.data.prefetch = 2              # Batches prefetched by tf.data.
+  # Input loader: 'tf' (tf.data; needs TensorFlow) or 'grain' (grain + numpy / PIL, no
+  # TensorFlow, a global shuffle; also reads dataset='array_record'). They draw different
+  # examples for the same seed; each is exact on resume.
+  c.data.loader = 'tf'
+  c.data.workers = 0               # grain: decoding threads per host; 0 = twice the cores.
   # Evaluation: resize the short side to eval_resize * image_size / 224, centre-crop image_size
   # (256 -> the standard 0.875 crop at any size; 224 -> no crop).
   c.data.eval_resize = 256
@@ -398,7 +403,7 @@ STATE_SHAPING = ('model.variant', 'model.depth', 'model.pred_depth', 'model.pred
 RESUME_FREE = ('log_every_steps', 'ckpt_every_steps', 'keep_ckpts', 'keep_every_steps',
                'peak_tflops', 'init_from', 'allow_config_change', 'mesh.data', 'mesh.fsdp',
                'model.remat_policy', 'model.attention', 'data.data_dir', 'data.prefetch',
-               'accum_steps')
+               'accum_steps', 'data.workers')
 # One start's switch, not part of the run: free to change on resume too.
 RESUME_FREE += ('force_unlock',)
 

@@ -1,7 +1,11 @@
-"""Input pipelines: tf.data over tfds, a plain image folder, or synthetic images.
+"""Input pipelines: tf.data or grain over tfds, a plain image folder, or synthetic images.
 
-This is the only module of the package that imports TensorFlow; it hands host-local numpy batches
-to the trainer, which places them on the devices with `to_global_array`.
+Two loaders (`config.data.loader`), behind the same public functions:
+  * 'tf': tf.data (this module; the only TensorFlow user of the package, imported on first use).
+  * 'grain': grain over random-access sources with numpy / PIL preprocessing and a global
+    shuffle (`grain_pipeline`); no TensorFlow. It also reads 'array_record' datasets.
+Both hand host-local numpy batches to the trainer, which places them on the devices with
+`to_global_array`. What follows describes the tf.data loader; see `grain_pipeline` for grain.
 
 Sources (`config.data.dataset`):
   * any tfds name ('imagenet2012', 'imagenet2012_subset/1pct', 'cifar10', ...), read from
@@ -45,8 +49,10 @@ every process.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import os
+import sys
 import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -55,8 +61,44 @@ from absl import logging
 import jax
 import ml_collections
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+
+from cjepa_jax import grain_pipeline
+
+
+class MissingDependencyError(ImportError, ValueError):
+  """The tf.data loader's TensorFlow is not installed (a ValueError: a one-line user error)."""
+
+
+class _LazyModule:
+  """A module imported on first attribute access: the grain loader never imports TensorFlow.
+
+  Importing TensorFlow takes ~10 s and, on GPU hosts, must be followed by hiding the GPUs from it
+  (JAX owns them), which is done here right after the import.
+  """
+
+  def __init__(self, name: str):
+    self._name = name
+    self._module = None
+
+  def __getattr__(self, attr: str) -> Any:
+    if self._module is None:
+      try:
+        module = importlib.import_module(self._name)
+      except ImportError as e:
+        raise MissingDependencyError(
+            f"config.data.loader='tf' needs {self._name}, which is not installed: pip install "
+            "-e '.[tf]' (or pip install tensorflow-cpu tensorflow-datasets), or use the grain "
+            'loader (--config.data.loader=grain).') from e
+      if self._name == 'tensorflow':  # First use here, whoever imported it before.
+        _hide_gpus(module)
+      self._module = module
+    return getattr(self._module, attr)
+
+
+tf = _LazyModule('tensorflow')
+tfds = _LazyModule('tensorflow_datasets')
+
+LOADERS = ('tf', 'grain')
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
 # tfds training reads the local split as this many contiguous chunks, interleaved at random per
@@ -73,21 +115,28 @@ _ORDER, _SHUFFLE, _AUGMENT, _SYNTHETIC = 1, 2, 3, 4
 def hide_accelerators_from_tf() -> None:
   """Keeps TensorFlow off the GPUs (it feeds the host; JAX owns the accelerators).
 
-  Called by the entry points' `main` before any input is built (not at import). A library user
-  on GPUs calls it once before building a pipeline; otherwise TensorFlow reserves GPU memory.
+  Called by the entry points' `main` before any input is built (not at import). If TensorFlow is
+  not imported yet this does nothing: the tf.data loader imports it on first use and hides the
+  GPUs from it then (and the grain loader never imports it).
   """
+  if isinstance(sys.modules.get('tensorflow'), type(sys)):
+    _hide_gpus(sys.modules['tensorflow'])
+
+
+def _hide_gpus(tf_module) -> None:
   try:
-    tf.config.set_visible_devices([], 'GPU')
+    tf_module.config.set_visible_devices([], 'GPU')
   except RuntimeError:  # TensorFlow already initialised its devices: too late, and harmless on CPU.
     pass
 
 
+# tf.image.ResizeMethod values (they are these strings).
 _RESIZE_METHODS = {
-    'bilinear': tf.image.ResizeMethod.BILINEAR,
-    'bicubic': tf.image.ResizeMethod.BICUBIC,
-    'nearest': tf.image.ResizeMethod.NEAREST_NEIGHBOR,
-    'area': tf.image.ResizeMethod.AREA,
-    'lanczos3': tf.image.ResizeMethod.LANCZOS3,
+    'bilinear': 'bilinear',
+    'bicubic': 'bicubic',
+    'nearest': 'nearest',
+    'area': 'area',
+    'lanczos3': 'lanczos3',
 }
 
 
@@ -120,6 +169,26 @@ def make_train_iterator(
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch(config.batch_size, process_count)
   _check_data_config(config)
+  it = _train_iterator(config, start_step, local_batch, process_index, process_count)
+  # Once per run (the trainers build one training iterator): whether anything imported TensorFlow.
+  logging.info('Input pipeline: loader=%s, tensorflow_imported=%s', _loader(config),
+               isinstance(sys.modules.get('tensorflow'), type(sys)))
+  return it
+
+
+def _train_iterator(config, start_step, local_batch, process_index, process_count):
+  if _loader(config) == 'grain':
+    if config.data.dataset == 'synthetic':  # An endless stream: global position = example id.
+      source = grain_pipeline.SyntheticSource(config, config.data.train_split, 2 ** 62)
+    else:
+      source = _grain_source(config, config.data.train_split)
+      if not len(source):  # pylint: disable=g-explicit-length-test
+        raise ValueError(f'Split {config.data.train_split!r} of {config.data.dataset!r} has no '
+                         'examples; use a split with data.')
+    return grain_pipeline.train_batches(
+        source, config, start_step=start_step, local_batch=local_batch,
+        process_index=process_index, process_count=process_count,
+        infinite_source=config.data.dataset == 'synthetic')
   ds = _train_source(config, start_step * local_batch, process_index, process_count)
   preprocess = functools.partial(_train_preprocess, config=config,
                                  aug_base=_seed(_base_seed(config, process_index), _AUGMENT))
@@ -164,6 +233,11 @@ def make_eval_iterator(
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch(batch_size, process_count)
   _check_data_config(config)
+  if _loader(config) == 'grain':
+    source, index = _grain_eval_source(config, split, num_examples)
+    return grain_pipeline.eval_batches(
+        source, config, index[process_index::process_count], total=len(index),
+        resize=eval_resize_size(config), local_batch=local_batch, process_count=process_count)
   ds, total = _eval_source(config, split, num_examples, process_index, process_count)
   size = config.data.image_size
   resize = eval_resize_size(config)
@@ -195,6 +269,8 @@ def check_dataset(config: ml_collections.ConfigDict, *, process_count: int | Non
   name, split = config.data.dataset, config.data.train_split
   if name == 'image_folder':
     _list_image_folder(config.data.data_dir, split)
+  elif name == 'array_record' or (name != 'synthetic' and _loader(config) == 'grain'):
+    _grain_source(config, split)
   elif name != 'synthetic':
     _tfds_read(_tfds_builder(config), split, add_tfds_id=False)
 
@@ -206,6 +282,8 @@ def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
     return _synthetic_size(config, split)
   if name == 'image_folder':
     return len(_list_image_folder(config.data.data_dir, split)[0])
+  if name == 'array_record' or _loader(config) == 'grain':
+    return len(_grain_source(config, split))
   builder = _tfds_builder(config)
   return int(_tfds_read(builder, split, add_tfds_id=False).cardinality())
 
@@ -223,6 +301,8 @@ def class_names(config: ml_collections.ConfigDict, split: str) -> list[str]:
     return [f'class_{i}' for i in range(int(config.data.num_classes))]
   if name == 'image_folder':
     return list(_image_folder_classes(config.data.data_dir, split))
+  if name == 'array_record':
+    return grain_pipeline.array_record_class_names(config.data.data_dir)
   features = _tfds_builder(config).info.features
   label = features['label'] if 'label' in features else None
   if not isinstance(label, tfds.features.ClassLabel):
@@ -322,8 +402,53 @@ def _local_batch(batch_size: int, process_count: int) -> int:
   return batch_size // process_count
 
 
+def _loader(config: ml_collections.ConfigDict) -> str:
+  """config.data.loader ('tf' when a config predates the key)."""
+  loader = config.data.get('loader', 'tf')
+  if loader not in LOADERS:
+    raise ValueError(f"config.data.loader={loader!r} is not one of {LOADERS}; set "
+                     "--config.data.loader=grain (no TensorFlow) or tf.")
+  return loader
+
+
+def _grain_source(config: ml_collections.ConfigDict, split: str):
+  """The random-access source of `split` for the grain loader (not 'synthetic' training)."""
+  name, data_dir = config.data.dataset, config.data.data_dir
+  if name == 'synthetic':
+    return grain_pipeline.SyntheticSource(config, split, _synthetic_size(config, split))
+  if name == 'image_folder':
+    return grain_pipeline.ImageFolderSource(*_list_image_folder(data_dir, split))
+  if name == 'array_record':
+    if not data_dir:
+      raise ValueError("config.data.dataset='array_record' needs config.data.data_dir, the "
+                       'folder of the <name>-<split>.array_record-* shards.')
+    return grain_pipeline.ArrayRecordSource(grain_pipeline.array_record_files(data_dir, split))
+  return grain_pipeline.TfdsSource(name, split, data_dir or None)
+
+
+def _grain_eval_source(config: ml_collections.ConfigDict, split: str, count: int | None):
+  """(source, the split positions of the evaluation in order), as the tf.data `_eval_source`:
+  the first `count` examples, except an image folder's seeded random subset (sorted by class)."""
+  if count is not None and count <= 0:
+    raise ValueError(f'num_examples must be positive, got {count}.')
+  source = _grain_source(config, split)
+  n = len(source)
+  index = np.arange(n)
+  if count is not None and count < n:
+    if config.data.dataset == 'image_folder':
+      index = np.sort(np.random.default_rng(0).permutation(n)[:count])
+    else:
+      index = index[:count]
+  return source, index
+
+
 def _check_data_config(config: ml_collections.ConfigDict) -> None:
   d = config.data
+  if _loader(config) == 'tf':
+    if d.dataset == 'array_record':
+      raise ValueError("config.data.dataset='array_record' is read by the grain loader only; "
+                       'set --config.data.loader=grain.')
+    tf.__version__  # pylint: disable=pointless-statement  (fails now, in one line, if missing)
   if d.image_size <= 0:
     raise ValueError(f'config.data.image_size must be positive, got {d.image_size}.')
   lo, hi = d.crop_scale
@@ -351,6 +476,8 @@ def _split_location(config: ml_collections.ConfigDict, split: str) -> str:
     return os.path.join(config.data.data_dir, split)
   if name == 'synthetic':
     return f'split {split!r} of the synthetic dataset'
+  if name == 'array_record':
+    return f'split {split!r} of the ArrayRecord dataset in {config.data.data_dir}'
   return f'split {split!r} of tfds dataset {name!r}'
 
 
@@ -556,10 +683,18 @@ def _image_folder_classes(data_dir: str, split: str) -> tuple[str, ...]:
     raise ValueError("config.data.dataset='image_folder' needs config.data.data_dir. "
                      f'{_IMAGE_FOLDER_LAYOUT}')
   root = os.path.join(data_dir, split)
-  if not tf.io.gfile.isdir(root):
+  if not _isdir(root):
     raise ValueError(f'Image folder split {root} does not exist. {_IMAGE_FOLDER_LAYOUT}')
-  return tuple(sorted(c.rstrip('/') for c in tf.io.gfile.listdir(root)
-                      if tf.io.gfile.isdir(os.path.join(root, c))))
+  return tuple(sorted(c.rstrip('/') for c in _listdir(root) if _isdir(os.path.join(root, c))))
+
+
+def _isdir(path: str) -> bool:
+  """os.path.isdir; tf.io.gfile for URLs (gs://...), which only the tf.data loader reads."""
+  return tf.io.gfile.isdir(path) if '://' in path else os.path.isdir(path)
+
+
+def _listdir(path: str) -> list[str]:
+  return tf.io.gfile.listdir(path) if '://' in path else os.listdir(path)
 
 
 @functools.lru_cache(maxsize=16)
@@ -568,7 +703,7 @@ def _list_image_folder(data_dir: str, split: str) -> tuple[list[str], list[int]]
   root = os.path.join(data_dir, split)
   paths, labels = [], []
   for label, cls in enumerate(_image_folder_classes(data_dir, split)):
-    files = sorted(f for f in tf.io.gfile.listdir(os.path.join(root, cls))
+    files = sorted(f for f in _listdir(os.path.join(root, cls))
                    if f.lower().endswith(IMAGE_EXTENSIONS))
     paths.extend(os.path.join(root, cls, f) for f in files)
     labels.extend([label] * len(files))

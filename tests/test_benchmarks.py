@@ -175,8 +175,11 @@ def test_input_pipeline_benchmark_on_generated_jpegs():
   assert result.returncode == 0, result.stderr[-2000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
   assert out['generated'] == 24 and out['dataset'] == 'image_folder'
-  assert out['images_per_s'] > 0 and out['images_per_s_per_core'] > 0
-  assert out['data_skipped'] == 0
+  assert sorted(out['loaders']) == ['grain/array_record', 'grain/image_folder', 'tf/image_folder']
+  for row in out['loaders'].values():
+    assert row['images_per_s'] > 0 and row['images_per_s_per_core'] > 0
+    assert row['data_skipped'] == 0
+  assert not out['loaders']['grain/array_record']['tensorflow_imported']  # Grain rows run first.
 
 
 # benchmarks/gpu_suite.sh --dry-run: its CPU matrix, one run each (see the script).
