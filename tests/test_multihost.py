@@ -203,7 +203,8 @@ def test_each_process_feeds_its_own_disjoint_part(job):
 def test_knn_monitor_counts_each_eval_image_once(job):
   row = job.rows[-1]
   assert row['step'] == 4
-  assert row['knn_top1'] == 0.5, row['knn_top1']  # See write_colour_folder.
+  assert row['knn_top1'] == 50.0, row['knn_top1']  # In %; see write_colour_folder.
+  assert row['unit'] == 'percent'
 
 
 def test_checkpoint_of_two_processes_restores_in_one(job):

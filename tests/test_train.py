@@ -214,7 +214,8 @@ def test_cli_trains_and_logs_metrics_on_one_device(straight_run):
   check_logged_run(*straight_run, steps=12)
   rows = read_metrics(straight_run[0])
   # The in-training few-shot monitor lands in metrics.jsonl on its steps only.
-  assert 0.0 <= rows[12]['fewshot_1shot'] <= 1.0 and 0.0 <= rows[12]['fewshot_2shot'] <= 1.0
+  assert 0.0 <= rows[12]['fewshot_1shot'] <= 100.0 and 0.0 <= rows[12]['fewshot_2shot'] <= 100.0
+  assert rows[12]['unit'] == 'percent' and 'unit' not in rows[10]   # In %, and the row says so.
   assert not [k for k in rows[10] if k.startswith('fewshot')]
   # eval_s times the log step's evaluations: RankMe alone (milliseconds) at step 10, plus the
   # few-shot monitor (its feature pass compiles) at step 12.
