@@ -8,9 +8,9 @@
 
 An `Evaluator` holds `evaluate(encoder_params) -> dict` and `kinds`, the features it reads. The
 trainer's return flat floats in percent, with `'unit': 'percent'` (it logs them as metrics:
-{'knn_top1', 'knn_top5', 'fewshot_10shot', ..., 'unit'}); a probe run's return their result per feature kind ({'last': {...},
-'last4': {...}}; the attentive probe's under 'tokens'), which the runner assembles into
-probe_results.json.
+{'knn_top1', 'knn_top5', 'fewshot_10shot', ..., 'unit'}); a probe run's return their result per
+feature kind ({'last': {...}, 'last4': {...}}; the attentive probe's under 'tokens'), in
+fractions, which the runner assembles into probe_results.json in percent.
 
 The evaluators of one probe run share a `features.FeatureCache`: the features of one parameters
 object are extracted once (minutes on CIFAR-10) and read by every evaluator. Adding an evaluator

@@ -1,4 +1,4 @@
-r"""Each objective's tuning runs against its recipe, on the linear probe's train holdout (RESULTS.md).
+r"""Each objective's tuning runs against its recipe, on the linear probe's train holdout.
 
   python experiments/cifar10/tuning_plot.py --out results/cifar10_tuning.png \
       --summary results/cifar10_tuning_summary.json \
