@@ -12,20 +12,41 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The default 'highest' precision makes CPU float32 matmuls exact, which the reference
 # comparisons rely on.
 os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
-# One persistent compilation cache for the session, inherited by every subprocess the tests
-# start: the many small CLI runs compile the same few programs, and loading an executable is
-# ~10x cheaper than compiling it on 2 cores (it halves a 12-step CLI run). Set CJEPA_TEST_JAX_CACHE
-# to reuse a directory across sessions; by default it is a fresh one, removed at exit.
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+# A persistent compilation cache, inherited by every subprocess the tests start: the many small
+# CLI runs compile the same few programs, and loading an executable is ~10x cheaper than compiling
+# it on 2 cores (it halves a 12-step CLI run). One directory per xdist worker (gw0, gw1, ...; 'main'
+# without xdist). Set CJEPA_TEST_JAX_CACHE to keep the directories across sessions (one per worker
+# under it); by default each is fresh and removed at exit.
+#
+# Concurrent writers: with its default settings (no size limit) JAX writes a cache entry with a
+# plain `write_bytes`, without a lock, and a reader that finds the file takes whatever bytes are
+# there. Two processes that compile the same program at the same time -- the two workers, or the
+# 2-process jobs of tests/test_multihost*.py, which share their worker's directory -- could then
+# load a half-written executable, and XLA aborts the process ("Fatal Python error: Aborted").
+# A size limit turns on JAX's LRU eviction, under which every read and write holds a file lock
+# (the `filelock` package); the limit is far above what a session writes (~100 MB).
+_CACHE_OWNER = 'CJEPA_TEST_JAX_CACHE_WORKER'   # Which process chose JAX_COMPILATION_CACHE_DIR.
+_worker = os.environ.get('PYTEST_XDIST_WORKER', 'main')
+if ('JAX_COMPILATION_CACHE_DIR' not in os.environ
+    or os.environ.get(_CACHE_OWNER, _worker) != _worker):   # Inherited from xdist's controller.
   import atexit  # noqa: E402
   import shutil  # noqa: E402
   import tempfile  # noqa: E402
-  _cache = os.environ.get('CJEPA_TEST_JAX_CACHE') or tempfile.mkdtemp(prefix='cjepa_jax_cache_')
-  if 'CJEPA_TEST_JAX_CACHE' not in os.environ:
+  if os.environ.get('CJEPA_TEST_JAX_CACHE'):
+    _cache = os.path.join(os.environ['CJEPA_TEST_JAX_CACHE'], _worker)
+    os.makedirs(_cache, exist_ok=True)
+  else:
+    _cache = tempfile.mkdtemp(prefix=f'cjepa_jax_cache_{_worker}_')
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+  os.environ[_CACHE_OWNER] = _worker
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+try:
+  import filelock  # noqa: E402,F401  pylint: disable=unused-import
+  os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(8 << 30))
+except ImportError:   # JAX refuses a size limit without it; the cache then works unlocked.
+  pass
 
 import pathlib  # noqa: E402
 
@@ -51,6 +72,9 @@ _SLOW_FIRST = ('test_train.py', 'test_multihost.py', 'test_train_step.py', 'test
 
 
 def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', 'slow: a multi-process job, a CLI run that kills, preempts, corrupts or resumes, '
+      'or a long training check; `-m "not slow"` is the fast tier (README, Tests)')
   # pytest-xdist (>= 3.6) hands out `--dist loadfile` files in descending order of their number of
   # tests unless told not to: the 2-test multi-process files would start last and end alone.
   if hasattr(config.option, 'loadscopereorder'):

@@ -47,6 +47,7 @@ bench = _load_module('benchmark_step', SCRIPT)
 report = _load_module('benchmark_suite_report', REPO / 'benchmarks' / 'suite_report.py')
 
 
+@pytest.mark.slow
 def test_cli_json_line_on_eight_devices_without_tensorflow():
   # runpy in a fresh interpreter: after the whole run, TensorFlow must never have been imported.
   wrapper = ('import runpy, sys; sys.argv = [sys.argv[1]] + sys.argv[2:]; '
@@ -183,6 +184,7 @@ def test_input_pipeline_benchmark_on_generated_jpegs():
 DRY_RUNS = ('tiny', 'tiny_cudnn')
 
 
+@pytest.mark.slow
 def test_gpu_suite_dry_run(tmp_path):
   """The H200 suite end to end on tiny shapes: every run a JSON line, a profile, a summary."""
   out = tmp_path / 'suite'

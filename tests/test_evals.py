@@ -269,12 +269,15 @@ def test_probe_runs_every_evaluator_and_writes_one_json(image_folder, tmp_path, 
   assert saved['fewshot']['features'] == saved['lowshot']['features'] == chosen
   assert set(saved['fewshot']['top1']) == {'1', '5'} and saved['fewshot']['l2_reg'] == 1024.0
   low = saved['lowshot']['fractions']['25%']
-  assert low['num_train'] == 9 and 0 <= low['top1'] <= 1        # 3 of 12 per class.
+  assert saved['unit'] == 'percent'   # Every accuracy below in %.
+  assert low['num_train'] == 9 and 0 <= low['top1'] <= 100      # 3 of 12 per class.
   att = saved['attentive']
-  assert att['best_wd'] in (0.01, 0.1) and len(att['sweep']) == 2 and 0 <= att['top1'] <= 1
+  assert att['best_wd'] in (0.01, 0.1) and len(att['sweep']) == 2 and 0 <= att['top1'] <= 100
   # Colour-coded classes: even a random encoder's features separate them.
-  assert saved['linear']['top1'] >= 0.9 and saved['fewshot']['top1']['5'] >= 0.9
+  assert saved['linear']['top1'] >= 90 and saved['fewshot']['top1']['5'] >= 90
   table = capsys.readouterr().out
+  assert 'top-1 / top-5 in %' in table
+  assert f"{saved['linear']['top1']:>8.2f}{saved['linear']['top5']:>8.2f}" in table
   for row in ('linear *', 'knn k=20', 'fewshot 5-shot', 'lowshot 25% labels', 'attentive'):
     assert row in table, table
 
@@ -322,4 +325,4 @@ def test_a_run_stopped_midway_keeps_the_evaluators_it_finished(image_folder, tmp
     runner.run(config, str(tmp_path))
   saved = json.loads((tmp_path / runner.RESULTS_FILE).read_text())
   assert not saved['complete'] and 'linear' in saved and 'fewshot' not in saved
-  assert saved['checkpoint'] == 'random' and saved['linear']['top1'] >= 0.9
+  assert saved['checkpoint'] == 'random' and saved['linear']['top1'] >= 90   # In %.

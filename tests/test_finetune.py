@@ -348,6 +348,7 @@ def straight(tmp_path_factory):
   return workdir, result
 
 
+@pytest.mark.slow
 def test_cli_trains_evaluates_and_keeps_best_and_last(straight):
   workdir, result = straight
   rows = rows_of(workdir)
@@ -369,6 +370,7 @@ def test_cli_trains_evaluates_and_keeps_best_and_last(straight):
   assert saved['model']['variant'] == 'Ti/4' and saved['total_steps'] == 6
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_bit_identical(straight, tmp_path):
   reference, _ = straight
   workdir = tmp_path / 'run'

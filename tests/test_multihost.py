@@ -48,8 +48,9 @@ from multiprocess_utils import (NUM_CLASSES, PER_CLASS, ROOT, SIZE, TIMEOUT_S, c
                                 free_port, gloo_unavailable_reason, metric_rows, run_processes,
                                 write_colour_folder)
 
-pytestmark = pytest.mark.skipif(gloo_unavailable_reason() is not None,
-                                reason=f'no gloo CPU collectives: {gloo_unavailable_reason()}')
+pytestmark = [pytest.mark.slow,   # Multi-process jobs: the full suite only.
+              pytest.mark.skipif(gloo_unavailable_reason() is not None,
+                                 reason=f'no gloo CPU collectives: {gloo_unavailable_reason()}')]
 
 # Overrides shared by every run here: a tiny model and the test's image folder (added per run).
 TRAIN_ARGS = ('--config', 'configs/cifar10_vit_tiny.py', '--config.batch_size=16',

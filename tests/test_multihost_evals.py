@@ -35,8 +35,9 @@ from multiprocess_utils import (ROOT, TIMEOUT_S, cpu_env, free_port, gloo_unavai
                                 metric_rows, run_processes, write_colour_folder)
 import pretrained_utils
 
-pytestmark = pytest.mark.skipif(gloo_unavailable_reason() is not None,
-                                reason=f'no gloo CPU collectives: {gloo_unavailable_reason()}')
+pytestmark = [pytest.mark.slow,   # Multi-process jobs: the full suite only.
+              pytest.mark.skipif(gloo_unavailable_reason() is not None,
+                                 reason=f'no gloo CPU collectives: {gloo_unavailable_reason()}')]
 
 
 @pytest.fixture(scope='module')

@@ -59,6 +59,7 @@ def run_steps(config, devices, num_steps, batches):
   return state, np.array(losses), run.trace_count[0]
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_fixed_batch():
   config = tiny_config(total_steps=60)
   batch = fixed_batch(config)
