@@ -52,6 +52,12 @@ def test_finetune_table_gains_and_their_standard_errors(tmp_path, monkeypatch, c
   rows = json.loads(summary.read_text())
   assert rows[1]['top1'] == 45.5 and rows[1]['top1_by_step'] == {'130': 41.0, '260': 45.5}
   assert rows[1]['diff_se'] == pytest.approx(100 * math.hypot(se_base, se_pre))
+  assert rows[0]['pretrained'] == 'random'
+  # A copy of the metrics file (as in results/metrics/) gives the same table.
+  monkeypatch.setattr(sys, 'argv', ['t', f'random={tmp_path / "r" / "metrics.jsonl"}',
+                                    f'pre={tmp_path / "p" / "metrics.jsonl"}'])
+  table.main()
+  assert capsys.readouterr().out.splitlines() == lines
   # Runs of unequal length are not compared.
   short = _finetune_workdir(tmp_path / 's', {130: 41.0}, 'short')
   monkeypatch.setattr(sys, 'argv', ['t', base, short])
