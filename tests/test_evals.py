@@ -326,3 +326,20 @@ def test_a_run_stopped_midway_keeps_the_evaluators_it_finished(image_folder, tmp
   saved = json.loads((tmp_path / runner.RESULTS_FILE).read_text())
   assert not saved['complete'] and 'linear' in saved and 'fewshot' not in saved
   assert saved['checkpoint'] == 'random' and saved['linear']['top1'] >= 90   # In %.
+
+
+def test_probe_loops_keep_at_most_two_steps_in_flight(monkeypatch):
+  """Many queued steps with collectives over several CPU devices can deadlock XLA:CPU, which then
+  aborts the process (linear.py, MAX_STEPS_IN_FLIGHT): the linear probe waits every 2 steps."""
+  waited = []
+  real = jax.block_until_ready
+  monkeypatch.setattr(linear_lib.jax, 'block_until_ready', lambda t: waited.append(1) or real(t))
+  x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+  y = np.arange(64) % 2
+  params = linear_lib.train_linear(x, y, np.arange(64), x.mean(0), x.std(0), num_classes=2,
+                                   lrs=[0.1], wds=[0.0], epochs=2, batch_size=8, seed=0,
+                                   mesh=mesh_of(8))
+  monkeypatch.undo()
+  steps = 2 * 64 // 8
+  assert linear_lib.MAX_STEPS_IN_FLIGHT == 2 and len(waited) == steps // 2
+  assert np.all(np.isfinite(jax.tree.leaves(params)[0]))
