@@ -26,8 +26,9 @@ os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
 # (the `filelock` package; the limit is far above what a session writes, ~100 MB), so one cache is
 # shared cleanly by every process of the session. Without `filelock` (JAX then refuses a size
 # limit) each xdist worker gets a directory of its own instead.
-# (The "Fatal Python error: Aborted" that xdist workers met in the linear probe was not the cache:
-# it was an XLA:CPU collective deadlock; see cjepa_jax/evals/linear.py, MAX_STEPS_IN_FLIGHT.)
+# (The "Fatal Python error: Aborted" that xdist workers met in the linear probe does not come from
+# the cache: most likely it is XLA:CPU's collective deadlock on many queued steps, which aborts
+# after a timeout; see cjepa_jax/evals/linear.py, MAX_STEPS_IN_FLIGHT.)
 _CACHE_OWNER = 'CJEPA_TEST_JAX_CACHE_OWNER'   # Which pytest process chose the directory.
 try:
   import filelock  # noqa: E402,F401  pylint: disable=unused-import
