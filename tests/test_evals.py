@@ -184,6 +184,7 @@ def test_one_query_with_equal_logits_is_mean_pooling():
                              atol=1e-5)
 
 
+@pytest.mark.slow
 def test_attentive_training_sharded_equals_single_device_and_learns():
   rng = np.random.default_rng(6)
   centres = rng.normal(size=(3, 1, 8)) * 2.0

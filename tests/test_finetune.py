@@ -217,6 +217,7 @@ def _steps(config, devices, mesh_shape, n):
   return jax.device_get(state), losses, run.trace_count[0]
 
 
+@pytest.mark.slow
 def test_sharded_equals_single_device():
   """Mesh data 4 x fsdp 2 on 8 fake devices == 1 device: Mixup / CutMix pair the global batch's
   mirror and drop path draws its mask for the global batch, so neither depends on the sharding."""

@@ -70,7 +70,7 @@ def test_tiny_model_overfits_fixed_batch():
   assert compiles == 1
 
 
-@pytest.mark.parametrize('mode', ['context', 'blocks'])
+@pytest.mark.parametrize('mode', ['context', pytest.param('blocks', marks=pytest.mark.slow)])
 def test_sharded_equals_single_device(mode):
   """Mesh data 4 x fsdp 2 on 8 fake devices == 1 device, with the VICReg terms on.
 
@@ -193,6 +193,7 @@ def test_metrics_and_the_effective_rank_of_the_pooled_target_features_on_log_ste
   assert run.trace_count[0] == 1
 
 
+@pytest.mark.slow
 def test_without_ema_the_state_keeps_no_target_copy_and_equals_momentum_zero():
   """use_ema=False: no `target_params` in the state (no second copy of the encoder); its steps
   equal those of EMA with momentum 0, whose target is always the online encoder."""
