@@ -1,6 +1,6 @@
 #!/bin/bash
-# Both budget plots of RESULTS.md's issue-17 section and its tuning plot, from the probe files
-# kept in results/.
+# Both budget plots of RESULTS.md's *Objectives against pretraining budget* and the tuning plot of
+# its *Tuning runs on one protocol*, from the probe files kept in results/.
 # Usage (repository root): bash experiments/cifar10/figures.sh [OUTDIR]   (default results)
 set -euo pipefail
 O=${1:-results}
