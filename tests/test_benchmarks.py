@@ -115,6 +115,7 @@ def test_encoder_forward_flops_match_xla():
   assert 1.0 <= ratio < 1.05
 
 
+@pytest.mark.slow
 def test_step_flops_match_xla():
   """The whole train step on one device (compile only): analytic vs XLA within 5%.
 
@@ -166,6 +167,7 @@ def test_context_tokens_flag_sets_the_mask_budget():
   assert models.mask_spec.num_context == 22 and models.step_shape().context_tokens == 22
 
 
+@pytest.mark.slow
 def test_input_pipeline_benchmark_on_generated_jpegs():
   """benchmarks/input_pipeline.py writes ImageNet-sized JPEGs, reads them, reports images/s."""
   result = subprocess.run(

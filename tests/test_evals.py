@@ -258,6 +258,7 @@ def probe_config(data_dir, evals):
   return c
 
 
+@pytest.mark.slow
 def test_probe_runs_every_evaluator_and_writes_one_json(image_folder, tmp_path, capsys):
   config = probe_config(image_folder, 'linear,knn,attentive,fewshot,lowshot')
   results = runner.run(config, str(tmp_path))

@@ -414,6 +414,7 @@ def dict_to_config(c, **overrides):
   return c
 
 
+@pytest.mark.slow
 def test_a_run_without_ema_gives_its_context_encoder_as_the_target(tmp_path):
   """use_ema=False checkpoints hold no target_params: probes and fine-tuning asking for the
   target encoder get the online (context) encoder, which is what the targets came from."""

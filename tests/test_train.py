@@ -233,6 +233,7 @@ def test_misspelled_config_key_is_one_line_and_leaves_no_workdir(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_bad_flag_and_bad_value_are_one_line_each(tmp_path):
   for extra, needle in ((('--no_such_flag=1',), 'no_such_flag'),
                         (('--config.optim.lr=-1',), 'config.optim.lr=-1.0 is invalid'),

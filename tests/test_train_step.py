@@ -158,6 +158,7 @@ def _rankme(x):
   return float(np.exp(-np.sum(p * np.log(p))))
 
 
+@pytest.mark.slow
 def test_metrics_and_the_effective_rank_of_the_pooled_target_features_on_log_steps():
   # Log steps: every 3rd, every kNN evaluation (5th) and the last (7th); the others pay no SVD.
   config = tiny_config(vicreg_weight=0.001, total_steps=7)
@@ -217,6 +218,7 @@ def test_without_ema_the_state_keeps_no_target_copy_and_equals_momentum_zero():
   assert n_zero - n_off == n_encoder
 
 
+@pytest.mark.slow
 def test_sigreg_objective_logs_its_term_and_trains():
   config = tiny_config(total_steps=4)
   config.model.depth = 1
