@@ -12,8 +12,9 @@ linear and kNN protocols are below.
 (also installed as `cjepa-probe`). `--config.pretrained` is a pretraining workdir (its latest
 complete checkpoint), one checkpoint step directory (`DIR/checkpoints/<step>`), or the word
 `random`: a randomly initialised encoder of the probe config's `model.*`, the baseline every table
-of results needs. Prints a table and writes `DIR/probe_results.json`; every accuracy there is a
-FRACTION in [0, 1].
+of results needs. Prints a table and writes `DIR/probe_results.json`; every accuracy there is in
+PERCENT (the file says `"unit": "percent"`; files of older versions, without that key, hold
+fractions in [0, 1]: `cjepa_jax/evals/units.py` reads both).
 
 What is restored: only the encoder weights, `target_params` (the EMA target encoder, the one the
 paper evaluates) with `--config.encoder=target` (default) or `params/encoder` (the context encoder)

@@ -26,9 +26,9 @@ baseline). With a checkpoint, `model.*` and `data.image_size` come from the chec
 config; `model.*` here is used for `random` only and matches the pretraining recipe of the
 dataset (configs/cifar10_vit_tiny.py, configs/in1k_vith14_ep300.py).
 
-Writes DIR/probe_results.json (accuracies as fractions in [0, 1]); see cjepa_jax/probe.py for the
-protocol. The (lr, wd) grid and the 'last' / 'last4' choice are made on `linear.holdout_fraction`
-of the TRAIN split, never on the test split.
+Writes DIR/probe_results.json (accuracies in percent, `"unit": "percent"`); see
+cjepa_jax/probe.py for the protocol. The (lr, wd) grid and the 'last' / 'last4' choice are made
+on `linear.holdout_fraction` of the TRAIN split, never on the test split.
 """
 
 import ml_collections

@@ -12,20 +12,47 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The default 'highest' precision makes CPU float32 matmuls exact, which the reference
 # comparisons rely on.
 os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
-# One persistent compilation cache for the session, inherited by every subprocess the tests
-# start: the many small CLI runs compile the same few programs, and loading an executable is
-# ~10x cheaper than compiling it on 2 cores (it halves a 12-step CLI run). Set CJEPA_TEST_JAX_CACHE
-# to reuse a directory across sessions; by default it is a fresh one, removed at exit.
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+# A persistent compilation cache, inherited by every subprocess the tests start: the many small
+# CLI runs compile the same few programs, and loading an executable is ~10x cheaper than compiling
+# it on 2 cores (it halves a 12-step CLI run). Set CJEPA_TEST_JAX_CACHE to keep it across sessions;
+# by default it is fresh and removed at exit.
+#
+# Concurrent writers: with its default settings (no size limit) JAX writes a cache entry with a
+# plain `write_bytes`, without a lock, and a reader that finds the file takes whatever bytes are
+# there: two processes compiling the same program at once (the two xdist workers, or the 2-process
+# jobs of tests/test_multihost*.py) can read a half-written entry. JAX then warns ("Error reading
+# persistent compilation cache entry ... truncated stream") and compiles again; it does not abort.
+# A size limit turns on JAX's LRU eviction, under which every read and write holds a file lock
+# (the `filelock` package; the limit is far above what a session writes, ~100 MB), so one cache is
+# shared cleanly by every process of the session. Without `filelock` (JAX then refuses a size
+# limit) each xdist worker gets a directory of its own instead.
+# (The "Fatal Python error: Aborted" that xdist workers met in the linear probe does not come from
+# the cache: most likely it is XLA:CPU's collective deadlock on many queued steps, which aborts
+# after a timeout; see cjepa_jax/evals/linear.py, MAX_STEPS_IN_FLIGHT.)
+_CACHE_OWNER = 'CJEPA_TEST_JAX_CACHE_OWNER'   # Which pytest process chose the directory.
+try:
+  import filelock  # noqa: E402,F401  pylint: disable=unused-import
+  _locked = True
+except ImportError:
+  _locked = False
+_owner = 'session' if _locked else os.environ.get('PYTEST_XDIST_WORKER', 'main')
+if ('JAX_COMPILATION_CACHE_DIR' not in os.environ
+    or os.environ.get(_CACHE_OWNER, _owner) != _owner):   # Unlocked: not the controller's.
   import atexit  # noqa: E402
   import shutil  # noqa: E402
   import tempfile  # noqa: E402
-  _cache = os.environ.get('CJEPA_TEST_JAX_CACHE') or tempfile.mkdtemp(prefix='cjepa_jax_cache_')
-  if 'CJEPA_TEST_JAX_CACHE' not in os.environ:
+  if os.environ.get('CJEPA_TEST_JAX_CACHE'):
+    _cache = os.path.join(os.environ['CJEPA_TEST_JAX_CACHE'], _owner)
+    os.makedirs(_cache, exist_ok=True)
+  else:
+    _cache = tempfile.mkdtemp(prefix=f'cjepa_jax_cache_{_owner}_')
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache
+  os.environ[_CACHE_OWNER] = _owner
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+if _locked:
+  os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(8 << 30))
 
 import pathlib  # noqa: E402
 
@@ -51,8 +78,10 @@ _SLOW_FIRST = ('test_train.py', 'test_multihost.py', 'test_train_step.py', 'test
 
 
 def pytest_configure(config):
-  config.addinivalue_line('markers', 'slow: multi-process, long fault and extra compile tests '
-                          '(the fast tier is -m "not slow")')
+  config.addinivalue_line(
+      'markers', 'slow: a multi-process job, a CLI run that kills, preempts, corrupts or resumes, '
+      'a long training check or an extra TPU compile; `-m "not slow"` is the fast tier (README, '
+      'Tests)')
   # pytest-xdist (>= 3.6) hands out `--dist loadfile` files in descending order of their number of
   # tests unless told not to: the 2-test multi-process files would start last and end alone.
   if hasattr(config.option, 'loadscopereorder'):

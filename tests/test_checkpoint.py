@@ -667,6 +667,7 @@ ckpt.close()
 '''
 
 
+@pytest.mark.slow
 def test_two_processes_save_the_checksums_of_one(tmp_path):
   """A state split across 2 processes: both record the single-process checksums and agree on
   what `report_incomplete` moved; one process restores (and verifies) the checkpoint."""

@@ -217,6 +217,7 @@ def _steps(config, devices, mesh_shape, n):
   return jax.device_get(state), losses, run.trace_count[0]
 
 
+@pytest.mark.slow
 def test_sharded_equals_single_device():
   """Mesh data 4 x fsdp 2 on 8 fake devices == 1 device: Mixup / CutMix pair the global batch's
   mirror and drop path draws its mask for the global batch, so neither depends on the sharding."""
@@ -348,6 +349,7 @@ def straight(tmp_path_factory):
   return workdir, result
 
 
+@pytest.mark.slow
 def test_cli_trains_evaluates_and_keeps_best_and_last(straight):
   workdir, result = straight
   rows = rows_of(workdir)
@@ -369,6 +371,7 @@ def test_cli_trains_evaluates_and_keeps_best_and_last(straight):
   assert saved['model']['variant'] == 'Ti/4' and saved['total_steps'] == 6
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_bit_identical(straight, tmp_path):
   reference, _ = straight
   workdir = tmp_path / 'run'
@@ -411,6 +414,7 @@ def dict_to_config(c, **overrides):
   return c
 
 
+@pytest.mark.slow
 def test_a_run_without_ema_gives_its_context_encoder_as_the_target(tmp_path):
   """use_ema=False checkpoints hold no target_params: probes and fine-tuning asking for the
   target encoder get the online (context) encoder, which is what the targets came from."""

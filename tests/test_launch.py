@@ -337,6 +337,7 @@ def _describe(results: list[ProcessResult]) -> str:
                    for i, r in enumerate(results))
 
 
+@pytest.mark.slow
 def test_two_process_cpu_collectives(tmp_path):
   rows = np.stack([np.arange(6, dtype=np.float64).reshape(2, 3) + 100 * i for i in range(2)])
   expected_total = (rows.reshape(4, 3) ** 2).sum(axis=0)  # float64 reference over both processes.
@@ -368,6 +369,7 @@ def test_two_process_cpu_collectives(tmp_path):
     np.testing.assert_array_equal(r['gathered'], rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('failing', [1, 0])
 def test_failure_on_one_process_stops_all(failing):
   address = f'127.0.0.1:{_free_port()}'

@@ -48,8 +48,9 @@ from multiprocess_utils import (NUM_CLASSES, PER_CLASS, ROOT, SIZE, TIMEOUT_S, c
                                 free_port, gloo_unavailable_reason, metric_rows, run_processes,
                                 write_colour_folder)
 
-pytestmark = pytest.mark.skipif(gloo_unavailable_reason() is not None,
-                                reason=f'no gloo CPU collectives: {gloo_unavailable_reason()}')
+pytestmark = [pytest.mark.slow,   # Multi-process jobs: the full suite only.
+              pytest.mark.skipif(gloo_unavailable_reason() is not None,
+                                 reason=f'no gloo CPU collectives: {gloo_unavailable_reason()}')]
 
 # Overrides shared by every run here: a tiny model and the test's image folder (added per run).
 TRAIN_ARGS = ('--config', 'configs/cifar10_vit_tiny.py', '--config.batch_size=16',
@@ -203,7 +204,8 @@ def test_each_process_feeds_its_own_disjoint_part(job):
 def test_knn_monitor_counts_each_eval_image_once(job):
   row = job.rows[-1]
   assert row['step'] == 4
-  assert row['knn_top1'] == 0.5, row['knn_top1']  # See write_colour_folder.
+  assert row['knn_top1'] == 50.0, row['knn_top1']  # In %; see write_colour_folder.
+  assert row['unit'] == 'percent'
 
 
 def test_checkpoint_of_two_processes_restores_in_one(job):

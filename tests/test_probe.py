@@ -284,9 +284,11 @@ def test_probe_restores_the_checkpoint_and_writes_results(pretrained, image_fold
   assert set(lin['per_features']) == {'last', 'last4'} and lin['features'] in ('last', 'last4')
   assert lin['best_lr'] == 1e-2 and lin['best_wd'] in (0.0, 1e-3)
   assert (knn['k'], knn['temperature'], knn['features']) == (5, 0.07, lin['features'])
-  # Colour-coded classes: any encoder's pooled features separate them.
-  assert lin['top1'] >= 0.9 and knn['top1'] >= 0.9
-  assert lin['top5'] == knn['top5'] == 1.0  # 3 classes.
+  # Colour-coded classes: any encoder's pooled features separate them (accuracies in %).
+  assert saved['unit'] == 'percent' and 'accuracy_units' not in saved
+  assert lin['top1'] >= 90 and knn['top1'] >= 90
+  assert lin['top5'] == knn['top5'] == 100.0  # 3 classes.
+  assert all(0 <= s['holdout_top1'] <= 100 for s in lin['sweep'])
 
 
 def test_last4_of_one_block_is_the_normed_output(pretrained):
@@ -309,7 +311,7 @@ def test_random_baseline_runs(image_folder, tmp_path):
   assert saved['checkpoint'] == 'random' and saved['step'] is None
   assert saved['model']['variant'] == 'Ti/4' and saved['model']['depth'] == 1
   assert set(saved['linear']['per_features']) == {'last'}
-  assert 0.0 <= results['linear']['top1'] <= 1.0
+  assert results['unit'] == 'percent' and 0.0 <= results['linear']['top1'] <= 100.0
 
 
 def test_knn_evaluator_for_the_trainer(pretrained, image_folder):
@@ -347,7 +349,23 @@ def test_in_training_is_the_knn_monitor_every_knn_every_steps(image_folder):
   config.evals.knn_every_steps = 5
   [(name, every, evaluator)] = registry.in_training(config, mesh, encoder)
   assert (name, every) == ('knn', 5) and callable(evaluator.evaluate)
-  assert evaluator.evaluate.feature_fn is not None  # make_knn_evaluator's, unchanged.
+  assert evaluator.evaluate.feature_fn is not None  # make_knn_evaluator's, kept by the wrapper.
+
+
+def test_in_training_monitors_log_percent(monkeypatch):
+  """The trainer's monitors return fractions from knn.py / fewshot.py; they are logged in %."""
+  config = pretrain_config()
+  config.evals.knn_every_steps, config.evals.fewshot_every_steps = 5, 10
+  monkeypatch.setattr(registry.knn_lib, 'make_knn_evaluator', lambda *a: (
+      lambda params: {'knn_top1': 0.5472, 'knn_top5': 0.9401}))
+  monkeypatch.setattr(registry.fewshot_lib, 'make_fewshot_evaluator', lambda *a: (
+      lambda params: {'fewshot_1shot': 0.14506666666666665, 'fewshot_10shot': 1.0}))
+  got = {name: (every, ev.evaluate(None)) for name, every, ev in registry.in_training(
+      config, None, None)}
+  assert got == {
+      'knn': (5, {'knn_top1': 54.72, 'knn_top5': 94.01, 'unit': 'percent'}),
+      'fewshot': (10, {'fewshot_1shot': 14.5066666667, 'fewshot_10shot': 100.0,
+                       'unit': 'percent'})}
 
 def write_classes(root, split, classes):
   """One tiny PNG per class: root/split/<class>/0.png."""

@@ -2,6 +2,7 @@
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -69,3 +70,18 @@ def test_package_docstring_lists_every_module():
       continue
     listed = rel if not rel.startswith('evals/') else 'evals/'
     assert listed in doc, f'{rel} is not in cjepa_jax/__init__.py\'s module list'
+
+
+def test_benchmarks_hold_tools_and_experiments_say_what_makes_each_figure():
+  """benchmarks/ keeps the reusable tools, each in its README; the scripts behind RESULTS.md live
+  in experiments/cifar10/, each in its README, which names every figure RESULTS.md shows."""
+  for folder in (ROOT / 'benchmarks', ROOT / 'experiments' / 'cifar10'):
+    readme = (folder / 'README.md').read_text(encoding='utf-8')
+    for path in sorted(folder.iterdir()):
+      if path.is_file() and path.suffix in ('.py', '.sh'):
+        assert path.name in readme, f'{path.relative_to(ROOT)} is not in {folder.name}/README.md'
+  assert not list((ROOT / 'benchmarks').glob('cifar10_*')), 'experiment scripts belong in experiments/'
+  results = (ROOT / 'RESULTS.md').read_text(encoding='utf-8')
+  readme = (ROOT / 'experiments' / 'cifar10' / 'README.md').read_text(encoding='utf-8')
+  figures = set(re.findall(r'results/[\w.-]+\.png', results))
+  assert figures and not [f for f in sorted(figures) if f not in readme], figures

@@ -211,11 +211,13 @@ def check_logged_run(workdir, result, steps):
   assert checkpoint_lib.Checkpointer(str(workdir)).latest_step() == steps
 
 
+@pytest.mark.slow
 def test_cli_trains_and_logs_metrics_on_one_device(straight_run):
   check_logged_run(*straight_run, steps=12)
   rows = read_metrics(straight_run[0])
   # The in-training few-shot monitor lands in metrics.jsonl on its steps only.
-  assert 0.0 <= rows[12]['fewshot_1shot'] <= 1.0 and 0.0 <= rows[12]['fewshot_2shot'] <= 1.0
+  assert 0.0 <= rows[12]['fewshot_1shot'] <= 100.0 and 0.0 <= rows[12]['fewshot_2shot'] <= 100.0
+  assert rows[12]['unit'] == 'percent' and 'unit' not in rows[10]   # In %, and the row says so.
   assert not [k for k in rows[10] if k.startswith('fewshot')]
   # eval_s times the log step's evaluations: RankMe alone (milliseconds) at step 10, plus the
   # few-shot monitor (its feature pass compiles) at step 12.
@@ -232,6 +234,7 @@ def test_misspelled_config_key_is_one_line_and_leaves_no_workdir(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_bad_flag_and_bad_value_are_one_line_each(tmp_path):
   for extra, needle in ((('--no_such_flag=1',), 'no_such_flag'),
                         (('--config.optim.lr=-1',), 'config.optim.lr=-1.0 is invalid'),
@@ -281,6 +284,7 @@ def run_killed(workdir, kill_at, *extra):
   return run_python(['-c', _KILL_HARNESS, *tiny_cli_args(workdir, *extra)], KILL_AT=str(kill_at))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                            monkeypatch):
   """A NaN batch at step 6 (checkpoints every 4): the error names step 6, step 4 stays latest."""
@@ -306,6 +310,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
   assert sorted(rows) == [2, 4]  # Nothing non-finite was logged either.
 
 
+@pytest.mark.slow
 def test_non_finite_loss_before_any_checkpoint_names_none(tmp_path, monkeypatch):
   from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   real = input_pipeline.make_train_iterator
@@ -371,6 +376,7 @@ def _ctrl_c_twice(preemption, before):
   assert signal.getsignal(signal.SIGINT) is before
 
 
+@pytest.mark.slow
 def test_preempted_then_killed_mid_save_then_resumed_ends_exactly(tmp_path, straight_run):
   """12 steps straight == SIGTERM at step 5, resume, SIGKILL while step 8 is saved, resume.
 
@@ -418,6 +424,7 @@ def _copy_run(src, dst):
   return dst
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_says_already_complete(tmp_path, straight_run):
   workdir = _copy_run(straight_run[0], tmp_path / 'run')
   before = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
@@ -428,6 +435,7 @@ def test_rerunning_a_finished_run_says_already_complete(tmp_path, straight_run):
   assert sorted(p.name for p in (workdir / 'checkpoints').iterdir()) == before
 
 
+@pytest.mark.slow
 def test_resume_refuses_config_drift_and_keeps_config_json(tmp_path, straight_run, caplog):
   workdir = _copy_run(straight_run[0], tmp_path / 'run')
   saved = (workdir / 'config.json').read_text()
@@ -466,6 +474,7 @@ def test_unwritable_checkpoint_directory_fails_before_compiling(tmp_path):
   assert str(blocker) in str(e.value)
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_and_still_ends_exactly(tmp_path, straight_run):
   """Bytes of step 12's largest data file flipped (same size): it fails its checksums, the run
   warns, resumes from step 8 and ends bit-identical to the straight run; nothing is deleted."""

@@ -59,6 +59,7 @@ def run_steps(config, devices, num_steps, batches):
   return state, np.array(losses), run.trace_count[0]
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_fixed_batch():
   config = tiny_config(total_steps=60)
   batch = fixed_batch(config)
@@ -69,7 +70,7 @@ def test_tiny_model_overfits_fixed_batch():
   assert compiles == 1
 
 
-@pytest.mark.parametrize('mode', ['context', 'blocks'])
+@pytest.mark.parametrize('mode', ['context', pytest.param('blocks', marks=pytest.mark.slow)])
 def test_sharded_equals_single_device(mode):
   """Mesh data 4 x fsdp 2 on 8 fake devices == 1 device, with the VICReg terms on.
 
@@ -157,6 +158,7 @@ def _rankme(x):
   return float(np.exp(-np.sum(p * np.log(p))))
 
 
+@pytest.mark.slow
 def test_metrics_and_the_effective_rank_of_the_pooled_target_features_on_log_steps():
   # Log steps: every 3rd, every kNN evaluation (5th) and the last (7th); the others pay no SVD.
   config = tiny_config(vicreg_weight=0.001, total_steps=7)
@@ -192,6 +194,7 @@ def test_metrics_and_the_effective_rank_of_the_pooled_target_features_on_log_ste
   assert run.trace_count[0] == 1
 
 
+@pytest.mark.slow
 def test_without_ema_the_state_keeps_no_target_copy_and_equals_momentum_zero():
   """use_ema=False: no `target_params` in the state (no second copy of the encoder); its steps
   equal those of EMA with momentum 0, whose target is always the online encoder."""
@@ -215,6 +218,7 @@ def test_without_ema_the_state_keeps_no_target_copy_and_equals_momentum_zero():
   assert n_zero - n_off == n_encoder
 
 
+@pytest.mark.slow
 def test_sigreg_objective_logs_its_term_and_trains():
   config = tiny_config(total_steps=4)
   config.model.depth = 1

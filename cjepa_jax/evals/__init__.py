@@ -13,6 +13,8 @@ trainer imports only what it runs):
                 the evaluators the trainer runs, with their periods.
   runner.py     One probe run: checks, restore, features, the registered probes, the table and
                 `probe_results.json` (what `cjepa-probe` calls).
+  units.py      Accuracy in percent in every file written (`"unit": "percent"`), and reading
+                older files, which hold fractions, in percent.
 
 The protocol as a whole (what the paper does, and where we deviate) is in cjepa_jax/probe.py's
 docstring, which `cjepa-probe --help` prints.

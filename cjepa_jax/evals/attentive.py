@@ -181,10 +181,13 @@ def train_attentive(model: AttentiveClassifier, tokens: np.ndarray, y: np.ndarra
   from cjepa_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   meter = metrics_lib.Progress(f'attentive probe ({len(lrs)} heads, {epochs} epochs)',
                                total, enabled=progress)
+  n = 0
   for _ in range(epochs):
     for rows, w in linear_lib.batches(idx, batch, rng):
       params, opt_state = step(params, opt_state, lrs_, wds_, _put(_rows(tokens, rows), data),
                                _put(y[rows], data), _put(w, data))
+      linear_lib.bound_in_flight(n, params)   # XLA:CPU collectives: see linear.py.
+      n += 1
       meter.update(1)
   meter.done()
   return params

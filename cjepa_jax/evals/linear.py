@@ -157,6 +157,21 @@ def padded_batch_size(requested: int, n: int, mesh: Mesh) -> int:
   return -(-size // mesh.size) * mesh.size
 
 
+# At most this many probe steps are queued on the devices at a time. With collectives over several
+# CPU devices (the tests' 8 fake devices), XLA:CPU can deadlock when many steps are queued at once:
+# one device's thread never reaches the all-reduce's rendezvous, and after XLA's termination
+# timeout the process aborts ("Termination timeout ... exceeded", "Fatal Python error: Aborted").
+# A loop that dispatches 3,000 tiny steps unbounded reproduces it on 2 cores; with at most 2 (or
+# 8) in flight it does not. The host loop feeds each step anyway, so the bound costs little.
+MAX_STEPS_IN_FLIGHT = 2
+
+
+def bound_in_flight(step: int, tree: Any) -> None:
+  """Waits for `tree` (the latest step's output) every MAX_STEPS_IN_FLIGHT steps."""
+  if (step + 1) % MAX_STEPS_IN_FLIGHT == 0:
+    jax.block_until_ready(tree)
+
+
 def train_linear(x: np.ndarray, y: np.ndarray, idx: np.ndarray, mean: np.ndarray,
                  std: np.ndarray, *, num_classes: int, lrs: Sequence[float],
                  wds: Sequence[float], epochs: int, batch_size: int, seed: int,
@@ -171,10 +186,13 @@ def train_linear(x: np.ndarray, y: np.ndarray, idx: np.ndarray, mean: np.ndarray
                              for a in (lrs, wds, mean, std))
   params, opt_state = init(lrs_, wds_, x.shape[1], int(num_classes))
   rng = np.random.default_rng(seed)
+  n = 0
   for _ in range(epochs):
     for rows, w in batches(idx, batch, rng):
       params, opt_state = step(params, opt_state, lrs_, wds_, mean_, std_, _put(x[rows], data),
                                _put(y[rows], data), _put(w, data))
+      bound_in_flight(n, params)
+      n += 1
   return params
 
 

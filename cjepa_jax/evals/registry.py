@@ -7,10 +7,10 @@
                                                           the trainer runs during pretraining.
 
 An `Evaluator` holds `evaluate(encoder_params) -> dict` and `kinds`, the features it reads. The
-trainer's return flat floats (it logs them as metrics: {'knn_top1', 'knn_top5',
-'fewshot_10shot', ...}); a probe run's return their result per feature kind ({'last': {...},
-'last4': {...}}; the attentive probe's under 'tokens'), which the runner assembles into
-probe_results.json.
+trainer's return flat floats in percent, with `'unit': 'percent'` (it logs them as metrics:
+{'knn_top1', 'knn_top5', 'fewshot_10shot', ..., 'unit'}); a probe run's return their result per
+feature kind ({'last': {...}, 'last4': {...}}; the attentive probe's under 'tokens'), in
+fractions, which the runner assembles into probe_results.json in percent.
 
 The evaluators of one probe run share a `features.FeatureCache`: the features of one parameters
 object are extracted once (minutes on CIFAR-10) and read by every evaluator. Adding an evaluator
@@ -32,6 +32,7 @@ from cjepa_jax.evals import features as features_lib
 from cjepa_jax.evals import fewshot as fewshot_lib
 from cjepa_jax.evals import knn as knn_lib
 from cjepa_jax.evals import linear as linear_lib
+from cjepa_jax.evals import units
 from cjepa_jax.models import vit
 
 Params = Any
@@ -203,9 +204,18 @@ def in_training(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Enco
 
   The kNN monitor (`knn.make_knn_evaluator`) every `evals.knn_every_steps` steps, results
   {'knn_top1', 'knn_top5'}; the few-shot monitor (`fewshot.make_fewshot_evaluator`) every
-  `evals.fewshot_every_steps`, results {'fewshot_<k>shot'} (0: none). Built now, so a bad dataset
-  fails at start-up rather than at the first evaluation hours later.
+  `evals.fewshot_every_steps`, results {'fewshot_<k>shot'} (0: none). Their top-1 / top-5 are
+  logged in percent, each result with `'unit': 'percent'` (evals/units.py), so metrics.jsonl rows
+  say their unit. Built now, so a bad dataset fails at start-up rather than at the first
+  evaluation hours later.
   """
   makers = {'knn': knn_lib.make_knn_evaluator, 'fewshot': fewshot_lib.make_fewshot_evaluator}
-  return [(name, every, Evaluator(makers[name](config, mesh, encoder), ('last',)))
+
+  def in_percent(evaluate: Callable[[Params], dict[str, float]]) -> Callable[[Params], Results]:
+    @functools.wraps(evaluate)   # Keeps its attributes (knn's `feature_fn`).
+    def evaluate_percent(params: Params) -> Results:
+      return units.monitor_to_percent(evaluate(params))
+    return evaluate_percent
+
+  return [(name, every, Evaluator(in_percent(makers[name](config, mesh, encoder)), ('last',)))
           for name, every in in_training_periods(config).items()]

@@ -1,8 +1,8 @@
 """One probe run of a frozen encoder: what `cjepa-probe` does (cjepa_jax/probe.py, the protocol).
 
   run(config, workdir)      checks, restore, features (once), every evaluator of `config.evals`,
-                            the table, and `workdir/probe_results.json` (every accuracy a
-                            fraction in [0, 1]).
+                            the table, and `workdir/probe_results.json` (every accuracy in
+                            percent, marked `"unit": "percent"`: evals/units.py).
   check_config(config)      ValueError naming the key for a bad probe config.
   evaluator_names(config)   the evaluators `config.evals` lists (unknown names: ValueError).
 
@@ -25,6 +25,7 @@ from cjepa_jax import distributed
 from cjepa_jax import sharding
 from cjepa_jax.evals import features as features_lib
 from cjepa_jax.evals import registry
+from cjepa_jax.evals import units
 
 RESULTS_FILE = 'probe_results.json'
 
@@ -79,8 +80,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def _row(name: str, kind: str, top1: float, top5: float | None, extra: str = '') -> str:
-  top5_text = f'{top5:>8.4f}' if top5 is not None else f'{"":>8}'
-  return f'{name:<24}{kind:<10}{top1:>8.4f}{top5_text}{extra}'
+  top5_text = f'{top5:>8.2f}' if top5 is not None else f'{"":>8}'
+  return f'{name:<24}{kind:<10}{top1:>8.2f}{top5_text}{extra}'
 
 
 def _format_table(results: dict[str, Any]) -> str:
@@ -91,7 +92,7 @@ def _format_table(results: dict[str, Any]) -> str:
       mark = '*' if kind == lin['features'] else ' '
       lines.append(_row('linear ' + mark, kind, r['top1'], r['top5'],
                         f'   lr={r["best_lr"]:g} wd={r["best_wd"]:g}'
-                        + (f' holdout={r["holdout_top1"]:.4f}'
+                        + (f' holdout={r["holdout_top1"]:.2f}'
                            if r['holdout_top1'] is not None else '')))
   if 'knn' in results:
     knn = results['knn']
@@ -103,7 +104,7 @@ def _format_table(results: dict[str, Any]) -> str:
     fs = results['fewshot']
     for k, top1 in fs['top1'].items():
       lines.append(_row(f'fewshot {k}-shot', fs['features'], top1, None,
-                        f'   +-{fs["top1_std"][k]:.4f} over {fs["seeds"]} seeds, '
+                        f'   +-{fs["top1_std"][k]:.2f} over {fs["seeds"]} seeds, '
                         f'l2={fs["l2_reg"]:g}'))
   if 'lowshot' in results:
     low = results['lowshot']
@@ -114,11 +115,11 @@ def _format_table(results: dict[str, Any]) -> str:
     r = results['attentive']
     lines.append(_row('attentive', 'tokens', r['top1'], r['top5'],
                       f'   lr={r["best_lr"]:g} wd={r["best_wd"]:g} epochs={r["epochs"]}'
-                      + (f' holdout={r["holdout_top1"]:.4f}'
+                      + (f' holdout={r["holdout_top1"]:.2f}'
                          if r['holdout_top1'] is not None else '')))
   head = (f'{results["checkpoint"]} (step {results["step"]}, {results["model"]["variant"]}, '
           f'{results["dataset"]}, {results["num_train"]} train / {results["num_test"]} test): '
-          'accuracies are fractions; * = reported (chosen on the held-out train split)')
+          'top-1 / top-5 in %; * = reported (chosen on the held-out train split)')
   return '\n'.join([head] + lines)
 
 
@@ -157,7 +158,7 @@ def _write(workdir: str, results: dict[str, Any]) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Restores the encoder, extracts features once, runs `config.evals`; writes the JSON.
 
-  Returns the results dict that `workdir/probe_results.json` holds (accuracies as fractions):
+  Returns the results dict that `workdir/probe_results.json` holds (accuracies in percent):
   one entry per evaluator, the checkpoint path and step, and the resolved config. The file is
   rewritten after every evaluator (`complete` says whether all have run), the linear probe first.
   Call on every process; only the main process writes and prints.
@@ -200,7 +201,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       'eval_split': config.data.eval_split,
       'num_train': int(len(train_y)),
       'num_test': int(len(test_y)),
-      'accuracy_units': 'fraction',
       'config': json.loads(config.to_json_best_effort()),
   }
   # The linear probe first: its held-out choice of feature kind is what the others report.
@@ -214,10 +214,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       # split; without the linear probe, the first kind.
       chosen = min(kinds, key=lambda kd: (-(out[kd]['holdout_top1'] or 0.0),
                                           out[kd]['holdout_loss'] or 0.0, kinds.index(kd)))
-    results[name] = _assemble(name, out, chosen, config)
+    results[name] = _assemble(name, out, chosen, config)   # Fractions, as the evaluators give.
     # Written after every evaluator, so a long run stopped midway keeps what it finished.
-    _write(workdir, dict(results, **meta, complete=len(results) == len(names)))
-  results = dict({n: results[n] for n in names}, **meta, complete=True)
+    _write(workdir, units.probe_results_to_percent(
+        dict(results, **meta, complete=len(results) == len(names))))
+  # Accuracies in percent from here on, with `"unit": "percent"` (evals/units.py).
+  results = units.probe_results_to_percent(
+      dict({n: results[n] for n in names}, **meta, complete=True))
   if distributed.is_main_process():
     print(_format_table(results))
   return results

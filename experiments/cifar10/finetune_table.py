@@ -1,10 +1,11 @@
 r"""One table of fine-tuning runs (RESULTS.md): eval top-1 along the run, and each run's gain.
 
-  python benchmarks/finetune_table.py --summary results/cifar10_finetune_summary.json \
+  python experiments/cifar10/finetune_table.py --summary results/cifar10_finetune_summary.json \
       'random init=runs/ft/random' 'I-JEPA=runs/ft/ijepa' 'C-JEPA context=runs/ft/cjepa'
 
-Each argument is `LABEL=DIR`, DIR a `cjepa-finetune` workdir (its `metrics.jsonl` and
-`config.json`). The first run is the baseline. Prints a markdown table: the eval top-1 (%) at
+Each argument is `LABEL=PATH`, PATH a `cjepa-finetune` workdir (its `metrics.jsonl` and
+`config.json`) or a copy of its metrics.jsonl (as in `results/metrics/`; the summary then has no
+`pretrained` / `encoder`). The first run is the baseline. Prints a markdown table: the eval top-1 (%) at
 every evaluation, the last one with one binomial standard error (sqrt(p (1 - p) / n), n the eval
 examples), the last top-5 and eval loss, and the difference of the last top-1 from the baseline's
 with its standard error sqrt(se_a^2 + se_b^2). That treats the two scores as independent; they
@@ -25,13 +26,14 @@ import os
 def read_evals(path: str) -> list[dict]:
   """The evaluation rows of DIR/metrics.jsonl, by step (a resumed run's re-logged step: last)."""
   rows = {}
-  with open(os.path.join(path, 'metrics.jsonl'), encoding='utf-8') as f:
+  metrics = path if os.path.isfile(path) else os.path.join(path, 'metrics.jsonl')
+  with open(metrics, encoding='utf-8') as f:
     for line in f:
       row = json.loads(line)
       if 'eval_top1' in row:
         rows[row['step']] = row
   if not rows:
-    raise SystemExit(f'{path}/metrics.jsonl has no evaluation (eval_top1) rows.')
+    raise SystemExit(f'{metrics} has no evaluation (eval_top1) rows.')
   return [rows[s] for s in sorted(rows)]
 
 
@@ -45,8 +47,10 @@ def summarise(label: str, path: str) -> dict:
   evals = read_evals(path)
   last = evals[-1]
   n = int(last['eval_examples'])
-  with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
-    config = json.load(f)
+  config = {}
+  if os.path.isdir(path):
+    with open(os.path.join(path, 'config.json'), encoding='utf-8') as f:
+      config = json.load(f)
   return dict(label=label, workdir=path, pretrained=config.get('pretrained'),
               encoder=config.get('encoder'), steps=last['step'], eval_examples=n,
               top1_by_step={str(r['step']): r['eval_top1'] for r in evals},
@@ -76,14 +80,14 @@ def table(runs: list[dict]) -> str:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('runs', nargs='+', help='LABEL=DIR (a fine-tuning workdir); first: baseline')
+  parser.add_argument('runs', nargs='+', help='LABEL=PATH (a fine-tuning workdir or its metrics.jsonl); first: baseline')
   parser.add_argument('--summary', help="write the table's numbers as JSON here")
   args = parser.parse_args()
   runs = []
   for spec in args.runs:
     label, _, path = spec.partition('=')
     if not path:
-      parser.error(f'{spec!r}: use LABEL=DIR.')
+      parser.error(f'{spec!r}: use LABEL=PATH.')
     runs.append(summarise(label, path))
   base = runs[0]
   for r in runs:

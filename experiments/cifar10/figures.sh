@@ -1,12 +1,12 @@
 #!/bin/bash
-# Both budget plots of RESULTS.md's issue-17 section and its tuning plot, from the probe files
-# kept in results/.
-# Usage (repository root): bash benchmarks/cifar10_budget_plots.sh [OUTDIR]   (default results)
+# Both budget plots of RESULTS.md's *Objectives against pretraining budget* and the tuning plot of
+# its *Tuning runs on one protocol*, from the probe files kept in results/.
+# Usage (repository root): bash experiments/cifar10/figures.sh [OUTDIR]   (default results)
 set -euo pipefail
 O=${1:-results}
 Q=results/probes
 P=results/probes17
-python benchmarks/budget_plot.py --long --out $O/cifar10_budgets_full.png \
+python experiments/cifar10/budget_plot.py --long --out $O/cifar10_budgets_full.png \
   --summary $O/cifar10_budgets_full_summary.json --baseline "random init=$Q/random_init.json" \
   "I-JEPA@4=$Q/ijepa_ep4.json" "I-JEPA@8=$Q/ijepa_ep8.json" \
   "I-JEPA (lr 2.5e-4)@8=$Q/ijepa_lr2.5e-4_ep8.json" \
@@ -43,12 +43,12 @@ A+=("SIGReg, no EMA (w 0.05, lr 1e-3)@1=$P/sigreg_noema_781.json"
     "SIGReg, no EMA (w 0.05, lr 5e-4)@1=$P/sigreg_noema_lr5e-4_781.json"
     "SIGReg, no EMA (w 0.05, lr 5e-4)@4=$P/sigreg_noema_lr5e-4_3124.json")
 every2 "SIGReg, no EMA (w 0.05, lr 5e-4), 8-ep run" sigreg_noema8 8
-python benchmarks/budget_plot.py --long --out $O/cifar10_budgets.png --summary $O/cifar10_budgets_summary.json \
+python experiments/cifar10/budget_plot.py --long --out $O/cifar10_budgets.png --summary $O/cifar10_budgets_summary.json \
   --baseline "random init=$P/random.json" "${A[@]}"
 
 # The tuning plot: each objective's recipe at step 781 of its 4-epoch run first, then its tuning
-# runs (benchmarks/cifar10_tuning_run.sh), judged on the linear probe's train holdout.
-python benchmarks/tuning_plot.py --out $O/cifar10_tuning.png --summary $O/cifar10_tuning_summary.json \
+# runs (experiments/cifar10/tuning_run.sh), judged on the linear probe's train holdout.
+python experiments/cifar10/tuning_plot.py --out $O/cifar10_tuning.png --summary $O/cifar10_tuning_summary.json \
   --title 'Tuning runs at step 781 (1 epoch of a 4-epoch schedule): linear probe, train holdout' \
   "I-JEPA|recipe until 2026-12-03 (Kc 22, lr 5e-4)=$P/ijepa_781.json" \
   "I-JEPA|Kc 11, lr 1e-3=$P/ijepa_kc11_lr1e-3_781.json" \

@@ -1,6 +1,6 @@
-r"""Accuracy against pretraining budget, one curve per objective (RESULTS.md, issue 17).
+r"""Accuracy against pretraining budget, one curve per objective (RESULTS.md).
 
-  python benchmarks/budget_plot.py --out results/cifar10_budgets.png \
+  python experiments/cifar10/budget_plot.py --out results/cifar10_budgets.png \
       --summary results/cifar10_budgets_summary.json --baseline 'random init=runs/probe17/random' \
       'I-JEPA@1=runs/probe17/ijepa_781' 'I-JEPA@4=runs/probe17/ijepa_3124' ...
 
@@ -10,7 +10,8 @@ PNG with a panel per evaluator the runs have (linear, kNN, 10-shot, ...: `probe_
 test top-1 in % against epochs, and each `--baseline LABEL=PATH` (e.g. the random encoder) as a
 horizontal line; prints the markdown table (one row per objective, one column per evaluator and
 budget, +- one binomial standard error; with `--long` one row per objective and budget) and with
-`--summary` writes its numbers as JSON.
+`--summary` writes its numbers as JSON (top-1 in %, `"unit": "percent"`; old probe files, which
+hold fractions, are converted on reading).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def parse_point(spec: str) -> tuple[str, float, str]:
 
 
 def collect(points: Sequence[str]) -> dict[str, dict[float, dict]]:
-  """{label: {epochs: {'top1': {column: fraction}, 'n': test images}}}."""
+  """{label: {epochs: {'top1': {column: top-1 in %}, 'n': test images}}}."""
   out: dict[str, dict[float, dict]] = {}
   for spec in points:
     label, epochs, path = parse_point(spec)
@@ -56,7 +57,7 @@ def _cell(point: dict | None, column: str) -> str:
   if point is None or column not in point['top1']:
     return '-'
   p = point['top1'][column]
-  return f'{100 * p:.2f} +- {100 * probe_table.binomial_se(p, point["n"]):.2f}'
+  return f'{p:.2f} +- {probe_table.binomial_se(p, point["n"]):.2f}'
 
 
 def table(curves: dict[str, dict[float, dict]], baselines: dict[str, dict]) -> str:
@@ -105,10 +106,10 @@ def plot(curves: dict[str, dict[float, dict]], baselines: dict[str, dict], out: 
   for ax, (column, name) in zip(axes.flat, columns):
     for label, pts in curves.items():
       xs = [e for e in sorted(pts) if column in pts[e]['top1']]
-      ax.plot(xs, [100 * pts[e]['top1'][column] for e in xs], marker='o', label=label)
+      ax.plot(xs, [pts[e]['top1'][column] for e in xs], marker='o', label=label)
     for label, point in baselines.items():
       if column in point['top1']:
-        ax.axhline(100 * point['top1'][column], color='grey', linestyle='--', label=label)
+        ax.axhline(point['top1'][column], color='grey', linestyle='--', label=label)
     ax.set_xlabel('pretraining epochs')
     ax.set_ylabel(f'{name} top-1 (%)')
     ax.grid(alpha=0.3)
@@ -147,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(long_table(curves, baselines) if args.long else table(curves, baselines))
   if args.summary:
     with open(args.summary, 'w', encoding='utf-8') as f:
-      json.dump({'baselines': baselines,
+      json.dump({'unit': probe_table.units.UNIT, 'baselines': baselines,
                  'curves': {k: {f'{e:g}': p for e, p in v.items()} for k, v in curves.items()}},
                 f, indent=1, sort_keys=True)
 

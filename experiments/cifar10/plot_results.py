@@ -1,6 +1,6 @@
 r"""Plots pretraining curves of several runs: loss and in-training kNN top-1 against the step.
 
-  python benchmarks/plot_results.py --out results/cifar10_curves.png \
+  python experiments/cifar10/plot_results.py --out results/cifar10_curves.png \
       I-JEPA=runs/cifar10_ijepa C-JEPA-context=runs/cifar10_cjepa C-JEPA-blocks=runs/cifar10_blocks
 
 Each positional argument is `label=path`, where path is a pretraining workdir (its
@@ -8,12 +8,14 @@ Each positional argument is `label=path`, where path is a pretraining workdir (i
 objective; for C-JEPA that includes the weighted VICReg term, so `--jepa_only` plots the JEPA term
 `jepa` instead, which is comparable across methods) and `knn_top1` (as a percentage) against
 `step`, for the log steps that have them. `--random_knn` draws a horizontal line at the kNN top-1
-(a fraction, as in probe_results.json) of a randomly initialised encoder.
+(in %) of a randomly initialised encoder.
 
 `--summary OUT.json` also writes the final numbers of every run: the last step, final loss and
 in-training kNN top-1, the summed train-step time, and the probe results found in
-`<workdir>/probe/probe_results.json` (linear and kNN top-1 / top-5, fractions); `--baseline
-label=DIR` adds a probe-only row (e.g. the random encoder's probe workdir).
+`<workdir>/probe/probe_results.json` (linear and kNN top-1 / top-5); `--baseline label=DIR` adds
+a probe-only row (e.g. the random encoder's probe workdir). Every accuracy is in % (`"unit":
+"percent"`); metrics rows and probe files written before the change hold fractions and are
+converted on reading (`cjepa_jax.evals.units`).
 
 A run that was resumed can log a step twice; the last record of each step wins.
 """
@@ -26,6 +28,8 @@ import os
 from collections.abc import Sequence
 
 import matplotlib
+
+from cjepa_jax.evals import units
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -44,13 +48,16 @@ def parse_run(arg: str) -> tuple[str, str]:
 
 
 def read_metrics(path: str) -> list[dict]:
-  """The records of a metrics.jsonl, one per logged step, sorted by step (last record wins)."""
+  """The records of a metrics.jsonl, one per logged step, sorted by step (last record wins).
+
+  The in-training monitors' accuracies (`knn_top1`, ...) in %, whatever the file's age.
+  """
   by_step = {}
   with open(path) as f:
     for line in f:
       line = line.strip()
       if line:
-        rec = json.loads(line)
+        rec = units.metrics_row_to_percent(json.loads(line))
         by_step[int(rec['step'])] = rec
   return [by_step[s] for s in sorted(by_step)]
 
@@ -70,10 +77,10 @@ def plot(runs: Sequence[tuple[str, str]], out: str, jepa_only: bool = False,
   for label, path in runs:
     records = read_metrics(path)
     line, = ax_loss.plot(*series(records, loss_key), label=label)
-    steps, knn = series(records, 'knn_top1', 100.0)
+    steps, knn = series(records, 'knn_top1')
     ax_knn.plot(steps, knn, marker='o', color=line.get_color(), label=label)
   if random_knn is not None:
-    ax_knn.axhline(100.0 * random_knn, color='gray', linestyle='--', label='random encoder')
+    ax_knn.axhline(random_knn, color='gray', linestyle='--', label='random encoder')
   ax_loss.set_xlabel('step')
   ax_loss.set_ylabel('JEPA loss' if jepa_only else 'training loss')
   ax_loss.set_title('JEPA loss term' if jepa_only else 'training loss (whole objective)')
@@ -92,12 +99,12 @@ def plot(runs: Sequence[tuple[str, str]], out: str, jepa_only: bool = False,
 
 
 def _probe_numbers(probe_dir: str) -> dict | None:
-  """Linear / kNN top-1 and top-5 (fractions) of DIR/probe_results.json, or None if absent."""
+  """Linear / kNN top-1 and top-5 (in %) of DIR/probe_results.json, or None if absent."""
   path = os.path.join(probe_dir, 'probe_results.json')
   if not os.path.isfile(path):
     return None
   with open(path) as f:
-    r = json.load(f)
+    r = units.read_probe_results(json.load(f))
   return dict(linear_top1=r['linear']['top1'], linear_top5=r['linear']['top5'],
               linear_features=r['linear']['features'], knn_top1=r['knn']['top1'],
               knn_top5=r['knn']['top5'], num_train=r['num_train'], num_test=r['num_test'],
@@ -133,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument('--jepa_only', action='store_true',
                       help='plot the JEPA term instead of the whole objective')
   parser.add_argument('--random_knn', type=float, default=None,
-                      help='kNN top-1 (fraction) of a random encoder, drawn as a line')
+                      help='kNN top-1 (in %) of a random encoder, drawn as a line')
   parser.add_argument('--title', default='')
   parser.add_argument('--summary', default='', help='also write the final numbers to this JSON')
   parser.add_argument('--baseline', action='append', default=[],
@@ -152,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   print(f'wrote {args.out}')
   if args.summary:
     with open(args.summary, 'w') as f:
-      json.dump(summarize(runs, baselines), f, indent=2)
+      json.dump(dict(summarize(runs, baselines), unit=units.UNIT), f, indent=2)
     print(f'wrote {args.summary}')
 
 

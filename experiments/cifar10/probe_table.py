@@ -1,12 +1,14 @@
 r"""One table of every evaluator's test top-1 for several probe runs (RESULTS.md), and a summary.
 
-  python benchmarks/probe_table.py --summary results/cifar10_evals_summary.json \
+  python experiments/cifar10/probe_table.py --summary results/cifar10_evals_summary.json \
       'random init=runs/probe/random' 'C-JEPA context=runs/probe/cjepa'
 
 Each argument is `LABEL=PATH`, PATH a `cjepa-probe` workdir (holding its `probe_results.json`)
-or a copy of that file (e.g. `results/probes17/random.json`). Prints a markdown table (percent,
-with one binomial standard error of the test split: sqrt(p (1 - p) / n)) and, with --summary,
-writes the numbers it printed to a JSON file. Evaluators a run lacks are '-'.
+or a copy of that file (e.g. `results/probes17/random.json`). Prints a markdown table (top-1 in
+%, with one binomial standard error of the test split: sqrt(p (100 - p) / n)) and, with --summary,
+writes the numbers it printed to a JSON file (in %, `"unit": "percent"`). Evaluators a run lacks
+are '-'. Probe files of every age read alike: those without `"unit": "percent"` hold fractions
+and are converted on reading (`cjepa_jax.evals.units`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import argparse
 import json
 import math
 import os
+
+from cjepa_jax.evals import units
 
 COLUMNS = (
     ('linear', 'linear'),
@@ -27,23 +31,23 @@ COLUMNS = (
 
 
 def binomial_se(p: float, n: int) -> float:
-  """One binomial standard error of an accuracy p (a fraction) over n examples: sqrt(p (1 - p) / n)."""
-  return math.sqrt(p * (1 - p) / n)
+  """One binomial standard error, in %, of an accuracy p in % over n examples."""
+  return math.sqrt(p * (100.0 - p) / n)
 
 
 def read(path: str) -> dict:
-  """A probe's results: PATH is its workdir (holding probe_results.json) or a copy of that file."""
+  """A probe's results, accuracies in %: PATH is its workdir or a copy of its probe_results.json."""
   if os.path.isdir(path):
     path = os.path.join(path, 'probe_results.json')
   if not os.path.isfile(path):
     raise ValueError(f'{path}: no probe result there; give a cjepa-probe workdir or its '
                      'probe_results.json (run cjepa-probe first).')
   with open(path, encoding='utf-8') as f:
-    return json.load(f)
+    return units.read_probe_results(json.load(f))
 
 
 def top1s(results: dict) -> dict[str, float]:
-  """{column: test top-1 (fraction)} of one probe_results.json."""
+  """{column: test top-1 in %} of one probe result as `read` returns it."""
   out = {}
   for name in ('linear', 'knn', 'attentive'):
     if name in results:
@@ -78,7 +82,7 @@ def main() -> None:
     for key, _ in COLUMNS:
       if key in values:
         p = values[key]
-        cells.append(f'{100 * p:.2f} +- {100 * binomial_se(p, n):.2f}')
+        cells.append(f'{p:.2f} +- {binomial_se(p, n):.2f}')
       else:
         cells.append('-')
     rows.append(f'| {label} | ' + ' | '.join(cells) + ' |')
@@ -89,7 +93,7 @@ def main() -> None:
   print('\n'.join(rows))
   if args.summary:
     with open(args.summary, 'w', encoding='utf-8') as f:
-      json.dump(summary, f, indent=2)
+      json.dump(dict(summary, unit=units.UNIT), f, indent=2)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
-r"""Each objective's tuning runs against its recipe, on the linear probe's train holdout (issue 17).
+r"""Each objective's tuning runs against its recipe, on the linear probe's train holdout.
 
-  python benchmarks/tuning_plot.py --out results/cifar10_tuning.png \
+  python experiments/cifar10/tuning_plot.py --out results/cifar10_tuning.png \
       --summary results/cifar10_tuning_summary.json \
       'C-JEPA context|recipe=results/probes17/cjepa_781.json' \
       'C-JEPA context|lr 5e-4=results/probes17/cjepa_lr5e-4_781.json' ...
@@ -14,7 +14,8 @@ number the tuning chose on: the linear probe's top-1 on its held-out part of the
 difference from the reference with the standard error of a difference of two independent
 estimates, sqrt(se_a^2 + se_b^2). The test-split columns (linear, kNN, 10-shot) are printed beside
 it for the record; they choose nothing. Prints a markdown table, writes a PNG (a row per run,
-grouped by objective, the reference dashed) and with `--summary` the table's numbers as JSON.
+grouped by objective, the reference dashed) and with `--summary` the table's numbers as JSON
+(accuracies in %, `"unit": "percent"`; old probe files, in fractions, are converted on reading).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def parse_run(spec: str) -> tuple[str, str, str]:
 
 
 def holdout(results: dict, path: str) -> tuple[float, int]:
-  """(linear top-1 on the train holdout as a fraction, number of held-out images) of one probe."""
+  """(linear top-1 on the train holdout in %, number of held-out images) of one probe."""
   linear = results.get('linear', {})
   fraction = results.get('config', {}).get('linear', {}).get('holdout_fraction')
   if linear.get('holdout_top1') is None or not fraction or 'num_train' not in results:
@@ -56,7 +57,7 @@ def holdout(results: dict, path: str) -> tuple[float, int]:
 
 
 def collect(specs: Sequence[str]) -> dict[str, list[dict]]:
-  """{objective: [run, ...]}, the reference first; each run's numbers as fractions."""
+  """{objective: [run, ...]}, the reference first; each run's accuracies in %."""
   groups: dict[str, list[dict]] = {}
   for spec in specs:
     objective, change, path = parse_run(spec)
@@ -81,13 +82,13 @@ def table(groups: dict[str, list[dict]]) -> str:
   lines = ['| ' + ' | '.join(head) + ' |', '|' + ' --- |' * len(head)]
   for objective, runs in groups.items():
     for i, run in enumerate(runs):
-      hold = f'{100 * run["holdout_top1"]:.1f} +- {100 * run["holdout_se"]:.1f}'
+      hold = f'{run["holdout_top1"]:.1f} +- {run["holdout_se"]:.1f}'
       if i == 0:
         diff = 'reference'
       else:
         z = run['diff'] / run['diff_se']
-        diff = f'{100 * run["diff"]:+.1f} +- {100 * run["diff_se"]:.1f} ({z:+.1f})'
-      tests = [f'{100 * run["test_top1"][c]:.1f}' if c in run['test_top1'] else '-'
+        diff = f'{run["diff"]:+.1f} +- {run["diff_se"]:.1f} ({z:+.1f})'
+      tests = [f'{run["test_top1"][c]:.1f}' if c in run['test_top1'] else '-'
                for c in TEST_COLUMNS]
       lines.append('| ' + ' | '.join([objective if i == 0 else '', run['change'], hold, diff]
                                      + tests) + ' |')
@@ -107,12 +108,12 @@ def plot(groups: dict[str, list[dict]], out: str, title: str | None = None) -> N
     color = f'C{g % 10}'
     top = y
     for i, run in enumerate(runs):
-      ax.errorbar(100 * run['holdout_top1'], -y, xerr=100 * run['holdout_se'], fmt='o' if i else 's',
+      ax.errorbar(run['holdout_top1'], -y, xerr=run['holdout_se'], fmt='o' if i else 's',
                   color=color, capsize=3)
       ticks.append(-y)
       labels.append(f'{objective}: {run["change"]}')
       y += 1
-    ax.plot([100 * runs[0]['holdout_top1']] * 2, [-top + 0.4, -(y - 1) - 0.4], '--', color=color,
+    ax.plot([runs[0]['holdout_top1']] * 2, [-top + 0.4, -(y - 1) - 0.4], '--', color=color,
             lw=1)
     y += 1  # A blank row between objectives.
   ax.set_yticks(ticks, labels, fontsize=8)
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> None:
   plot(groups, args.out, args.title)
   if args.summary:
     with open(args.summary, 'w', encoding='utf-8') as f:
-      json.dump(groups, f, indent=2)
+      json.dump(dict(groups, unit=probe_table.units.UNIT), f, indent=2)
 
 
 if __name__ == '__main__':
