@@ -30,6 +30,8 @@ ROWS=(
   'ft_l16_v5p16|configs/finetune_in1k.py:L/16|v5p-16|'
   'h14_v5p16_scan|configs/in1k_vith14_ep300.py|v5p-16|--config.model.scan=True --noestimate'
   'h14_v5p8_accum2|configs/in1k_vith14_ep300.py|v5p-8|--config.accum_steps=2 --noestimate'
+  'h14_v5p32_scan|configs/in1k_vith14_ep300.py|v5p-32|--config.model.scan=True --noestimate'
+  'h14_v5p32_scan_remat|configs/in1k_vith14_ep300.py|v5p-32|--config.model.scan=True --config.model.remat_policy=full --noestimate'
   'ft_h14_v5p16|configs/finetune_in1k.py:H/14|v5p-16|'
   'h16_448_v5p128|configs/in1k_vith16_448_ep300.py|v5p-128|'
   # Scaling: H/14 at global batch 2048 as the slice grows.
