@@ -206,6 +206,15 @@ def run(prog: str, main: Callable[[Sequence[str]], Any], *, doc: str, module: st
   app.run(wrapped, flags_parser=_flags_parser(prog, doc, module, extra_help))
 
 
+def run_plain(prog: str, main: Callable[[], Any]) -> Any:
+  """The entry point of an argparse command (the converters, the export): a user error in
+  `main()` prints `PROG: error: ...` and exits 1; anything else keeps its traceback."""
+  try:
+    return main()
+  except USER_ERRORS as e:
+    fail(prog, e)
+
+
 def trainer_main(argv: Sequence[str], config: Any, workdir: str | None,
                  train_fn: Callable[[Any, str], dict[str, Any]], *, example: str,
                  complete_hint: str = '') -> None:

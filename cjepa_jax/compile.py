@@ -111,8 +111,9 @@ def program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, task: st
     return (run.jitted_step, (state, train_step.abstract_batch(config, mesh)), model_flops,
             dict(batch_size=config.batch_size, depth=enc.num_layers, scan=enc.scan))
   if task == 'finetune':
-    config_lib.validate_finetune(_pretrained_or_random(config))
-    encoder, _ = _random_encoder(config)
+    config = _pretrained_or_random(config)
+    config_lib.validate_finetune(config)
+    encoder, _ = features_lib.resolve_encoder(config)
     run = finetune_step.setup(config, mesh, encoder)
     state = workdir_lib.with_shardings(run.abstract_state, run.state_shardings)
     spec = encoder.spec

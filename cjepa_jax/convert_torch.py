@@ -191,10 +191,7 @@ def main(argv: Sequence[str] | None = None) -> str:
 
 def run() -> None:
   """Console entry point: bad input prints the message (no traceback) and exits 1."""
-  try:
-    main()
-  except cli.USER_ERRORS as e:
-    cli.fail(_PROG, e)
+  cli.run_plain(_PROG, main)
 
 
 if __name__ == '__main__':
