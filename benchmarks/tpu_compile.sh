@@ -38,6 +38,17 @@ ROWS=(
   'h14_v5p64|configs/in1k_vith14_ep300.py|v5p-64|'
   'h14_v5p128|configs/in1k_vith14_ep300.py|v5p-128|'
   'h14_v5p256|configs/in1k_vith14_ep300.py|v5p-256|'
+  # The smallest v5p slice each of the other recipes fits on (a row that does not fit is the
+  # evidence that the next size up is the smallest).
+  'cjepa_l16_v5p8|configs/cjepa_in1k_ep600.py:L/16|v5p-8|'
+  'ft_l16_v5p8|configs/finetune_in1k.py:L/16|v5p-8|'
+  'ft_h14_v5p8|configs/finetune_in1k.py:H/14|v5p-8|'
+  'h14_22k_v5p8|configs/in22k_vith14_ep66.py|v5p-8|'
+  'h16_448_v5p64|configs/in1k_vith16_448_ep300.py|v5p-64|'
+  'h16_448_v5p64_accum2|configs/in1k_vith16_448_ep300.py|v5p-64|--config.accum_steps=2 --noestimate'
+  'g16_v5p32_dp|configs/in22k_vitg16_ep44.py|v5p-32|'
+  'g16_v5p16_dp|configs/in22k_vitg16_ep44.py|v5p-16|'
+  'g16_v5p16|configs/in22k_vitg16_ep44.py|v5p-16|--config.mesh.fsdp=8'
 )
 
 for row in "${ROWS[@]}"; do
