@@ -182,6 +182,20 @@ def test_impossible_configuration_does_not_fit_and_exits_1():
   assert 'DOES NOT FIT' in r.stdout
 
 
+@needs_libtpu
+def test_cjepa_step_gets_an_estimate():
+  # VICReg's covariance once took the diagonal with `jnp.diagonal`, whose gradient made the cost
+  # model return a negative time for the whole step: C-JEPA programs had no estimate. (The
+  # 'blocks' reading can still get none: the compiler's own prefetch of the projector's weights
+  # is an operation its cost model counts as -1 s.)
+  config = tiny_config()
+  config.vicreg.weight = 0.001
+  s = aot.parse_slice('v5e:2x2')
+  report = compile_lib.compile_for_slice(config, s, devices=aot.slice_devices(s))
+  assert report['cost']['optimal_seconds'] > 0
+  assert report['estimate']['step_seconds'] > 0 and 0 < report['estimate']['mfu'] < 1
+
+
 @pytest.mark.slow
 @needs_libtpu
 def test_scanned_cost_is_extrapolated_to_the_unrolled_programs():
