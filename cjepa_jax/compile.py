@@ -141,8 +141,8 @@ def program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, task: st
            'pos': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=s)}
   spec = encoder.spec
   n = (size // spec['patch']) ** 2
-  model_flops = b * (2 * n * spec['patch']**2 * 3 * spec['width'] + spec['depth'] *
-                     flops_lib.block_flops(n, spec['width'], spec['mlp_dim']))
+  model_flops = b * sum(flops_lib.vit_forward_flops(spec['width'], spec['depth'], spec['mlp_dim'],
+                                                     n, spec['patch']))
   return fn, (params, batch), model_flops, dict(batch_size=b, depth=encoder.num_layers,
                                                 scan=encoder.scan)
 

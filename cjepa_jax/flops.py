@@ -87,12 +87,18 @@ def step_flops(s: StepShape) -> float:
   return target + context + 3 * (pred_fwd + proj)
 
 
+def vit_forward_flops(width: int, depth: int, mlp_hidden: int, num_patches: int,
+                      patch_size: int) -> tuple[float, float]:
+  """Forward FLOPs per example of a ViT on all N patches: (patch embedding, the blocks)."""
+  return (2 * num_patches * (patch_size**2 * 3) * width,
+          depth * block_flops(num_patches, width, mlp_hidden))
+
+
 def finetune_step_flops(width: int, depth: int, mlp_hidden: int, num_patches: int,
                         patch_size: int, num_classes: int) -> float:
   """Matmul FLOPs of one fine-tuning step per example: encoder on all N patches and the head,
   forward + backward (3x the forward; the patch embedding's backward 1x, as in `step_flops`)."""
-  embed = 2 * num_patches * (patch_size**2 * 3) * width
-  blocks = depth * block_flops(num_patches, width, mlp_hidden)
+  embed, blocks = vit_forward_flops(width, depth, mlp_hidden, num_patches, patch_size)
   return 2 * embed + 3 * (blocks + 2 * width * num_classes)
 
 
