@@ -72,6 +72,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cjepa_jax import cli
+from cjepa_jax import config as config_lib
 from cjepa_jax import errorlog
 from cjepa_jax import metrics as metrics_lib
 from cjepa_jax.evals import runner
@@ -110,7 +111,7 @@ def run() -> None:
   """Console-script entry point (`cjepa-probe`): flags, jax.distributed start-up, then `main`."""
   _define_flags()
   cli.run('cjepa-probe', main, doc=__doc__, module=sys.argv[0] if __name__ == '__main__'
-          else __name__)
+          else __name__, renamed=config_lib.RENAMED_PROBE)
 
 
 if __name__ == '__main__':

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from cjepa_jax import sharding
-from cjepa_jax import train
+from cjepa_jax import loop
 from cjepa_jax.evals import attentive as attentive_lib
 from cjepa_jax.evals import features as features_lib
 from cjepa_jax.evals import fewshot as fewshot_lib
@@ -246,15 +246,15 @@ def probe_config(data_dir, evals):
   spec.loader.exec_module(module)
   c = module.get_config('cifar10')
   c.pretrained = 'random'
-  c.evals = evals
+  c.probes = evals
   c.data.data_dir = str(data_dir)
   c.data.num_classes = 3
   c.model.depth = 1
   c.batch_size = 16
-  c.linear.update(epochs=5, batch_size=16, lrs=(1e-2, 1e-1), wds=(0.0,))
-  c.lowshot.update(fractions=(0.25,), epochs=5)
-  c.fewshot.update(shots=(1, 5), seeds=2)
-  c.attentive.update(epochs=2, batch_size=8, lrs=(1e-3,), wds=(0.01, 0.1))
+  c.evals.linear.update(epochs=5, batch_size=16, lrs=(1e-2, 1e-1), wds=(0.0,))
+  c.evals.lowshot.update(fractions=(0.25,), epochs=5, batch_size=16, lrs=(1e-2, 1e-1), wds=(0.0,))
+  c.evals.fewshot.update(shots=(1, 5), seeds=2)
+  c.evals.attentive.update(epochs=2, batch_size=8, lrs=(1e-3,), wds=(0.01, 0.1))
   return c
 
 
@@ -266,7 +266,7 @@ def test_probe_runs_every_evaluator_and_writes_one_json(image_folder, tmp_path, 
   assert saved == json.loads(json.dumps(results)) and saved['complete']
   assert saved['evals'] == ['linear', 'knn', 'attentive', 'fewshot', 'lowshot']
   assert list(results)[:5] == saved['evals']
-  assert saved['checkpoint'] == 'random' and saved['config']['evals'] == config.evals
+  assert saved['checkpoint'] == 'random' and saved['config']['probes'] == config.probes
   chosen = saved['linear']['features']
   assert saved['fewshot']['features'] == saved['lowshot']['features'] == chosen
   assert set(saved['fewshot']['top1']) == {'1', '5'} and saved['fewshot']['l2_reg'] == 1024.0
@@ -286,12 +286,12 @@ def test_probe_runs_every_evaluator_and_writes_one_json(image_folder, tmp_path, 
 
 def test_probe_names_bad_evaluator_input(image_folder, tmp_path):
   config = probe_config(image_folder, 'fewshot')
-  config.fewshot.shots = (1, 20)
+  config.evals.fewshot.shots = (1, 20)
   with pytest.raises(ValueError, match='class 0 has 12 training examples, fewer than 20 shots'):
     runner.run(config, str(tmp_path))
   config = probe_config(image_folder, 'lowshot')
-  config.lowshot.fractions = (0.0,)
-  with pytest.raises(ValueError, match='config.lowshot.fractions'):
+  config.evals.lowshot.fractions = (0.0,)
+  with pytest.raises(ValueError, match='config.evals.lowshot.fractions'):
     runner.run(config, str(tmp_path))
   with pytest.raises(ValueError, match='labels span'):
     fewshot_lib.fewshot_probe(np.zeros((4, 2), np.float32), np.array([0, 1, 2, 5]),
@@ -307,11 +307,11 @@ def test_in_training_periods_make_log_steps():
   spec.loader.exec_module(recipe)
   c = recipe.get_config()
   c.log_every_steps = 20
-  c.evals.update(knn_every_steps=0, fewshot_every_steps=3)
-  assert train.is_log_step(3, c, 100) and train.is_log_step(20, c, 100)
-  assert not train.is_log_step(5, c, 100) and train.is_log_step(100, c, 100)
-  c.evals.fewshot_every_steps = 0
-  assert not train.is_log_step(3, c, 100)
+  c.evals.knn.every_steps, c.evals.fewshot.every_steps = 0, 3
+  assert loop.is_log_step(3, c, 100) and loop.is_log_step(20, c, 100)
+  assert not loop.is_log_step(5, c, 100) and loop.is_log_step(100, c, 100)
+  c.evals.fewshot.every_steps = 0
+  assert not loop.is_log_step(3, c, 100)
   assert features_lib.TOKENS not in features_lib.FEATURE_KINDS  # Pooled kinds stay pooled.
 
 
