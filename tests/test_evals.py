@@ -345,3 +345,64 @@ def test_probe_loops_keep_at_most_two_steps_in_flight(monkeypatch):
   steps = 2 * 64 // 8
   assert linear_lib.MAX_STEPS_IN_FLIGHT == 2 and len(waited) == steps // 2
   assert np.all(np.isfinite(jax.tree.leaves(params)[0]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Adding an evaluator: one file (tests/toy_evaluator.py) and its one registration.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow   # A pretraining run and a probe run: ~90 s on 2 cores.
+def test_a_new_evaluator_runs_in_the_trainer_and_the_probe(image_folder, tmp_path, capsys):
+  import toy_evaluator  # pylint: disable=g-import-not-at-top,unused-import  (registers 'toy')
+  from cjepa_jax import train  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  toy = ml_collections.ConfigDict(dict(type='toy', every_steps=2, shift=0))
+  spec = importlib.util.spec_from_file_location('recipe', ROOT / 'configs/cifar10_vit_tiny.py')
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  c = recipe.get_config()
+  c.data.update(data_dir=str(image_folder), num_classes=3, num_train_examples=36)
+  c.model.update(depth=1, pred_depth=1, pred_width=48)
+  c.update(batch_size=16, total_steps=4, log_every_steps=4)
+  c.evals.knn.every_steps = 0
+  with c.unlocked():
+    c.evals.toy = toy
+  train.train_and_evaluate(c, str(tmp_path / 'run'))
+  rows = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl', encoding='utf-8')]
+  assert [r['step'] for r in rows if 'toy_top1' in r] == [2, 4]
+  assert all(r['toy_top1'] == pytest.approx(100 / 3) and r['unit'] == 'percent'
+             for r in rows if 'toy_top1' in r)
+
+  config = probe_config(image_folder, 'toy,knn')
+  with config.unlocked():
+    config.evals.toy = toy
+  results = runner.run(config, str(tmp_path / 'probe'))
+  assert results['toy']['top1'] == pytest.approx(100 / 3) and results['evals'] == ['toy', 'knn']
+  assert 'toy' in capsys.readouterr().out
+  with config.unlocked():
+    config.evals.toy = ml_collections.ConfigDict(dict(type='toy', shift='one'))
+  with pytest.raises(ValueError, match=r"^config.evals.toy.shift='one' is invalid"):
+    runner.run(config, str(tmp_path / 'probe'))
+
+
+def test_old_evaluator_flags_still_work_for_one_release_with_a_warning(capsys):
+  from cjepa_jax import cli  # pylint: disable=g-import-not-at-top
+  from cjepa_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  argv = ['probe', '--config=x.py', '--config.evals=linear,knn', '--config.knn.k', '5',
+          '--config.linear.lrs=(0.1,)', '--config.linear.epochs=3', '--config.evals.knn.k=7']
+  assert cli.rename_flags('cjepa-probe', argv, config_lib.RENAMED_PROBE) == [
+      'probe', '--config=x.py', '--config.probes=linear,knn', '--config.evals.knn.k=5',
+      '--config.evals.linear.lrs=(0.1,)', '--config.evals.lowshot.lrs=(0.1,)',
+      '--config.evals.linear.epochs=3', '--config.evals.knn.k=7']
+  warnings = capsys.readouterr().err.splitlines()
+  assert len(warnings) == 4 and warnings[0] == (
+      'cjepa-probe: warning: --config.evals is deprecated and goes in the next release; use '
+      '--config.probes.')
+  assert cli.rename_flags('cjepa-train', ['t', '--config.evals.knn_batch_size=8'],
+                          config_lib.RENAMED_PRETRAINING)[1:] == [
+      '--config.evals.knn.eval_batch_size=8', '--config.evals.fewshot.eval_batch_size=8']
+  assert cli.rename_flags('cjepa-finetune', ['f', '--config.eval_every_steps=5'],
+                          config_lib.RENAMED_FINETUNING)[1:] == [
+      '--config.evals.classify.every_steps=5']
