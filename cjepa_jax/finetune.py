@@ -13,8 +13,11 @@ optimizer start fresh.
 
 The recipe (configs/finetune_*.py, config.default_finetune_config): MAE / BEiT's AdamW with
 layer-wise lr decay, drop path, Mixup / CutMix and label smoothing (finetune_step.py, mixup.py).
-The eval split's centre crops are scored every `eval_every_steps` and at the end (top-1 / top-5,
-`eval_*` in metrics.jsonl).
+The eval split's centre crops are scored by the `classify` evaluator (evals/classify.py) every
+`evals.classify.every_steps` and at the end (top-1 / top-5, `eval_*` in metrics.jsonl).
+
+This module builds fine-tuning's task; the loop that runs it (restore or init, saves, the best
+checkpoint, preemption, the finite check) is pretraining's, cjepa_jax/loop.py.
 
 Writes DIR/config.json, DIR/metrics.jsonl, TensorBoard events in DIR, the latest checkpoints in
 DIR/checkpoints/<step>/ and the best one (eval top-1) in DIR/best/checkpoints/<step>/; both are

@@ -19,6 +19,10 @@ earlier one that verifies is used; resuming with a config that changes the state
 refused, one that changes the run's meaning needs `--config.allow_config_change=True`; a run that
 is already complete says so and exits 0; a second trainer on a workdir fails at once naming the
 first; every data and label check runs before the workdir is created.
+
+This module builds pretraining's task (`pretraining_task`: models, the jitted step, RankMe on log
+steps, the monitors of `config.evals`); the loop that runs it is cjepa_jax/loop.py, which
+fine-tuning runs too.
 """
 
 from __future__ import annotations
