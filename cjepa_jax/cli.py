@@ -8,6 +8,8 @@ Every CLI of the package (`cjepa-train`, `cjepa-probe`) runs its absl `main` thr
     missing, unreadable or not valid Python (naming the file, and the line of a syntax error),
     and an argument its recipe does not take (`configs/x.py:nope`: the recipe's own message,
     which lists its arguments, without ml_collections' traceback);
+  * config keys that were renamed (`config.RENAMED_*`, passed as `renamed`) are rewritten to their
+    new names before parsing, each with a one-line warning, for one release;
   * `--help` (`-h`, `--helpshort`, `--helpfull`) prints the entry point's docstring, its own flags
     and, when given, an extra text (the trainer lists every config key with its default and
     meaning, read from `config.py`), then exits 0;

@@ -90,7 +90,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ValueError (config, data, checkpoint problems), loop.NonFiniteError, preemption.Preempted.
   """
   config_lib.validate_finetune(config)
-  return loop.run(workdir, lambda: finetuning_task(config, workdir))
+  return loop.run(finetuning_task(config, workdir), workdir)
 
 
 def finetuning_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:

@@ -1,14 +1,14 @@
 """The training loop that pretraining (train.py) and fine-tuning (finetune.py) both run.
 
-  run(workdir, make_task)        the whole run: checks, the workdir's lock, restore or init, the
-                                 steps, evaluations, saves; returns the last logged metrics.
+  run(task, workdir)             the whole run: the workdir's lock, restore or init, the steps,
+                                 evaluations, saves; returns the last logged metrics.
   Task                           what a kind of training gives the loop (its setup, fresh state,
                                  evaluators, metrics to log).
   is_log_step(step, config, n)   the steps the loop logs after.
 
 What it does once for both:
-  * nothing is written before every check has passed (`make_task` checks the data and builds the
-    evaluators) and the workdir's lock is held (one trainer per workdir, `workdir_lock.py`); a
+  * nothing is written before every check has passed (the entry point's task is built, which
+    checks the models, the data and the evaluators) and the workdir's lock is held (one trainer per workdir, `workdir_lock.py`); a
     failed first start leaves no empty workdir behind;
   * restore the latest complete checkpoint (refusing a config that changes the state's shapes, or
     without `allow_config_change` its meaning) or start a fresh state; a run whose latest
@@ -83,23 +83,29 @@ def is_log_step(step: int, config: ml_collections.ConfigDict, total_steps: int) 
 
   Every `log_every_steps`, every step an evaluator of `config.evals` is due and the last step.
   """
-  log = step % config.log_every_steps == 0 or step == total_steps
-  periods = evals_registry.periods(config).values()
-  return bool(log or any(step % every == 0 for every in periods))
+  return _log_step(step, config.log_every_steps, evals_registry.periods(config).values(),
+                   total_steps)
 
 
-def run(workdir: str, make_task: Callable[[], Task]) -> dict[str, Any]:
-  """Runs (or resumes) the task `make_task()` builds in `workdir`; returns the last logged
-  metrics, or `{'step': N, 'already_complete': True}` when the latest checkpoint is the last step.
+def _log_step(step: int, log_every: int, periods: Sequence[int], total_steps: int) -> bool:
+  return bool(step % log_every == 0 or step == total_steps
+              or any(step % every == 0 for every in periods))
+
+
+def run(task: Task, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) `task` in `workdir`; returns the last logged metrics, or
+  `{'step': N, 'already_complete': True}` when the latest checkpoint is the last step.
+
+  The task was built (and so its models, data and evaluators checked) before this creates or
+  writes anything in `workdir`.
 
   Raises:
     ValueError (config, data, checkpoint problems), NonFiniteError, preemption.Preempted
     (SIGTERM / SIGINT: the current step was saved).
   """
   created = not os.path.exists(workdir)
+  config = task.config
   try:
-    task = make_task()   # Builds and checks models, data and evaluators; compiles nothing.
-    config = task.config
     # Nothing is written in the workdir before its lock is held (process 0 holds it for the job).
     with locked(workdir, force=config.force_unlock) as lock:
       # Opens (creating) WORKDIR/checkpoints and checks that it is writable, before any compile.
@@ -193,6 +199,7 @@ def _loop(task: Task, workdir: str, ckpt: checkpoint_lib.Checkpointer,
                               task.flops_per_step, peak, writer,
                               last_value_keys=task.last_value_keys)
   pending: tuple[int, jax.Array] | None = None   # (step, finite flag), checked one step late.
+  periods = tuple(m.every_steps for m in task.evaluators)
   # Images the input pipeline skipped as unreadable, over the whole run (kept in checkpoints).
   skipped_before = int(extra.get('data_skipped', 0))
   data_skipped = skipped_before
@@ -218,7 +225,7 @@ def _loop(task: Task, workdir: str, ckpt: checkpoint_lib.Checkpointer,
 
         evals_now = [m for m in task.evaluators if step % m.every_steps == 0
                      or step == total_steps]
-        log_now = is_log_step(step, config, total_steps)
+        log_now = _log_step(step, config.log_every_steps, periods, total_steps)
         save_now = step % config.ckpt_every_steps == 0 or step == total_steps
         preempted = preempt.reached(step)
         if log_now or save_now or preempted:

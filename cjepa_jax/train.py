@@ -63,7 +63,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     (SIGTERM / SIGINT: the current step was saved).
   """
   config_lib.validate(config)
-  return loop.run(workdir, lambda: pretraining_task(config))
+  return loop.run(pretraining_task(config), workdir)
 
 
 def pretraining_task(config: ml_collections.ConfigDict) -> loop.Task:

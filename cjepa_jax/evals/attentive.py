@@ -306,10 +306,10 @@ def _entry(out: base.Results, chosen: str, o: base.Options) -> dict[str, Any]:
   return out[features_lib.TOKENS]
 
 
-def _rows(name: str, r: dict[str, Any]) -> list[tuple[Any, ...]]:
+def _table_rows(name: str, r: dict[str, Any]) -> list[tuple[Any, ...]]:
   return [(name, features_lib.TOKENS, r['top1'], r['top5'],
            f'   lr={r["best_lr"]:g} wd={r["best_wd"]:g} epochs={r["epochs"]}'
            + (f' holdout={r["holdout_top1"]:.2f}' if r['holdout_top1'] is not None else ''))]
 
 
-TYPE = base.Type('attentive', _build, check=_check, entry=_entry, rows=_rows)
+TYPE = base.Type('attentive', _build, check=_check, entry=_entry, rows=_table_rows)

@@ -66,10 +66,6 @@ def _top1_row(name: str, entry: dict[str, Any]) -> list[tuple[Any, ...]]:
   return [(name, entry.get('features', ''), entry['top1'], entry.get('top5'), '')]
 
 
-def _nothing_logged(out: Results) -> dict[str, Any]:
-  raise ValueError(f'This evaluator does not run during training (results {sorted(out)}).')
-
-
 @dataclasses.dataclass(frozen=True)
 class Type:
   """One kind of evaluator, registered once (registry.py) and used by every runner."""
@@ -77,8 +73,9 @@ class Type:
   build: Callable[[Context, Options], Evaluator]
   # ValueError naming `config.evals.<name>.<key>` for an option no run can mean.
   check: Callable[[str, Options], None] = _no_check
-  # Its values in a trainer's metrics row, from its results on the 'last' features.
-  logged: Callable[[Results], dict[str, Any]] = _nothing_logged
+  # Its values in a trainer's metrics row, from its results on the 'last' features (None: it does
+  # not run in a trainer).
+  logged: Callable[[Results], dict[str, Any]] | None = None
   # Its entry in probe_results.json (fractions): (results, the reported kind, options) -> entry.
   entry: Callable[[Results, str, Options], dict[str, Any]] = _as_is
   # Its rows in the probe's table (entry in percent): (label, features, top1, top5, notes).

@@ -134,10 +134,14 @@ def monitors(config: ml_collections.ConfigDict, mesh: Mesh, model: Any) -> list[
   `'unit': 'percent'`, evals/units.py). Built now, so a bad dataset fails at start-up rather
   than at the first evaluation hours later.
   """
+  check(config)
   out = []
   for name, every in periods(config).items():
     options = entries(config)[name]
     type_ = type_of(name, options)
+    if type_.logged is None:
+      raise ValueError(f'config.evals.{name}.every_steps={every}: the {type_.name} evaluator does '
+                       'not run during training; set it to 0 (it runs in cjepa-probe).')
     features = None
     if type_.reads_features:
       from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
