@@ -13,13 +13,15 @@ Models
 Objective and step
   masks.py              Multi-block masks with static shapes (and a mask-statistics CLI).
   losses.py             The JEPA loss and the VICReg terms (`VICRegSpec`).
-  optim.py              The schedules (built once), AdamW, the EMA update.
+  optim.py              The optimizers: pretraining's schedules (built once), AdamW and EMA
+                        update; fine-tuning's AdamW with layer-wise lr decay.
   train_step.py         The train state, the pure step, and `setup` (models, optimizer,
                         shardings, the jitted step) without absl or TensorFlow.
   mixup.py              Mixup / CutMix and label smoothing for fine-tuning (in the step).
-  finetune_step.py      The fine-tuning state, AdamW with layer-wise lr decay, train / eval
-                        steps, and `setup`, without absl or TensorFlow.
-  sharding.py           Device mesh and FSDP shardings.
+  finetune_step.py      The fine-tuning state, the pure step, and `setup`, without absl or
+                        TensorFlow.
+  sharding.py           Device mesh, FSDP shardings, and a train state and step laid out on
+                        the mesh (`jit_train`, both `setup`s).
   flops.py              Analytic FLOP count and device peaks for MFU.
   aot.py                Ahead-of-time compiles for a TPU slice from any host: slice names,
                         HBM table, memory / cost / collectives of a compiled program.
@@ -31,23 +33,26 @@ Run machinery
   grain_pipeline.py     grain over random-access sources, numpy / PIL, a global shuffle.
   array_record.py       Image folder -> ArrayRecord shards (`python -m cjepa_jax.array_record`).
   metrics.py            metrics.jsonl, TensorBoard, the progress line, the timed log window.
-  workdir.py            What both trainers keep beside their checkpoints: config.json, resume
-                        checks, the non-finite stop, the preempted exit.
   workdir_lock.py       One trainer per workdir: a lock file with a heartbeat lease.
   errorlog.py           Library tracebacks to WORKDIR/errors.log, off the console.
-  preemption.py         SIGTERM / SIGINT -> save the step in flight, exit 75.
+  preemption.py         SIGTERM / SIGINT -> save the step in flight, `Preempted`, exit 75.
   distributed.py        jax.distributed start-up and fail-fast errors across processes.
   reference_layout.py   The reference I-JEPA state-dict layout <-> flax params; writing a
                         converted checkpoint (shared by the converters and the export).
   hf.py                 Hugging Face IJepaModel folders <-> encoders (safetensors, no torch):
                         import, export, model card.
-  evals/                Frozen-encoder evaluation: features, kNN, linear / low-shot, few-shot,
-                        attentive probes, a registry, the probe runner.
+  evals/                Evaluation: one registry of evaluator types (kNN, linear, low-shot,
+                        few-shot, attentive probes; fine-tuning's classifier accuracy), one
+                        config shape (`config.evals.<name>`), features, the probe runner.
+  loop.py               The one training loop of pretraining and fine-tuning, given a `Task`:
+                        restore or init, resume checks, the finite check, evaluators at their
+                        cadence, the best checkpoint, saves, preemption, config.json.
 Entry points (absl flags are defined in their `run()`, never at import)
   cli.py                The CLIs' one error path (one line, exit 1) and `--help`.
-  train.py              `cjepa-train`: the training loop.
+  train.py              `cjepa-train`: pretraining (its task for loop.py).
   probe.py              `cjepa-probe`: evaluators on a checkpoint.
-  finetune.py           `cjepa-finetune`: fine-tuning a pretrained encoder as a classifier.
+  finetune.py           `cjepa-finetune`: fine-tuning a pretrained encoder as a classifier (its
+                        task for loop.py).
   convert_torch.py      `cjepa-convert-torch`: reference PyTorch checkpoints -> orbax.
   compile.py            `cjepa-compile`: a recipe's step compiled for a TPU slice (no TPU):
                         fit, memory per chip, the compiler's estimate, collectives.

@@ -8,6 +8,8 @@ Every CLI of the package (`cjepa-train`, `cjepa-probe`) runs its absl `main` thr
     missing, unreadable or not valid Python (naming the file, and the line of a syntax error),
     and an argument its recipe does not take (`configs/x.py:nope`: the recipe's own message,
     which lists its arguments, without ml_collections' traceback);
+  * config keys that were renamed (`config.RENAMED_*`, passed as `renamed`) are rewritten to their
+    new names before parsing, each with a one-line warning, for one release;
   * `--help` (`-h`, `--helpshort`, `--helpfull`) prints the entry point's docstring, its own flags
     and, when given, an extra text (the trainer lists every config key with its default and
     meaning, read from `config.py`), then exits 0;
@@ -30,12 +32,13 @@ import json
 import os
 import re
 import sys
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import app
 from absl import flags
 import jax
 
+from cjepa_jax import config as config_lib
 from cjepa_jax import distributed
 from cjepa_jax import errorlog
 from cjepa_jax import workdir_lock
@@ -146,9 +149,36 @@ def _help(prog: str, doc: str, module: str, extra_help: Callable[[], str] | None
   return '\n'.join(parts)
 
 
-def _flags_parser(prog: str, doc: str, module: str, extra_help: Callable[[], str] | None
+def rename_flags(prog: str, argv: Sequence[str], renamed: Mapping[str, tuple[str, ...]]
+                 ) -> list[str]:
+  """`argv` with every renamed `--config.OLD[=V]` replaced by the new key(s), each with a one-line
+  warning on stderr naming the new key (`config.RENAMED_*`: the old names work for one release)."""
+  out = [argv[0]] if argv else []
+  i = 1
+  while i < len(argv):
+    arg = argv[i]
+    i += 1
+    if not arg.startswith('--config.'):
+      out.append(arg)
+      continue
+    key, eq, value = arg[len('--config.'):].partition('=')
+    new = config_lib.renamed_key(key, dict(renamed))
+    if new is None:
+      out.append(arg)
+      continue
+    if not eq and i < len(argv):   # `--config.key value`
+      value, i = argv[i], i + 1
+    print(f'{prog}: warning: --config.{key} is deprecated and goes in the next release; use '
+          f'{" and ".join(f"--config.{n}" for n in new)}.', file=sys.stderr, flush=True)
+    out.extend(f'--config.{n}={value}' for n in new)
+  return out
+
+
+def _flags_parser(prog: str, doc: str, module: str, extra_help: Callable[[], str] | None,
+                  renamed: Mapping[str, tuple[str, ...]]
                   ) -> Callable[[list[str]], list[str]]:
   def parse(argv: list[str]) -> list[str]:
+    argv = rename_flags(prog, argv, renamed)
     if any(a in _HELP_FLAGS for a in argv[1:]):
       print(_help(prog, doc, module, extra_help))
       sys.exit(0)
@@ -171,7 +201,8 @@ def _flags_parser(prog: str, doc: str, module: str, extra_help: Callable[[], str
 
 
 def run(prog: str, main: Callable[[Sequence[str]], Any], *, doc: str, module: str,
-        extra_help: Callable[[], str] | None = None) -> None:
+        extra_help: Callable[[], str] | None = None,
+        renamed: Mapping[str, tuple[str, ...]] | None = None) -> None:
   """`app.run(main)` with one-line errors, `--help`, and the multi-process start-up around it.
 
   Args:
@@ -181,6 +212,7 @@ def run(prog: str, main: Callable[[Sequence[str]], Any], *, doc: str, module: st
     module: the module whose flags `--help` lists (its `__name__`, or `sys.argv[0]` for
       `python -m`).
     extra_help: returns more help text (e.g. the config keys).
+    renamed: old config keys -> their new keys (`config.RENAMED_*`), rewritten with a warning.
   """
 
   def wrapped(argv: Sequence[str]) -> Any:
@@ -203,7 +235,7 @@ def run(prog: str, main: Callable[[Sequence[str]], Any], *, doc: str, module: st
         fail(prog, f'{str(e).strip()} (library tracebacks: {details})' if details else e)
 
   distributed.define_flags()
-  app.run(wrapped, flags_parser=_flags_parser(prog, doc, module, extra_help))
+  app.run(wrapped, flags_parser=_flags_parser(prog, doc, module, extra_help, renamed or {}))
 
 
 def run_plain(prog: str, main: Callable[[], Any]) -> Any:
@@ -236,13 +268,12 @@ def trainer_main(argv: Sequence[str], config: Any, workdir: str | None,
   from cjepa_jax import input_pipeline
   from cjepa_jax import metrics
   from cjepa_jax import preemption
-  from cjepa_jax import workdir as workdir_lib
   # pylint: enable=g-import-not-at-top
   metrics.quiet_library_logs()
   input_pipeline.hide_accelerators_from_tf()
   try:
     result = train_fn(config, workdir)
-  except workdir_lib.Preempted as e:
+  except preemption.Preempted as e:
     raise Exit(preemption.EXIT_CODE) from e
   if result.get('already_complete'):
     raise Exit(0, f'already complete at step {result["step"]} in {workdir}; nothing to do'

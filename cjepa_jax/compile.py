@@ -55,7 +55,6 @@ from cjepa_jax import finetune_step
 from cjepa_jax import flops as flops_lib
 from cjepa_jax import sharding
 from cjepa_jax import train_step
-from cjepa_jax import workdir as workdir_lib
 from cjepa_jax.evals import features as features_lib
 
 _FLAGS: dict[str, Any] = {}  # Defined by `run()`, not at import.
@@ -105,7 +104,7 @@ def program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, task: st
   if task == 'train':
     config_lib.validate(config)
     run = train_step.setup(config, mesh)
-    state = workdir_lib.with_shardings(run.abstract_state, run.state_shardings)
+    state = sharding.with_shardings(run.abstract_state, run.state_shardings)
     model_flops = flops_lib.step_flops(run.models.step_shape()) * config.batch_size
     enc = run.models.encoder
     return (run.jitted_step, (state, train_step.abstract_batch(config, mesh)), model_flops,
@@ -115,13 +114,13 @@ def program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, task: st
     config_lib.validate_finetune(config)
     encoder, _ = features_lib.resolve_encoder(config)
     run = finetune_step.setup(config, mesh, encoder)
-    state = workdir_lib.with_shardings(run.abstract_state, run.state_shardings)
+    state = sharding.with_shardings(run.abstract_state, run.state_shardings)
     spec = encoder.spec
     n = (config.data.image_size // spec['patch']) ** 2
     model_flops = config.batch_size * flops_lib.finetune_step_flops(
         spec['width'], spec['depth'], spec['mlp_dim'], n, spec['patch'],
         int(config.data.num_classes))
-    batch = finetune_step.abstract_batch(config, mesh, config.batch_size, with_valid=False)
+    batch = finetune_step.abstract_batch(config, mesh)
     return (run.jitted_step, (state, batch), model_flops,
             dict(batch_size=config.batch_size, depth=encoder.num_layers, scan=encoder.scan))
   # The probe's feature extraction: the encoder forward on one sharded batch.
@@ -131,7 +130,7 @@ def program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, task: st
   size = int(info['image_size'])
   params = jax.eval_shape(lambda: encoder.init(jax.random.key(0),
                                                jnp.zeros((1, size, size, 3)))['params'])
-  params = workdir_lib.with_shardings(params, jax.tree.map(lambda _: sharding.replicated(mesh),
+  params = sharding.with_shardings(params, jax.tree.map(lambda _: sharding.replicated(mesh),
                                                            params))
   s, b = sharding.batch_sharding(mesh), int(config.batch_size)
   sharding.check_batch_divisible(b, mesh, jax.process_count())

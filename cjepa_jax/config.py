@@ -140,19 +140,27 @@ def default_config() -> ml_collections.ConfigDict:
   c.mesh.data = -1                 # -1: all devices not used by the other axis.
   c.mesh.fsdp = 1                  # FSDP axis size: params and optimizer state sharded over it.
 
+  # Evaluators run during pretraining on the target encoder, one entry each, the shape of every
+  # evaluator's entry (evals/base.py): type, every_steps (> 0: every this many steps and at the
+  # end), a fixed subset of the train / eval split (0: all), the batch (0: batch_size), its options.
   c.evals = ml_collections.ConfigDict()
-  c.evals.knn_every_steps = 0      # > 0: kNN probe during pretraining (evals/knn.py).
-  c.evals.knn_train_examples = 10_000  # kNN monitor: train images (the memory bank; 0: all).
-  c.evals.knn_eval_examples = 2_000    # kNN monitor: eval images (0: all).
-  c.evals.knn_k = 20               # kNN monitor: neighbours.
-  c.evals.knn_temperature = 0.07   # kNN monitor: softmax temperature of the votes.
-  c.evals.knn_batch_size = 0       # 0: the training batch size (also the few-shot monitor's).
-  c.evals.fewshot_every_steps = 0  # > 0: few-shot ridge probe during pretraining (evals/fewshot.py).
-  c.evals.fewshot_shots = (1, 5, 10, 25)  # Few-shot monitor: examples per class (logged each).
-  c.evals.fewshot_seeds = 3        # Few-shot monitor: seeds averaged.
-  c.evals.fewshot_l2_reg = 1024.0  # Few-shot monitor: ridge l2, big_vision's fixed 2^10.
-  c.evals.fewshot_train_examples = 5_000  # Few-shot monitor: train images the shots come from.
-  c.evals.fewshot_eval_examples = 2_000   # Few-shot monitor: eval images (0: all).
+  c.evals.knn = ml_collections.ConfigDict()
+  c.evals.knn.type = 'knn'            # DINO's weighted kNN vote (evals/knn.py).
+  c.evals.knn.every_steps = 0         # > 0: the kNN monitor every this many steps.
+  c.evals.knn.train_examples = 10_000  # kNN monitor: train images (the memory bank; 0: all).
+  c.evals.knn.eval_examples = 2_000   # kNN monitor: eval images (0: all).
+  c.evals.knn.eval_batch_size = 0     # kNN monitor: feature extraction batch (0: batch_size).
+  c.evals.knn.k = 20                  # kNN monitor: neighbours.
+  c.evals.knn.temperature = 0.07      # kNN monitor: softmax temperature of the votes.
+  c.evals.fewshot = ml_collections.ConfigDict()
+  c.evals.fewshot.type = 'fewshot'    # Few-shot ridge regression, big_vision's (evals/fewshot.py).
+  c.evals.fewshot.every_steps = 0     # > 0: the few-shot monitor every this many steps.
+  c.evals.fewshot.train_examples = 5_000  # Few-shot monitor: train images the shots come from.
+  c.evals.fewshot.eval_examples = 2_000   # Few-shot monitor: eval images (0: all).
+  c.evals.fewshot.eval_batch_size = 0  # Few-shot monitor: feature extraction batch (0: batch_size).
+  c.evals.fewshot.shots = (1, 5, 10, 25)  # Few-shot monitor: examples per class (logged each).
+  c.evals.fewshot.seeds = 3           # Few-shot monitor: seeds averaged.
+  c.evals.fewshot.l2_reg = 1024.0     # Few-shot monitor: ridge l2, big_vision's fixed 2^10.
   return c
 
 
@@ -172,9 +180,6 @@ def default_finetune_config() -> ml_collections.ConfigDict:
   c.epochs = 100                 # Run length in epochs (when total_steps is 0).
   c.total_steps = 0              # > 0: the run's length in steps; replaces `epochs`.
   c.log_every_steps = 50         # Metrics window: metrics.jsonl, TensorBoard, progress line.
-  c.eval_every_steps = 1000      # Centre-crop evaluation of the eval split (and at the end).
-  c.eval_batch_size = 0          # 0: batch_size.
-  c.eval_examples = 0            # > 0: evaluate a fixed subset of this many (0: the whole split).
   c.ckpt_every_steps = 1000      # Checkpoint interval (and always the last step).
   c.keep_ckpts = 2               # How many of the latest checkpoints to keep (best/ keeps 1).
   c.keep_every_steps = 0         # > 0: also keep every checkpoint at a multiple of this, forever.
@@ -219,14 +224,22 @@ def default_finetune_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                 # -1: all devices not used by the other axis.
   c.mesh.fsdp = 1                  # FSDP axis size: params and optimizer state sharded over it.
+
+  # The classifier's evaluation (evals/classify.py; an entry as pretraining's evals): the eval
+  # split's centre crops, top-1 / top-5; the best checkpoint by top-1 is kept in DIR/best.
+  c.evals = ml_collections.ConfigDict()
+  c.evals.classify = ml_collections.ConfigDict()
+  c.evals.classify.type = 'classify'   # Top-1 / top-5 of the fine-tuned classifier.
+  c.evals.classify.every_steps = 1000  # Centre-crop evaluation of the eval split (and at the end).
+  c.evals.classify.eval_examples = 0   # > 0: evaluate a fixed subset of this many (0: all).
+  c.evals.classify.eval_batch_size = 0  # 0: batch_size.
   return c
 
 
 def validate_finetune(config: ml_collections.ConfigDict) -> None:
   """`validate` for a fine-tuning config: one line naming the key and the valid range."""
-  _validate_run(config, every=('log_every_steps', 'ckpt_every_steps', 'keep_ckpts',
-                               'eval_every_steps'),
-                optional=('keep_every_steps', 'eval_batch_size', 'eval_examples'))
+  _validate_run(config, every=('log_every_steps', 'ckpt_every_steps', 'keep_ckpts'),
+                optional=('keep_every_steps',))
   _check(config.encoder in ('target', 'context'), 'encoder', config.encoder,
          "use 'target' (the EMA encoder) or 'context'")
   _check(isinstance(config.pretrained, str) and config.pretrained != '', 'pretrained',
@@ -372,21 +385,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
          'must be an integer >= 2')
   _check(isinstance(config.use_ema, bool), 'use_ema', config.use_ema, 'True or False')
 
-  e = config.evals
-  for key in ('knn_every_steps', 'knn_batch_size', 'knn_train_examples', 'knn_eval_examples',
-              'fewshot_every_steps', 'fewshot_train_examples', 'fewshot_eval_examples'):
-    _check(isinstance(e[key], int) and e[key] >= 0, f'evals.{key}', e[key],
-           'must be an integer >= 0 (0: off / the default / the whole split)')
-  _check(isinstance(e.knn_k, int) and e.knn_k >= 1, 'evals.knn_k', e.knn_k,
-         'must be an integer >= 1')
-  _check(_is_number(e.knn_temperature) and e.knn_temperature > 0, 'evals.knn_temperature',
-         e.knn_temperature, 'must be > 0')
-  _check(len(e.fewshot_shots) > 0 and all(isinstance(k, int) and k >= 1 for k in e.fewshot_shots),
-         'evals.fewshot_shots', tuple(e.fewshot_shots), 'must be integers >= 1, e.g. (1, 5, 10, 25)')
-  _check(isinstance(e.fewshot_seeds, int) and e.fewshot_seeds >= 1, 'evals.fewshot_seeds',
-         e.fewshot_seeds, 'must be an integer >= 1')
-  _check(_is_number(e.fewshot_l2_reg) and e.fewshot_l2_reg > 0, 'evals.fewshot_l2_reg',
-         e.fewshot_l2_reg, 'must be > 0')
+  # config.evals: each evaluator checks its own entry (evals/registry.py `check`), where the
+  # trainer builds them.
 
 
 # ----------------------------------------------------------------------------------------------
@@ -445,10 +445,6 @@ def finetune_state_signature(flat: dict[str, Any]) -> dict[str, Any]:
   return sig
 
 
-# Fine-tuning keys that change neither shapes nor meaning (beside RESUME_FREE's).
-FINETUNE_RESUME_FREE = ('eval_every_steps', 'eval_batch_size', 'eval_examples')
-
-
 def resume_changes(saved: dict[str, Any], new: ml_collections.ConfigDict,
                    state_signature: Any = None
                    ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
@@ -465,7 +461,7 @@ def resume_changes(saved: dict[str, Any], new: ml_collections.ConfigDict,
   old, cur = flatten(saved), flatten(new)
   state_signature = state_signature or _state_signature
   old_sig, new_sig = state_signature(old), state_signature(cur)
-  free = RESUME_FREE + FINETUNE_RESUME_FREE
+  free = RESUME_FREE
   shape = {k: (old_sig[k], new_sig[k]) for k in new_sig if old_sig.get(k) != new_sig[k]}
   meaning = {}
   for key, value in cur.items():
@@ -475,6 +471,47 @@ def resume_changes(saved: dict[str, Any], new: ml_collections.ConfigDict,
     if old[key] != value:
       meaning[key] = (old[key], value)
   return shape, meaning
+
+
+# ----------------------------------------------------------------------------------------------
+# Renamed keys: the evaluators' entries took one shape (config.evals.<name>, evals/base.py). The
+# old flags still work for one release: `cli.run` rewrites them, with a one-line warning. Each
+# old key, or old prefix ending in '.' (`linear.` for `linear.*`), maps to the key(s) it now sets.
+
+RENAMED_PRETRAINING = {
+    'evals.knn_batch_size': ('evals.knn.eval_batch_size', 'evals.fewshot.eval_batch_size'),
+    **{f'evals.knn_{k}': (f'evals.knn.{k}',)
+       for k in ('every_steps', 'train_examples', 'eval_examples')},
+    'evals.knn_k': ('evals.knn.k',),
+    'evals.knn_temperature': ('evals.knn.temperature',),
+    **{f'evals.fewshot_{k}': (f'evals.fewshot.{k}',)
+       for k in ('every_steps', 'train_examples', 'eval_examples', 'shots', 'seeds', 'l2_reg')},
+}
+RENAMED_FINETUNING = {
+    'eval_every_steps': ('evals.classify.every_steps',),
+    'eval_batch_size': ('evals.classify.eval_batch_size',),
+    'eval_examples': ('evals.classify.eval_examples',),
+}
+RENAMED_PROBE = {
+    'evals': ('probes',),
+    # The low-shot probe ran the linear probe's grid and protocol: both entries take them.
+    'linear.': ('evals.linear.', 'evals.lowshot.'),
+    'linear.epochs': ('evals.linear.epochs',),
+    **{f'{name}.': (f'evals.{name}.',) for name in ('knn', 'fewshot', 'lowshot', 'attentive')},
+}
+
+
+def renamed_key(key: str, renamed: dict[str, tuple[str, ...]]) -> tuple[str, ...] | None:
+  """The new keys of an old `key` (`a.b.c` of `--config.a.b.c`), or None if it was not renamed.
+
+  An exact old key wins over an old prefix (`linear.epochs` over `linear.`).
+  """
+  if key in renamed:
+    return renamed[key]
+  for old, new in renamed.items():
+    if old.endswith('.') and key.startswith(old):
+      return tuple(n + key[len(old):] for n in new)
+  return None
 
 
 # ----------------------------------------------------------------------------------------------

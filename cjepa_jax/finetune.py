@@ -13,8 +13,11 @@ optimizer start fresh.
 
 The recipe (configs/finetune_*.py, config.default_finetune_config): MAE / BEiT's AdamW with
 layer-wise lr decay, drop path, Mixup / CutMix and label smoothing (finetune_step.py, mixup.py).
-The eval split's centre crops are scored every `eval_every_steps` and at the end (top-1 / top-5,
-`eval_*` in metrics.jsonl).
+The eval split's centre crops are scored by the `classify` evaluator (evals/classify.py) every
+`evals.classify.every_steps` and at the end (top-1 / top-5, `eval_*` in metrics.jsonl).
+
+This module builds fine-tuning's task; the loop that runs it (restore or init, saves, the best
+checkpoint, preemption, the finite check) is pretraining's, cjepa_jax/loop.py.
 
 Writes DIR/config.json, DIR/metrics.jsonl, TensorBoard events in DIR, the latest checkpoints in
 DIR/checkpoints/<step>/ and the best one (eval top-1) in DIR/best/checkpoints/<step>/; both are
@@ -44,15 +47,15 @@ from cjepa_jax import cli
 from cjepa_jax import config as config_lib
 from cjepa_jax import finetune_step as step_lib
 from cjepa_jax import flops as flops_lib
-from cjepa_jax import metrics as metrics_lib
-from cjepa_jax import preemption
+from cjepa_jax import loop
+from cjepa_jax import optim
 from cjepa_jax import sharding
-from cjepa_jax import workdir as workdir_lib
 from cjepa_jax.evals import features as features_lib
+from cjepa_jax.evals import registry as evals_registry
 from cjepa_jax.models import jepa
 
 _FLAGS: dict[str, Any] = {}  # Defined by `run()`, not at import.
-BEST_DIR = 'best'
+BEST_DIR = loop.BEST_DIR
 _LAST_VALUE = ('lr',)
 # What of `model.*` a pretrained checkpoint fixes (the rest: dtype, remat, attention, drop path,
 # comes from the fine-tuning config).
@@ -84,19 +87,15 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) fine-tuning; returns the last logged metrics with the final evaluation.
 
   Raises:
-    ValueError (config, data, checkpoint problems), workdir.NonFiniteError, workdir.Preempted.
+    ValueError (config, data, checkpoint problems), loop.NonFiniteError, preemption.Preempted.
   """
   config_lib.validate_finetune(config)
-  created = not os.path.exists(workdir)
-  try:
-    return _finetune(config, workdir)
-  except BaseException:
-    if created and jax.process_index() == 0:
-      workdir_lib.remove_if_empty(workdir)
-    raise
+  return loop.run(finetuning_task(config, workdir), workdir)
 
 
-def _finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def finetuning_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
+  """The classifier over the encoder `config.pretrained` (or the workdir's own checkpoints)
+  names, its jitted step and evaluation, checked; compiles nothing."""
   from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
   mesh = sharding.make_mesh(config)
@@ -114,17 +113,20 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   run = step_lib.setup(resolved, mesh, encoder)
   input_pipeline.check_dataset(resolved)
   input_pipeline.check_label_splits(resolved)  # Same classes in both splits, num_classes of them.
-  # Nothing is written in the workdir before its lock is held (process 0 holds it for the job).
-  with workdir_lib.locked(workdir, force=config.force_unlock) as lock:
-    ckpt = checkpoint_lib.Checkpointer(
-        workdir, keep=config.keep_ckpts, keep_every_steps=config.keep_every_steps,
-        save_every_steps=config.ckpt_every_steps)
-    best = checkpoint_lib.Checkpointer(os.path.join(workdir, BEST_DIR), keep=1)
-    try:
-      return _loop(resolved, workdir, mesh, run, encoder, info, ckpt, best, input_pipeline, lock)
-    finally:
-      best.close()
-      ckpt.close()
+  evaluators = evals_registry.monitors(resolved, mesh, run.model)
+  spec = encoder.spec
+  num_patches = (resolved.data.image_size // spec['patch']) ** 2
+  flops_per_step = resolved.batch_size * flops_lib.finetune_step_flops(
+      spec['width'], spec['depth'], spec['mlp_dim'], num_patches, spec['patch'],
+      int(resolved.data.num_classes))
+  return loop.Task(
+      config=resolved, mesh=mesh, setup=run,
+      init_state=lambda: initial_state(run, resolved, encoder, info, mesh),
+      saved_config=_saved_config(resolved, info), evaluators=evaluators,
+      eval_params=lambda state: state['params'], flops_per_step=flops_per_step,
+      last_value_keys=_LAST_VALUE, lr_key='optim.base_lr',
+      state_signature=config_lib.finetune_state_signature, keep_best='eval_top1',
+      describe=f'; peak lr {optim.finetune_peak_lr(resolved):.3g}')
 
 
 def _workdir_config(workdir: str) -> dict[str, Any] | None:
@@ -162,137 +164,6 @@ def initial_state(run: step_lib.Setup, config: ml_collections.ConfigDict, encode
                  out_shardings=run.state_shardings)(state, encoder_params)
 
 
-def evaluate(run: step_lib.Setup, params: Any, config: ml_collections.ConfigDict,
-             mesh: jax.sharding.Mesh, input_pipeline: Any) -> dict[str, float]:
-  """Top-1 / top-5 (%) and cross-entropy of the centre crops of `config.data.eval_split` (its
-  first / a seeded subset of `eval_examples` when > 0, see `input_pipeline.make_eval_iterator`).
-
-  Every process reads its part; the sums are over the global batch (padded rows excluded).
-  """
-  batch_sharding = sharding.batch_sharding(mesh)
-  totals = None
-  for batch in input_pipeline.make_eval_iterator(
-      config, config.data.eval_split, batch_size=run.eval_batch_size,
-      num_examples=int(config.eval_examples) or None):
-    batch.pop('data_skipped', None)
-    batch.pop('pos', None)
-    out = run.jitted_eval(params, input_pipeline.to_global_array(batch, batch_sharding))
-    totals = out if totals is None else jax.tree.map(lambda a, b: a + b, totals, out)
-  host = {k: float(v) for k, v in jax.device_get(totals).items()}
-  n = max(host['count'], 1.0)
-  return dict(eval_top1=100.0 * host['top1'] / n, eval_top5=100.0 * host['top5'] / n,
-              eval_loss=host['loss'] / n, eval_examples=int(host['count']))
-
-
-def _loop(config, workdir, mesh, run, encoder, info, ckpt, best, input_pipeline, lock
-          ) -> dict[str, Any]:
-  is_main = jax.process_index() == 0
-  total_steps = run.total_steps
-  ckpt.report_incomplete()
-  best.report_incomplete()
-  latest = ckpt.latest_step()
-  extra: dict[str, Any] = {}
-  saved_config = _saved_config(config, info)
-  if latest is not None:
-    workdir_lib.check_resume_config(ckpt.restore_config(latest), config,
-                                    str(ckpt.directory / str(latest)),
-                                    config_lib.finetune_state_signature)
-    start_step, state = ckpt.restore_latest(
-        workdir_lib.with_shardings(run.abstract_state, run.state_shardings))
-    extra = ckpt.restore_extra(start_step)
-    logging.info('Resuming from the checkpoint of step %d in %s.', start_step, workdir)
-    last_good: int | None = start_step
-  else:
-    state = initial_state(run, config, encoder, info, mesh)
-    last_good = None
-  start_step = int(jax.device_get(state['step']))
-  best_top1 = float(extra.get('best_top1', float('-inf')))
-  best_step = extra.get('best_step')
-  if start_step >= total_steps:
-    logging.info('Already complete at step %d (of %d) in %s: nothing to do.', start_step,
-                 total_steps, workdir)
-    return {'step': start_step, 'already_complete': True}
-  logging.info('Mesh %s over %d devices (%d processes); %d steps of batch %d (%d per epoch); '
-               'peak lr %.3g.', dict(mesh.shape), jax.device_count(), jax.process_count(),
-               total_steps, config.batch_size, run.steps_per_epoch, step_lib.peak_lr(config))
-
-  # Rows and events an interrupted start logged past `start_step` go first: each step once.
-  writer = metrics_lib.MetricWriter(workdir, enabled=is_main, start_step=start_step)
-  batch_sharding = sharding.batch_sharding(mesh)
-  data = input_pipeline.make_train_iterator(config, start_step=start_step)
-  spec = encoder.spec
-  num_patches = (config.data.image_size // spec['patch']) ** 2
-  flops_per_step = config.batch_size * flops_lib.finetune_step_flops(
-      spec['width'], spec['depth'], spec['mlp_dim'], num_patches, spec['patch'],
-      int(config.data.num_classes))
-  peak = flops_lib.peak_tflops(override=config.peak_tflops) * 1e12 * jax.device_count()
-  log = metrics_lib.LogWindow(config.batch_size, total_steps, run.steps_per_epoch,
-                              flops_per_step, peak, writer, last_value_keys=_LAST_VALUE)
-  pending = None
-  result: dict[str, Any] = {}
-  try:
-    with preemption.Preemption() as preempt:
-      for step in range(start_step + 1, total_steps + 1):
-        host_batch = next(data)
-        host_batch.pop('data_skipped', None)
-        batch = input_pipeline.to_global_array(host_batch, batch_sharding)
-        state, step_metrics = run.jitted_step(state, batch)
-        if step == start_step + 1 and is_main:
-          workdir_lib.save_config(config, workdir, start_step)
-        ckpt.check()
-        best.check()
-        lock.check()   # Another trainer forced the lock over: stop before writing again.
-        if pending is not None:
-          workdir_lib.check_finite(*pending, last_good, workdir, lr_key='optim.base_lr')
-        pending = (step, step_metrics['finite'])
-        log.add(step, step_metrics)
-
-        eval_now = step % config.eval_every_steps == 0 or step == total_steps
-        log_now = step % config.log_every_steps == 0 or eval_now
-        save_now = step % config.ckpt_every_steps == 0 or step == total_steps
-        preempted = preempt.reached(step)
-        if log_now or save_now or preempted:
-          workdir_lib.check_finite(*pending, last_good, workdir, lr_key='optim.base_lr')
-          pending = None
-        improved = False
-        if log_now:
-          def evaluation(eval_now=eval_now, params=state['params']):
-            nonlocal best_top1, best_step, improved
-            if not eval_now:
-              return {}
-            out = evaluate(run, params, config, mesh, input_pipeline)
-            if out['eval_top1'] > best_top1:
-              best_top1, best_step, improved = out['eval_top1'], step, True
-            logging.info('eval at step %d: top-1 %.2f%%, top-5 %.2f%% (best %.2f%% at step %s).',
-                         step, out['eval_top1'], out['eval_top5'], best_top1, best_step)
-            return dict(out, best_top1=best_top1, best_step=best_step)
-          log.flush(step, evaluation, compiles=run.trace_count[0])
-          result = log.last
-        extra = {'best_top1': best_top1, 'best_step': best_step}
-        # The two managers never write at once: concurrent async saves of two orbax managers share
-        # multi-process barrier names ('... set_value_start is already ongoing' on 2 processes).
-        if improved:
-          ckpt.wait()
-          best.save(step, state, saved_config, force=True, extra=extra)
-        if save_now or preempted:
-          best.wait()
-          saved = ckpt.save(step, state, saved_config, force=step == total_steps or preempted,
-                            extra=extra)
-          last_good = step
-        if preempted:
-          ckpt.wait()
-          best.wait()
-          preempt.log_stop(step, saved, str(ckpt.directory))
-          raise workdir_lib.Preempted(step)
-    ckpt.wait()
-    best.wait()
-  finally:
-    writer.close()
-  if run.trace_count[0] != 1:
-    logging.warning('The train step compiled %d times; expected once.', run.trace_count[0])
-  return result
-
-
 def main(argv: list[str]) -> None:
   cli.trainer_main(argv, _FLAGS['config'].value, _FLAGS['workdir'].value, finetune,
                    example='--config configs/finetune_cifar10.py --workdir /tmp/cjepa_finetune')
@@ -306,7 +177,8 @@ def run() -> None:
                                           'Where checkpoints, metrics and logs go.')
   cli.run('cjepa-finetune', main, doc=__doc__,
           module=sys.argv[0] if __name__ == '__main__' else __name__,
-          extra_help=lambda: config_lib.help_text(config_lib.default_finetune_config))
+          extra_help=lambda: config_lib.help_text(config_lib.default_finetune_config),
+          renamed=config_lib.RENAMED_FINETUNING)
 
 
 if __name__ == '__main__':

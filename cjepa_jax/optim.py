@@ -1,4 +1,5 @@
-"""AdamW with the reference I-JEPA schedules (lr, weight decay, EMA momentum) and the EMA update.
+"""The optimizers: pretraining's AdamW with the reference I-JEPA schedules (lr, weight decay, EMA
+momentum) and the EMA update; fine-tuning's AdamW with layer-wise lr decay (MAE / BEiT).
 
 Step convention: every schedule here is a function of the 0-based optimizer step k, which is
 optax's update count (0 for the first update) and the trainer's step counter before the update.
@@ -14,6 +15,12 @@ Lengths (reference `init_opt`/`train.py`, T = the run's length in steps, see `ru
   * EMA momentum: linear ema[0] -> ema[1] over T * ipe_scale steps.
 Past its end each schedule holds its final value. (The reference's formulas keep following the
 cosine past the end, which only matters for ipe_scale < 1; holding is the intended behaviour.)
+
+Fine-tuning (`make_finetune_optimizer`, config.default_finetune_config's `optim.*`): AdamW (b1, b2)
+with decoupled weight decay on the kernels only (`weight_decay_mask`), lr = base_lr * batch_size /
+256 with a linear warm-up from 0 and a cosine decay to final_lr, and layer-wise lr decay: every
+update (weight decay included) is multiplied by `layerwise_lr_multipliers` of its parameter, 1 for
+the head.
 """
 
 from __future__ import annotations
@@ -216,3 +223,53 @@ def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
   """Multiplies each update by its leaf of `multipliers` (a pytree of the params' structure)."""
   return optax.stateless(lambda updates, params=None: jax.tree.map(
       lambda u, m: (u * m).astype(u.dtype), updates, multipliers))
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tuning's optimizer (MAE / BEiT): AdamW with layer-wise lr decay.
+# ------------------------------------------------------------------------------------------------
+
+
+def finetune_peak_lr(config: ml_collections.ConfigDict) -> float:
+  """MAE's linear scaling rule: base_lr * batch_size / 256."""
+  return float(config.optim.base_lr) * config.batch_size / 256
+
+
+def finetune_lr_schedule(config: ml_collections.ConfigDict, total_steps: int,
+                         steps_per_epoch: int) -> optax.Schedule:
+  """Linear warm-up 0 -> finetune_peak_lr over W steps, then cosine to final_lr at total_steps.
+
+  W = optim.warmup_steps if > 0, else round(warmup_epochs * steps_per_epoch), capped at the run.
+  """
+  o = config.optim
+  w = int(o.warmup_steps) if o.warmup_steps > 0 else int(round(o.warmup_epochs * steps_per_epoch))
+  w = max(0, min(w, total_steps - 1))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=finetune_peak_lr(config), warmup_steps=w,
+      decay_steps=max(total_steps, w + 1), end_value=float(o.final_lr))
+
+
+def llrd_multipliers(params: Any, depth: int, layer_decay: float) -> Any:
+  """The LLRD multiplier of every parameter of {'encoder', <head>...}: the encoder's by layer
+  (`layerwise_lr_multipliers`), 1 for everything else."""
+  return {name: (layerwise_lr_multipliers(tree, depth, layer_decay) if name == 'encoder'
+                 else jax.tree.map(lambda _: jnp.float32(1.0), tree))
+          for name, tree in params.items()}
+
+
+def make_finetune_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
+                            abstract_params: Any, depth: int) -> optax.GradientTransformation:
+  """AdamW (masked decoupled weight decay) with the lr schedule, then the LLRD multipliers.
+
+  Every update, weight decay included (as a torch param group's lr scales both), is multiplied
+  by its parameter's multiplier; `optim.layer_decay` = 1 leaves the multipliers out.
+  """
+  o = config.optim
+  parts = []
+  if o.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(o.grad_clip))
+  parts.append(optax.adamw(learning_rate=schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                           weight_decay=o.weight_decay, mask=weight_decay_mask))
+  if o.layer_decay < 1.0:
+    parts.append(scale_by_tree(llrd_multipliers(abstract_params, depth, o.layer_decay)))
+  return optax.chain(*parts) if len(parts) > 1 else parts[0]

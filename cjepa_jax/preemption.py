@@ -33,6 +33,14 @@ from jax.experimental import multihost_utils
 EXIT_CODE = 75
 
 
+class Preempted(Exception):
+  """SIGTERM / SIGINT: the state of `step` was checkpointed; the CLI exits with `EXIT_CODE`."""
+
+  def __init__(self, step: int):
+    super().__init__(f'preempted at step {step}; its checkpoint is saved')
+    self.step = step
+
+
 def _sync_manager_available() -> bool:
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
   return jax_distributed.global_state.preemption_sync_manager is not None

@@ -2,12 +2,13 @@ r"""Frozen-encoder evaluations of an orbax checkpoint (or a random encoder): any
 
   python -m cjepa_jax.probe --config configs/probe_linear.py \
       --config.pretrained=runs/cifar10_ijepa --workdir runs/cifar10_ijepa/probe \
-      [--config.evals=linear,knn,attentive,fewshot,lowshot]
+      [--config.probes=linear,knn,attentive,fewshot,lowshot --config.evals.knn.k=10]
 
-`--config.evals` lists the evaluators (default linear,knn,fewshot,lowshot); an unknown name is one
-line listing the known ones. The few-shot (evals/fewshot.py), low-shot (evals/registry.py,
-`linear.lowshot_indices`) and attentive (evals/attentive.py) protocols are in their modules; the
-linear and kNN protocols are below.
+`--config.probes` lists the entries of `config.evals` to run (default linear,knn,fewshot,lowshot);
+each entry is an evaluator with its options, `config.evals.<name> = dict(type=..., <options>)`, the
+shape every evaluator has wherever it runs (cjepa_jax/evals/base.py); an unknown name is one line
+listing the known ones. The few-shot (evals/fewshot.py), low-shot (evals/lowshot.py) and attentive
+(evals/attentive.py) protocols are in their modules; the linear and kNN protocols are below.
 
 (also installed as `cjepa-probe`). `--config.pretrained` is a pretraining workdir (its latest
 complete checkpoint), one checkpoint step directory (`DIR/checkpoints/<step>`), or the word
@@ -43,10 +44,10 @@ Protocol (the I-JEPA paper's, after MSN / DINO, with the deviations marked):
     training examples it is fitted on), zero-initialised, Adam with a cosine decay of the learning
     rate to 0, an L2 penalty `wd / 2 * |W|^2` on the kernel (coupled, i.e. added to the gradient;
     `wd` is the regularisation strength of a logistic regression, independent of the learning
-    rate), minibatches of `linear.batch_size` for `linear.epochs` epochs. Every (lr, wd) of the
+    rate), minibatches of `evals.linear.batch_size` for `evals.linear.epochs` epochs. Every (lr, wd) of the
     grid is trained at once (vmapped). The best is chosen by top-1 accuracy (ties: lower loss) on
-    a random `linear.holdout_fraction` of the train split that the sweep does not train on; with
-    `linear.retrain` (default) that (lr, wd) is then retrained on the whole train split and
+    a random `evals.linear.holdout_fraction` of the train split that the sweep does not train on;
+    with `evals.linear.retrain` (default) that (lr, wd) is then retrained on the whole train split and
     evaluated once on the test split. Deviation: the paper (like DINO / MSN) trains the linear
     head on augmented crops through the frozen encoder; pre-extracted centre-crop features are far
     cheaper and typically score slightly lower.
@@ -56,8 +57,9 @@ Protocol (the I-JEPA paper's, after MSN / DINO, with the deviations marked):
     `knn.per_features` reports each kind.
 
 The code is the package cjepa_jax/evals/ (this module is only the command line): `features`
-(restore, features), `knn`, `linear`, `fewshot`, `attentive`, `registry` (evaluators by name;
-`in_training`, the trainer's kNN and few-shot monitors on `config.evals.*`) and `runner` (this
+(restore, features), `base` (the interface every evaluator implements), `knn`, `linear`,
+`lowshot`, `fewshot`, `attentive`, `registry` (the evaluators by name, which the trainers' monitors
+use too) and `runner` (this
 run: one feature extraction for all evaluators, one table, probe_results.json).
 """
 
@@ -72,6 +74,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cjepa_jax import cli
+from cjepa_jax import config as config_lib
 from cjepa_jax import errorlog
 from cjepa_jax import metrics as metrics_lib
 from cjepa_jax.evals import runner
@@ -110,7 +113,7 @@ def run() -> None:
   """Console-script entry point (`cjepa-probe`): flags, jax.distributed start-up, then `main`."""
   _define_flags()
   cli.run('cjepa-probe', main, doc=__doc__, module=sys.argv[0] if __name__ == '__main__'
-          else __name__)
+          else __name__, renamed=config_lib.RENAMED_PROBE)
 
 
 if __name__ == '__main__':

@@ -5,11 +5,14 @@ examples). Parameters, the EMA target parameters and the optimizer state are sha
 over `fsdp`: each large array is split along its largest dimension that `fsdp` divides, and
 replicated over `data`. XLA inserts the all-gathers (forward) and reduce-scatters (gradients) that
 this implies. With `fsdp = 1` this is plain data parallelism; on one device everything is local.
+
+`jit_train` lays a train state and its step out on the mesh the same way for both trainers
+(pretraining's train_step.py, fine-tuning's finetune_step.py).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import ml_collections
@@ -114,3 +117,43 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, process_count: int) -> 
   if global_batch % process_count:
     raise ValueError(f'batch_size={global_batch} is not divisible by the {process_count} '
                      'processes; use a multiple of the process count.')
+
+
+def with_shardings(abstract_tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs of `abstract_tree` carrying `shardings` (a restore or compile target)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract_tree, shardings)
+
+
+class JittedTrain(NamedTuple):
+  """A train state and its step laid out on a mesh (`jit_train`)."""
+  abstract_state: Any            # ShapeDtypeStructs of the train state.
+  state_shardings: Any           # NamedShardings of the train state (FSDP over 'fsdp').
+  init_fn: Callable[[], Any]     # Jitted: a fresh state, created directly sharded.
+  jitted_step: Callable[..., tuple[Any, ...]]   # (state, batch) -> (state, metrics, *aux).
+  trace_count: list[int]         # [n]: how often the step was traced, i.e. compiled.
+
+
+def jit_train(init: Callable[[], Any], step: Callable[[Any, Any], tuple[Any, ...]], mesh: Mesh,
+              abstract_batch: dict[str, jax.ShapeDtypeStruct], aux_shardings: tuple[Any, ...] = ()
+              ) -> JittedTrain:
+  """The state's shape and FSDP shardings, its sharded init and the jitted step; compiles nothing.
+
+  `step(state, batch) -> (state, metrics, *aux)`: the state is donated, the metrics (scalars) come
+  back replicated, each aux output with its sharding of `aux_shardings`. The step's traces are
+  counted: the loop warns when a run compiled it more than once.
+  """
+  abstract_state = jax.eval_shape(init)
+  state_shardings = fsdp_shardings(mesh, abstract_state)
+  init_fn = jax.jit(init, out_shardings=state_shardings)
+  trace_count = [0]
+
+  def counted_step(state, batch):
+    trace_count[0] += 1  # Runs once per trace: a second trace means a recompilation.
+    return step(state, batch)
+
+  batch_shardings = {k: v.sharding for k, v in abstract_batch.items()}
+  jitted_step = jax.jit(
+      counted_step, in_shardings=(state_shardings, batch_shardings),
+      out_shardings=(state_shardings, replicated(mesh), *aux_shardings), donate_argnums=0)
+  return JittedTrain(abstract_state, state_shardings, init_fn, jitted_step, trace_count)

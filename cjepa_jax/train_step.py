@@ -291,22 +291,10 @@ def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
   tx = optim.make_optimizer(config, schedules)
 
   use_ema = bool(config.get('use_ema', True))
-  abstract_state = jax.eval_shape(lambda: init_state(models, tx, config.seed, use_ema))
-  state_shardings = sharding.fsdp_shardings(mesh, abstract_state)
-  init_fn = jax.jit(lambda: init_state(models, tx, config.seed, use_ema),
-                    out_shardings=state_shardings)
-
-  step_fn = make_train_step(config, models, tx, schedules, mesh)
-  trace_count = [0]
-
-  def counted_step(state, batch):
-    trace_count[0] += 1  # Runs once per trace: a second trace means a recompilation.
-    return step_fn(state, batch)
-
-  batch_shardings = {k: v.sharding for k, v in abstract_batch(config, mesh).items()}
-  jitted_step = jax.jit(
-      counted_step, in_shardings=(state_shardings, batch_shardings),
-      out_shardings=(state_shardings, sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-      donate_argnums=0)
-  return Setup(models, tx, schedules, state_shardings, abstract_state, init_fn, jitted_step,
-               trace_count, total_steps, steps_per_epoch)
+  jitted = sharding.jit_train(
+      lambda: init_state(models, tx, config.seed, use_ema),
+      make_train_step(config, models, tx, schedules, mesh), mesh, abstract_batch(config, mesh),
+      aux_shardings=(sharding.batch_sharding(mesh),))
+  return Setup(models, tx, schedules, jitted.state_shardings, jitted.abstract_state,
+               jitted.init_fn, jitted.jitted_step, jitted.trace_count, total_steps,
+               steps_per_epoch)

@@ -108,9 +108,7 @@ def get_config(arg=None):
   c.optim.warmup_steps = 30
   c.optim.ema = (0.996, 1.0)  # The reference's; 0.99 collapsed I-JEPA (RESULTS.md).
 
-  c.evals.knn_every_steps = 195
-  c.evals.knn_train_examples = 2_500
-  c.evals.knn_eval_examples = 500
+  c.evals.knn.update(every_steps=195, train_examples=2_500, eval_examples=500)
 
   if objective == 'ijepa':
     # I-JEPA's own lr and context budget (see the docstring and RESULTS.md): Kc 22 with a lower lr

@@ -30,9 +30,8 @@ def get_config():
   c.batch_size = 128
   c.epochs = 1
   c.log_every_steps = 39
-  c.eval_every_steps = 130
   c.ckpt_every_steps = 130
-  c.eval_batch_size = 500
+  c.evals.classify.update(every_steps=130, eval_batch_size=500)
 
   config_lib.set_cifar10_image_folder(c.data)
   c.data.crop_scale = (0.35, 1.0)

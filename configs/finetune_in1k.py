@@ -39,9 +39,8 @@ def get_config(arg=None):
   c = config_lib.default_finetune_config()
   c.batch_size = 1024
   c.epochs = epochs
-  c.eval_every_steps = 2500
   c.ckpt_every_steps = 2500
-  c.eval_batch_size = 1024
+  c.evals.classify.update(every_steps=2500, eval_batch_size=1024)
   c.data.dataset = 'imagenet2012'
   c.data.eval_split = 'validation'
   c.model.variant = variant

@@ -8,9 +8,10 @@ low-shot and attentive probes, any list of them in one run.
   python -m cjepa_jax.probe --config configs/probe_linear.py:imagenet \
       --config.pretrained=DIR --config.data.data_dir=TFDS_DIR --workdir DIR/probe
   python -m cjepa_jax.probe --config configs/probe_linear.py --config.pretrained=DIR \
-      --config.evals=linear,knn,attentive,fewshot,lowshot --workdir DIR/probe
+      --config.probes=linear,knn,attentive,fewshot,lowshot --workdir DIR/probe
 
-`evals` is a comma-separated list of evaluators (cjepa_jax/evals/registry.py): `linear`, `knn`,
+`probes` is a comma-separated list of the entries of `evals` to run (each an evaluator of
+cjepa_jax/evals/registry.py with its options, `--config.evals.knn.k=10`): `linear`, `knn`,
 `fewshot` (ridge regression on k examples per class, big_vision's protocol), `lowshot` (the linear
 probe on a seeded, class-balanced 1% / 10% of the train labels) and `attentive` (a learned
 cross-attention pooler over the final tokens, V-JEPA's protocol; the costly one: 20 minutes for
@@ -28,7 +29,7 @@ dataset (configs/cifar10_vit_tiny.py, configs/in1k_vith14_ep300.py).
 
 Writes DIR/probe_results.json (accuracies in percent, `"unit": "percent"`); see
 cjepa_jax/probe.py for the protocol. The (lr, wd) grid and the 'last' / 'last4' choice are made
-on `linear.holdout_fraction` of the TRAIN split, never on the test split.
+on `evals.linear.holdout_fraction` of the TRAIN split, never on the test split.
 """
 
 import ml_collections
@@ -46,7 +47,7 @@ def get_config(arg=None):
   base = config_lib.default_config()
   c = ml_collections.ConfigDict()
   c.pretrained = ''              # Workdir, checkpoint step dir, or 'random'. Required.
-  c.evals = 'linear,knn,fewshot,lowshot'  # Comma-separated evaluators (+ 'attentive').
+  c.probes = 'linear,knn,fewshot,lowshot'  # The entries of `evals` to run (+ 'attentive').
   c.encoder = 'target'           # 'target' (EMA target_params, as the paper) or 'context'.
   c.features = 'both'            # 'last', 'last4' or 'both' (report the better on the holdout).
   c.seed = 0
@@ -58,49 +59,51 @@ def get_config(arg=None):
   c.model = base.model           # For `random` only; a checkpoint brings its own.
   c.mesh = base.mesh
 
-  c.linear = ml_collections.ConfigDict()
-  c.linear.epochs = 100
-  c.linear.batch_size = 1024     # 0: full batch.
+  # The evaluators, one entry each (the shape of every evaluator's entry, cjepa_jax/evals/base.py):
+  # `type` and its options. A probe run extracts the features once for all of them, from
+  # `train_examples` / `eval_examples` / `batch_size` above; `every_steps` is for trainers.
+  c.evals = ml_collections.ConfigDict()
+  lin = c.evals.linear = ml_collections.ConfigDict()
+  lin.type = 'linear'
+  lin.epochs = 100
+  lin.batch_size = 1024          # 0: full batch.
   # The grid (every lr with every wd, 28 classifiers trained at once). Adam, cosine-decayed to 0;
   # wd is the L2 strength on the kernel: loss + wd/2 |W|^2. Wide on purpose: the probe is convex
   # but slow to converge. On CIFAR-10 the old grid's largest lr (0.1) won for every encoder, an
   # edge; it now reaches 1.0 so that the choice can be interior (RESULTS.md says where it fell).
-  c.linear.lrs = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
-  c.linear.wds = (0.0, 1e-5, 1e-4, 1e-3)
-  c.linear.holdout_fraction = 0.1
-  c.linear.retrain = True        # Retrain the chosen (lr, wd) on the whole train split.
+  lin.lrs = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+  lin.wds = (0.0, 1e-5, 1e-4, 1e-3)
+  lin.holdout_fraction = 0.1
+  lin.retrain = True             # Retrain the chosen (lr, wd) on the whole train split.
 
-  c.knn = ml_collections.ConfigDict()
-  c.knn.k = 20
-  c.knn.temperature = 0.07
+  c.evals.knn = ml_collections.ConfigDict(dict(type='knn', k=20, temperature=0.07))
 
   # Few-shot ridge regression, big_vision's protocol (cjepa_jax/evals/fewshot.py): its fixed
   # l2 = 2^10, k examples per class, 3 seeds.
-  c.fewshot = ml_collections.ConfigDict()
-  c.fewshot.shots = (1, 5, 10, 25)
-  c.fewshot.seeds = 3
-  c.fewshot.l2_reg = 2.0 ** 10
+  c.evals.fewshot = ml_collections.ConfigDict(dict(
+      type='fewshot', shots=(1, 5, 10, 25), seeds=3, l2_reg=2.0 ** 10))
 
-  # Low-shot linear: the linear probe (its grid and holdout) on a seeded, class-balanced fraction
-  # of the train labels; the test split whole. 1%: the I-JEPA paper's ImageNet protocol.
-  c.lowshot = ml_collections.ConfigDict()
-  c.lowshot.fractions = (0.01, 0.1)
-  c.lowshot.epochs = 100
+  # Low-shot linear: the linear probe (the same grid and holdout) on a seeded, class-balanced
+  # fraction of the train labels; the test split whole. 1%: the I-JEPA paper's ImageNet protocol.
+  c.evals.lowshot = ml_collections.ConfigDict(lin.to_dict())
+  c.evals.lowshot.type = 'lowshot'
+  c.evals.lowshot.fractions = (0.01, 0.1)
 
   # Attentive probe (cjepa_jax/evals/attentive.py), V-JEPA's: one query, the encoder's head count,
   # AdamW + warm-up + cosine; (lr, wd) chosen on the same held-out train fraction as the linear
   # probe, the chosen head tested (not retrained). Trains on stored centre-crop tokens. Sized for
   # a CPU: 4 heads x 5 epochs over CIFAR-10's 45,000 fitting rows took 20 min on 2 shared cores.
-  c.attentive = ml_collections.ConfigDict()
-  c.attentive.lrs = (5e-4, 2e-3)
-  c.attentive.wds = (0.01, 0.1)
-  c.attentive.epochs = 5
-  c.attentive.warmup_epochs = 1.0
-  c.attentive.batch_size = 256
-  c.attentive.holdout_fraction = 0.1
-  c.attentive.num_queries = 1
-  c.attentive.num_heads = 0      # 0: the encoder's head count.
-  c.attentive.mlp_ratio = 4.0
+  att = c.evals.attentive = ml_collections.ConfigDict()
+  att.type = 'attentive'
+  att.lrs = (5e-4, 2e-3)
+  att.wds = (0.01, 0.1)
+  att.epochs = 5
+  att.warmup_epochs = 1.0
+  att.batch_size = 256
+  att.holdout_fraction = 0.1
+  att.num_queries = 1
+  att.num_heads = 0              # 0: the encoder's head count.
+  att.mlp_ratio = 4.0
 
   if dataset == 'cifar10':
     config_lib.set_cifar10_image_folder(c.data)
@@ -115,11 +118,10 @@ def get_config(arg=None):
     c.data.image_size = 224
     c.data.eval_resize = 256
     c.batch_size = 1024
-    c.linear.epochs = 50
-    c.linear.batch_size = 4096
+    c.evals.linear.update(epochs=50, batch_size=4096)
+    c.evals.lowshot.batch_size = 4096   # Its 1% / 10% subsets: still 100 epochs.
     # Tokens of all 1.28M images do not fit a host (cjepa_jax/evals/attentive.py): a subset.
-    c.attentive.epochs = 20
-    c.attentive.batch_size = 1024
+    c.evals.attentive.update(epochs=20, batch_size=1024)
     c.model.variant = 'H/14'
     c.model.dtype = 'bfloat16'
   return c

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from cjepa_jax import sharding
-from cjepa_jax import train
+from cjepa_jax import loop
 from cjepa_jax.evals import attentive as attentive_lib
 from cjepa_jax.evals import features as features_lib
 from cjepa_jax.evals import fewshot as fewshot_lib
@@ -246,15 +246,15 @@ def probe_config(data_dir, evals):
   spec.loader.exec_module(module)
   c = module.get_config('cifar10')
   c.pretrained = 'random'
-  c.evals = evals
+  c.probes = evals
   c.data.data_dir = str(data_dir)
   c.data.num_classes = 3
   c.model.depth = 1
   c.batch_size = 16
-  c.linear.update(epochs=5, batch_size=16, lrs=(1e-2, 1e-1), wds=(0.0,))
-  c.lowshot.update(fractions=(0.25,), epochs=5)
-  c.fewshot.update(shots=(1, 5), seeds=2)
-  c.attentive.update(epochs=2, batch_size=8, lrs=(1e-3,), wds=(0.01, 0.1))
+  c.evals.linear.update(epochs=5, batch_size=16, lrs=(1e-2, 1e-1), wds=(0.0,))
+  c.evals.lowshot.update(fractions=(0.25,), epochs=5, batch_size=16, lrs=(1e-2, 1e-1), wds=(0.0,))
+  c.evals.fewshot.update(shots=(1, 5), seeds=2)
+  c.evals.attentive.update(epochs=2, batch_size=8, lrs=(1e-3,), wds=(0.01, 0.1))
   return c
 
 
@@ -266,7 +266,7 @@ def test_probe_runs_every_evaluator_and_writes_one_json(image_folder, tmp_path, 
   assert saved == json.loads(json.dumps(results)) and saved['complete']
   assert saved['evals'] == ['linear', 'knn', 'attentive', 'fewshot', 'lowshot']
   assert list(results)[:5] == saved['evals']
-  assert saved['checkpoint'] == 'random' and saved['config']['evals'] == config.evals
+  assert saved['checkpoint'] == 'random' and saved['config']['probes'] == config.probes
   chosen = saved['linear']['features']
   assert saved['fewshot']['features'] == saved['lowshot']['features'] == chosen
   assert set(saved['fewshot']['top1']) == {'1', '5'} and saved['fewshot']['l2_reg'] == 1024.0
@@ -286,12 +286,12 @@ def test_probe_runs_every_evaluator_and_writes_one_json(image_folder, tmp_path, 
 
 def test_probe_names_bad_evaluator_input(image_folder, tmp_path):
   config = probe_config(image_folder, 'fewshot')
-  config.fewshot.shots = (1, 20)
+  config.evals.fewshot.shots = (1, 20)
   with pytest.raises(ValueError, match='class 0 has 12 training examples, fewer than 20 shots'):
     runner.run(config, str(tmp_path))
   config = probe_config(image_folder, 'lowshot')
-  config.lowshot.fractions = (0.0,)
-  with pytest.raises(ValueError, match='config.lowshot.fractions'):
+  config.evals.lowshot.fractions = (0.0,)
+  with pytest.raises(ValueError, match='config.evals.lowshot.fractions'):
     runner.run(config, str(tmp_path))
   with pytest.raises(ValueError, match='labels span'):
     fewshot_lib.fewshot_probe(np.zeros((4, 2), np.float32), np.array([0, 1, 2, 5]),
@@ -307,11 +307,11 @@ def test_in_training_periods_make_log_steps():
   spec.loader.exec_module(recipe)
   c = recipe.get_config()
   c.log_every_steps = 20
-  c.evals.update(knn_every_steps=0, fewshot_every_steps=3)
-  assert train.is_log_step(3, c, 100) and train.is_log_step(20, c, 100)
-  assert not train.is_log_step(5, c, 100) and train.is_log_step(100, c, 100)
-  c.evals.fewshot_every_steps = 0
-  assert not train.is_log_step(3, c, 100)
+  c.evals.knn.every_steps, c.evals.fewshot.every_steps = 0, 3
+  assert loop.is_log_step(3, c, 100) and loop.is_log_step(20, c, 100)
+  assert not loop.is_log_step(5, c, 100) and loop.is_log_step(100, c, 100)
+  c.evals.fewshot.every_steps = 0
+  assert not loop.is_log_step(3, c, 100)
   assert features_lib.TOKENS not in features_lib.FEATURE_KINDS  # Pooled kinds stay pooled.
 
 
@@ -345,3 +345,64 @@ def test_probe_loops_keep_at_most_two_steps_in_flight(monkeypatch):
   steps = 2 * 64 // 8
   assert linear_lib.MAX_STEPS_IN_FLIGHT == 2 and len(waited) == steps // 2
   assert np.all(np.isfinite(jax.tree.leaves(params)[0]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Adding an evaluator: one file (tests/toy_evaluator.py) and its one registration.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow   # A pretraining run and a probe run: ~90 s on 2 cores.
+def test_a_new_evaluator_runs_in_the_trainer_and_the_probe(image_folder, tmp_path, capsys):
+  import toy_evaluator  # pylint: disable=g-import-not-at-top,unused-import  (registers 'toy')
+  from cjepa_jax import train  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  toy = ml_collections.ConfigDict(dict(type='toy', every_steps=2, shift=0))
+  spec = importlib.util.spec_from_file_location('recipe', ROOT / 'configs/cifar10_vit_tiny.py')
+  recipe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(recipe)
+  c = recipe.get_config()
+  c.data.update(data_dir=str(image_folder), num_classes=3, num_train_examples=36)
+  c.model.update(depth=1, pred_depth=1, pred_width=48)
+  c.update(batch_size=16, total_steps=4, log_every_steps=4)
+  c.evals.knn.every_steps = 0
+  with c.unlocked():
+    c.evals.toy = toy
+  train.train_and_evaluate(c, str(tmp_path / 'run'))
+  rows = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl', encoding='utf-8')]
+  assert [r['step'] for r in rows if 'toy_top1' in r] == [2, 4]
+  assert all(r['toy_top1'] == pytest.approx(100 / 3) and r['unit'] == 'percent'
+             for r in rows if 'toy_top1' in r)
+
+  config = probe_config(image_folder, 'toy,knn')
+  with config.unlocked():
+    config.evals.toy = toy
+  results = runner.run(config, str(tmp_path / 'probe'))
+  assert results['toy']['top1'] == pytest.approx(100 / 3) and results['evals'] == ['toy', 'knn']
+  assert 'toy' in capsys.readouterr().out
+  with config.unlocked():
+    config.evals.toy = ml_collections.ConfigDict(dict(type='toy', shift='one'))
+  with pytest.raises(ValueError, match=r"^config.evals.toy.shift='one' is invalid"):
+    runner.run(config, str(tmp_path / 'probe'))
+
+
+def test_old_evaluator_flags_still_work_for_one_release_with_a_warning(capsys):
+  from cjepa_jax import cli  # pylint: disable=g-import-not-at-top
+  from cjepa_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  argv = ['probe', '--config=x.py', '--config.evals=linear,knn', '--config.knn.k', '5',
+          '--config.linear.lrs=(0.1,)', '--config.linear.epochs=3', '--config.evals.knn.k=7']
+  assert cli.rename_flags('cjepa-probe', argv, config_lib.RENAMED_PROBE) == [
+      'probe', '--config=x.py', '--config.probes=linear,knn', '--config.evals.knn.k=5',
+      '--config.evals.linear.lrs=(0.1,)', '--config.evals.lowshot.lrs=(0.1,)',
+      '--config.evals.linear.epochs=3', '--config.evals.knn.k=7']
+  warnings = capsys.readouterr().err.splitlines()
+  assert len(warnings) == 4 and warnings[0] == (
+      'cjepa-probe: warning: --config.evals is deprecated and goes in the next release; use '
+      '--config.probes.')
+  assert cli.rename_flags('cjepa-train', ['t', '--config.evals.knn_batch_size=8'],
+                          config_lib.RENAMED_PRETRAINING)[1:] == [
+      '--config.evals.knn.eval_batch_size=8', '--config.evals.fewshot.eval_batch_size=8']
+  assert cli.rename_flags('cjepa-finetune', ['f', '--config.eval_every_steps=5'],
+                          config_lib.RENAMED_FINETUNING)[1:] == [
+      '--config.evals.classify.every_steps=5']

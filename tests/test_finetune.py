@@ -51,10 +51,8 @@ def tiny_config(**overrides):
   c.total_steps = 6
   c.model.depth = 1
   c.log_every_steps = 2
-  c.eval_every_steps = 3
   c.ckpt_every_steps = 2
-  c.eval_batch_size = 16
-  c.eval_examples = 32
+  c.evals.classify.update(every_steps=3, eval_batch_size=16, eval_examples=32)
   c.optim.warmup_steps = 2
   c.update_from_flattened_dict(overrides)  # Dotted keys, e.g. 'model.depth'.
   return c
@@ -133,8 +131,8 @@ def test_no_mixing_is_label_smoothing_only():
 def test_lr_schedule_warms_up_from_zero_then_cosine_to_final():
   c = tiny_config(**{'optim.warmup_steps': 4, 'optim.base_lr': 2e-3, 'optim.final_lr': 1e-5})
   peak = 2e-3 * 16 / 256
-  assert step_lib.peak_lr(c) == pytest.approx(peak)
-  sched = step_lib.lr_schedule(c, 20, 10)
+  assert optim.finetune_peak_lr(c) == pytest.approx(peak)
+  sched = optim.finetune_lr_schedule(c, 20, 10)
   for k in range(21):
     if k < 4:
       want = peak * k / 4
@@ -305,8 +303,8 @@ def test_errors_name_the_problem(pretrained, tmp_path):
 CLI_ARGS = ('--config', 'configs/finetune_cifar10.py', '--config.pretrained=random',
             '--config.data.dataset=synthetic', '--config.batch_size=16',
             '--config.total_steps=6', '--config.model.depth=1', '--config.log_every_steps=2',
-            '--config.eval_every_steps=3', '--config.ckpt_every_steps=2',
-            '--config.eval_batch_size=16', '--config.eval_examples=32',
+            '--config.evals.classify.every_steps=3', '--config.ckpt_every_steps=2',
+            '--config.evals.classify.eval_batch_size=16', '--config.evals.classify.eval_examples=32',
             '--config.optim.warmup_steps=2')
 
 # SIGKILL at the first save after step KILL_AT, once every save so far is durable.

@@ -42,7 +42,6 @@ from cjepa_jax import input_pipeline
 from cjepa_jax import optim
 from cjepa_jax import sharding as sharding_lib
 from cjepa_jax import train_step as step_lib
-from cjepa_jax import workdir as workdir_lib
 from cjepa_jax.models import jepa
 from multiprocess_utils import (NUM_CLASSES, PER_CLASS, ROOT, SIZE, TIMEOUT_S, colour, cpu_env,
                                 free_port, gloo_unavailable_reason, metric_rows, run_processes,
@@ -56,9 +55,9 @@ pytestmark = [pytest.mark.slow,   # Multi-process jobs: the full suite only.
 TRAIN_ARGS = ('--config', 'configs/cifar10_vit_tiny.py', '--config.batch_size=16',
               '--config.model.depth=1', '--config.model.pred_depth=1',
               '--config.model.pred_width=48', '--config.log_every_steps=1',
-              '--config.ckpt_every_steps=4', '--config.evals.knn_every_steps=4',
-              '--config.evals.knn_k=1', '--config.evals.knn_train_examples=0',
-              '--config.evals.knn_eval_examples=0')
+              '--config.ckpt_every_steps=4', '--config.evals.knn.every_steps=4',
+              '--config.evals.knn.k=1', '--config.evals.knn.train_examples=0',
+              '--config.evals.knn.eval_examples=0')
 JOB_ARGS = ('--config.total_steps=4', '--config.mesh.data=1', '--config.mesh.fsdp=4')
 
 # Runs `python -m cjepa_jax.train` (runpy is what `-m` uses), recording the host-local arrays
@@ -237,8 +236,8 @@ def test_two_process_checkpoint_resumes_on_one_device(job):
   mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding_lib.MESH_AXES)
   run = step_lib.setup(config, mesh)
   with checkpoint_lib.Checkpointer(str(job.workdir)) as ckpt:
-    step, state = ckpt.restore_latest(workdir_lib.with_shardings(run.abstract_state,
-                                                                 run.state_shardings))
+    step, state = ckpt.restore_latest(sharding_lib.with_shardings(run.abstract_state,
+                                                                  run.state_shardings))
   assert step == 4 and int(state['step']) == 4
   whole = checkpoint_lib.restore_subtree(str(job.workdir / 'checkpoints' / '4'), ())
   got = jax.tree.leaves(state)
@@ -291,7 +290,7 @@ def test_sigterm_on_one_process_saves_one_agreed_step_and_resume_matches(tmp_pat
     address = f'127.0.0.1:{free_port()}'
     # No kNN monitor: it never changes the state compared below, and costs a compile per launch.
     commands = [[sys.executable, *pre, *_train_command(workdir, data_dir, *JOB_ARGS,
-                                                       '--config.evals.knn_every_steps=0'),
+                                                       '--config.evals.knn.every_steps=0'),
                  f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}']
                 for i in range(2)]
     results, _ = run_processes(commands, [cpu_env(2), cpu_env(2)], timeout=TIMEOUT_S)

@@ -27,9 +27,8 @@ import numpy as np
 import pytest
 
 from cjepa_jax import checkpoint as checkpoint_lib
-from cjepa_jax import input_pipeline
 from cjepa_jax import sharding as sharding_lib
-from cjepa_jax import workdir as workdir_lib
+from cjepa_jax.evals import registry
 from cjepa_jax.models import jepa
 from multiprocess_utils import (ROOT, TIMEOUT_S, cpu_env, free_port, gloo_unavailable_reason,
                                 metric_rows, run_processes, write_colour_folder)
@@ -70,12 +69,13 @@ def pretrained(tmp_path_factory):
 PROBE_OVERRIDES = {
     # One feature kind and one grid point each: no choice on 8 held-out images for float
     # rounding to flip (the choices themselves are tested in test_probe.py / test_evals.py).
-    'evals': 'linear,knn,fewshot,lowshot,attentive', 'features': 'last', 'batch_size': 16,
-    'linear.epochs': 3, 'linear.batch_size': 16, 'linear.lrs': (0.1,), 'linear.wds': (0.0,),
-    'knn.k': 3,
-    'fewshot.shots': (1, 2), 'fewshot.seeds': 2, 'lowshot.fractions': (0.25,),
-    'lowshot.epochs': 3, 'attentive.epochs': 1, 'attentive.batch_size': 16,
-    'attentive.lrs': (0.001,), 'attentive.wds': (0.01,)}
+    'probes': 'linear,knn,fewshot,lowshot,attentive', 'features': 'last', 'batch_size': 16,
+    **{f'evals.{name}.{k}': v for name in ('linear', 'lowshot')
+       for k, v in (('batch_size', 16), ('lrs', (0.1,)), ('wds', (0.0,)), ('epochs', 3))},
+    'evals.knn.k': 3,
+    'evals.fewshot.shots': (1, 2), 'evals.fewshot.seeds': 2, 'evals.lowshot.fractions': (0.25,),
+    'evals.attentive.epochs': 1, 'evals.attentive.batch_size': 16,
+    'evals.attentive.lrs': (0.001,), 'evals.attentive.wds': (0.01,)}
 
 
 def _flag(key, value):
@@ -161,8 +161,8 @@ def test_two_processes_finetune_as_one_job(tmp_path, pretrained, data_dir):
   address = f'127.0.0.1:{free_port()}'
   common = ['--config', 'configs/finetune_cifar10.py', f'--config.pretrained={pretrained}',
             f'--config.data.data_dir={data_dir}', '--config.batch_size=16',
-            '--config.total_steps=2', '--config.log_every_steps=1', '--config.eval_every_steps=1',
-            '--config.ckpt_every_steps=2', '--config.eval_batch_size=8',
+            '--config.total_steps=2', '--config.log_every_steps=1', '--config.evals.classify.every_steps=1',
+            '--config.ckpt_every_steps=2', '--config.evals.classify.eval_batch_size=8',
             '--config.optim.warmup_steps=1', '--config.mesh.data=1', '--config.mesh.fsdp=4']
   commands = [[sys.executable, '-m', 'cjepa_jax.finetune', *common, f'--workdir={workdir}',
                f'--coordinator_address={address}', '--num_processes=2', f'--process_id={i}']
@@ -185,10 +185,10 @@ def test_two_processes_finetune_as_one_job(tmp_path, pretrained, data_dir):
   ckpt = checkpoint_lib.Checkpointer(str(workdir))
   try:
     _, state = ckpt.restore_latest(
-        workdir_lib.with_shardings(run.abstract_state, run.state_shardings))
+        sharding_lib.with_shardings(run.abstract_state, run.state_shardings))
   finally:
     ckpt.close()
-  one = finetune.evaluate(run, state['params'], config, mesh, input_pipeline)
+  one = registry.build('classify', config, mesh, run.model).evaluate(state['params'])
   assert one['eval_examples'] == 20
   assert abs(one['eval_top1'] - rows[-1]['eval_top1']) <= 100 / 20 + 1e-9
   np.testing.assert_allclose(one['eval_loss'], rows[-1]['eval_loss'], rtol=1e-4)

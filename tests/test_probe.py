@@ -19,6 +19,7 @@ from cjepa_jax.evals import knn as knn_lib
 from cjepa_jax.evals import linear as linear_lib
 from cjepa_jax.evals import registry
 from cjepa_jax.evals import runner
+from cjepa_jax.evals import units
 from cjepa_jax.models import jepa
 import pretrained_utils
 
@@ -195,8 +196,8 @@ def pretrain_config():
   c.model.pred_depth = 1
   c.mask.min_keep = 4
   c.optim.warmup_steps = 1
-  c.evals.knn_train_examples = 48
-  c.evals.knn_eval_examples = 24
+  c.evals.knn.train_examples = 48
+  c.evals.knn.eval_examples = 24
   return c
 
 
@@ -243,15 +244,15 @@ def probe_config(pretrained_path, data_dir):
   spec.loader.exec_module(module)
   c = module.get_config('cifar10')
   c.pretrained = str(pretrained_path)
-  c.evals = 'linear,knn'  # The others: tests/test_evals.py.
+  c.probes = 'linear,knn'  # The others: tests/test_evals.py.
   c.data.data_dir = str(data_dir)
   c.data.num_classes = 3
   c.batch_size = 16
-  c.linear.epochs = 10
-  c.linear.batch_size = 32
-  c.linear.lrs = (1e-2,)
-  c.linear.wds = (0.0, 1e-3)
-  c.knn.k = 5
+  c.evals.linear.epochs = 10
+  c.evals.linear.batch_size = 32
+  c.evals.linear.lrs = (1e-2,)
+  c.evals.linear.wds = (0.0, 1e-3)
+  c.evals.knn.k = 5
   c.model.depth = 1
   return c
 
@@ -323,19 +324,21 @@ def test_knn_evaluator_for_the_trainer(pretrained, image_folder):
   config.data.eval_split = 'test'
   mesh = sharding.make_mesh(config)
   params = jax.device_put(state['target_params'], sharding.replicated(mesh))
-  evaluate = knn_lib.make_knn_evaluator(config, mesh, models.encoder)
-  first, second = evaluate(params), evaluate(params)
-  assert first == second and set(first) == {'knn_top1', 'knn_top5'}
-  assert evaluate.feature_fn._cache_size() == 1  # pylint: disable=protected-access
+  config.evals.knn.every_steps = 1
+  [monitor] = registry.monitors(config, mesh, models.encoder)
+  first, second = monitor.evaluate(params), monitor.evaluate(params)
+  assert first == second and set(first) == {'knn_top1', 'knn_top5', 'unit'}
+  feature_fn = monitor.features.feature_fn(('last',))
+  assert feature_fn._cache_size() == 1  # pylint: disable=protected-access
 
   extract = features_lib.extract_features
-  train_f, train_y = extract(evaluate.feature_fn, params, config, 'train', mesh=mesh,
+  train_f, train_y = extract(feature_fn, params, config, 'train', mesh=mesh,
                              batch_size=8, num_examples=48)
-  test_f, test_y = extract(evaluate.feature_fn, params, config, 'test', mesh=mesh,
+  test_f, test_y = extract(feature_fn, params, config, 'test', mesh=mesh,
                            batch_size=8, num_examples=24)
   assert train_f['last'].shape == (48, 192) and test_f['last'].shape == (24, 192)
   want = knn_numpy(train_f['last'], train_y, test_f['last'], 3, 20, 0.07)
-  assert first['knn_top1'] == np.mean(np.argmax(want, 1) == test_y)
+  assert first['knn_top1'] == units.percent(np.mean(np.argmax(want, 1) == test_y))
 
 
 
@@ -345,23 +348,22 @@ def test_in_training_is_the_knn_monitor_every_knn_every_steps(image_folder):
   config.data.update(dataset='image_folder', data_dir=str(image_folder), eval_split='test')
   mesh = sharding.make_mesh(config)
   encoder = jepa.encoder_from_model_config(config.model)
-  assert registry.in_training(config, mesh, encoder) == []
-  config.evals.knn_every_steps = 5
-  [(name, every, evaluator)] = registry.in_training(config, mesh, encoder)
-  assert (name, every) == ('knn', 5) and callable(evaluator.evaluate)
-  assert evaluator.evaluate.feature_fn is not None  # make_knn_evaluator's, kept by the wrapper.
+  assert registry.monitors(config, mesh, encoder) == []
+  config.evals.knn.every_steps = 5
+  [monitor] = registry.monitors(config, mesh, encoder)
+  assert (monitor.name, monitor.every_steps) == ('knn', 5) and callable(monitor.evaluate)
+  assert monitor.features is not None  # Its own features, of its own subsets.
 
 
 def test_in_training_monitors_log_percent(monkeypatch):
   """The trainer's monitors return fractions from knn.py / fewshot.py; they are logged in %."""
+  del monkeypatch
   config = pretrain_config()
-  config.evals.knn_every_steps, config.evals.fewshot_every_steps = 5, 10
-  monkeypatch.setattr(registry.knn_lib, 'make_knn_evaluator', lambda *a: (
-      lambda params: {'knn_top1': 0.5472, 'knn_top5': 0.9401}))
-  monkeypatch.setattr(registry.fewshot_lib, 'make_fewshot_evaluator', lambda *a: (
-      lambda params: {'fewshot_1shot': 0.14506666666666665, 'fewshot_10shot': 1.0}))
-  got = {name: (every, ev.evaluate(None)) for name, every, ev in registry.in_training(
-      config, None, None)}
+  config.evals.knn.every_steps, config.evals.fewshot.every_steps = 5, 10
+  fractions = {'knn': {'last': {'top1': 0.5472, 'top5': 0.9401}},
+               'fewshot': {'last': {'top1': {1: 0.14506666666666665, 10: 1.0}}}}
+  got = {name: (every, registry.type_of(name, config.evals[name]).logged(fractions[name]))
+         for name, every in registry.periods(config).items()}
   assert got == {
       'knn': (5, {'knn_top1': 54.72, 'knn_top5': 94.01, 'unit': 'percent'}),
       'fewshot': (10, {'fewshot_1shot': 14.5066666667, 'fewshot_10shot': 100.0,
@@ -410,12 +412,13 @@ def test_knn_evaluator_checks_the_splits_when_made(tmp_path):
   config.data.update(dataset='image_folder', data_dir=str(tmp_path / 'data'), eval_split='test')
   mesh = sharding.make_mesh(config)
   encoder = jepa.encoder_from_model_config(config.model)
+  config.evals.knn.every_steps = 5
   with pytest.raises(ValueError, match=r'train has 1 class\(es\)'):
-    knn_lib.make_knn_evaluator(config, mesh, encoder)
+    registry.monitors(config, mesh, encoder)
   write_classes(tmp_path / 'data', 'train', CLASSES[1:])  # Now the same 3 classes as 'test'.
   # pylint: disable-next=protected-access
   input_pipeline._image_folder_classes.cache_clear()  # Listings are cached per process.
-  assert callable(knn_lib.make_knn_evaluator(config, mesh, encoder))
+  assert callable(registry.monitors(config, mesh, encoder)[0].evaluate)
 
 
 def test_bad_config_values_are_named(image_folder, tmp_path):
@@ -440,11 +443,12 @@ def test_unknown_evaluator_is_one_line_naming_the_known(image_folder):
   config = probe_config('random', image_folder)
   mesh = sharding.make_mesh(config)
   encoder = jepa.encoder_from_model_config(config.model)
-  assert registry.names() == ('attentive', 'fewshot', 'knn', 'linear', 'lowshot')
-  known = 'known: attentive, fewshot, knn, linear, lowshot'
+  assert registry.names() == ('attentive', 'classify', 'fewshot', 'knn', 'linear', 'lowshot')
+  known = 'known: attentive, classify, fewshot, knn, linear, lowshot'
   with pytest.raises(ValueError, match=rf"^Unknown evaluator 'svm' in config.evals; {known}\.$"):
     registry.build('svm', config, mesh, encoder)
-  config.evals = 'linear,svm'
+  known = 'known: attentive, fewshot, knn, linear, lowshot'   # The probe config's entries.
+  config.probes = 'linear,svm'
   with pytest.raises(ValueError, match=rf"^Unknown evaluator\(s\) 'svm' in config.evals; {known}"):
     runner.check_config(config)
 
@@ -462,7 +466,7 @@ def test_evaluators_share_one_extraction_per_split(image_folder, monkeypatch):
 
   monkeypatch.setattr(features_lib, 'extract_features', fake_extract)
   config = probe_config('random', image_folder)
-  config.linear.update(lrs=(1e-1,), wds=(0.0,), epochs=2)
+  config.evals.linear.update(lrs=(1e-1,), wds=(0.0,), epochs=2)
   mesh = sharding.make_mesh(config)
   encoder = jepa.encoder_from_model_config(config.model)
   cache = features_lib.FeatureCache.from_config(config, mesh, encoder)

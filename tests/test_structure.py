@@ -48,7 +48,10 @@ def test_importing_every_module_defines_no_flags_and_setup_needs_no_tensorflow()
 import importlib, pkgutil, sys
 from absl import flags
 import cjepa_jax
-from cjepa_jax import train_step
+# The steps, their setups, the loop and the evaluators' registry: TensorFlow only on first use
+# (the input pipeline), so a step can be built, compiled and benchmarked without it.
+from cjepa_jax import train_step, finetune_step, sharding, optim, loop
+from cjepa_jax.evals import registry
 step_imports_tf = 'tensorflow' in sys.modules
 for m in pkgutil.walk_packages(cjepa_jax.__path__, 'cjepa_jax.'):
   importlib.import_module(m.name)
@@ -70,6 +73,31 @@ def test_package_docstring_lists_every_module():
       continue
     listed = rel if not rel.startswith('evals/') else 'evals/'
     assert listed in doc, f'{rel} is not in cjepa_jax/__init__.py\'s module list'
+  evals_doc = (PACKAGE / 'evals' / '__init__.py').read_text(encoding='utf-8').split('"""')[1]
+  for path in sorted((PACKAGE / 'evals').glob('*.py')):
+    if path.name != '__init__.py':
+      assert path.name in evals_doc, f'evals/{path.name} is not in evals/__init__.py\'s list'
+
+
+def test_nothing_outside_an_evaluator_branches_on_its_name():
+  """An evaluator is its file and its registration: no other module compares with its name
+  (the runner, the trainers and the loop go through its `Type`)."""
+  from cjepa_jax.evals import registry  # pylint: disable=g-import-not-at-top
+  names = set(registry.names())
+  # hf.py's model card reads probe_results.json files of every version, older ones included, by
+  # their evaluators' names: a reader of files, like evals/units.py; still to move onto `Type`.
+  readers = {PACKAGE / 'hf.py'}
+  offenders = []
+  for path in sorted(PACKAGE.rglob('*.py')):
+    if (path.parent.name == 'evals' and path.stem in names) or path in readers:
+      continue   # Its own file.
+    for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+      if isinstance(node, ast.Compare):
+        for side in (node.left, *node.comparators):
+          if isinstance(side, ast.Constant) and side.value in names:
+            offenders.append(f'{path.relative_to(ROOT)}:{node.lineno} compares with '
+                             f'{side.value!r}')
+  assert not offenders, offenders
 
 
 def test_benchmarks_hold_tools_and_experiments_say_what_makes_each_figure():

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax import loop
 from cjepa_jax import optim
 from cjepa_jax import train
 from cjepa_jax import train_step as step_lib
-from cjepa_jax import workdir as workdir_lib
 from cjepa_jax.models import jepa
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def tiny_cli_config(**overrides):
   c.model.pred_depth = 1
   c.model.pred_width = 48
   c.log_every_steps = 2
-  c.evals.knn_every_steps = 0  # The kNN monitor is tested on its own (test_probe.py).
+  c.evals.knn.every_steps = 0  # The kNN monitor is tested on its own (test_probe.py).
   c.update_from_flattened_dict(overrides)  # Dotted keys, e.g. 'model.depth'.
   return c
 
@@ -152,7 +152,7 @@ def tiny_cli_args(workdir, *extra):
   return ['--config', 'configs/cifar10_vit_tiny.py', '--workdir', str(workdir),
           '--config.data.dataset=synthetic', '--config.batch_size=16', '--config.model.depth=1',
           '--config.model.pred_depth=1', '--config.model.pred_width=48',
-          '--config.log_every_steps=2', '--config.evals.knn_every_steps=0', *extra]
+          '--config.log_every_steps=2', '--config.evals.knn.every_steps=0', *extra]
 
 
 def run_python(args, devices=1, timeout=600, **env_extra):
@@ -184,9 +184,9 @@ def straight_run(tmp_path_factory):
   change the training)."""
   workdir = tmp_path_factory.mktemp('straight')
   result = run_cli(workdir, '--config.total_steps=12', '--config.ckpt_every_steps=4',
-                   '--config.evals.fewshot_every_steps=12', '--config.evals.fewshot_shots=(1,2)',
-                   '--config.evals.fewshot_seeds=2', '--config.evals.fewshot_train_examples=160',
-                   '--config.evals.fewshot_eval_examples=64')
+                   '--config.evals.fewshot.every_steps=12', '--config.evals.fewshot.shots=(1,2)',
+                   '--config.evals.fewshot.seeds=2', '--config.evals.fewshot.train_examples=160',
+                   '--config.evals.fewshot.eval_examples=64')
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, result
 
@@ -300,7 +300,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
   monkeypatch.setattr(input_pipeline, 'make_train_iterator', poisoned)
   config = tiny_cli_config(total_steps=12, ckpt_every_steps=4)
-  with pytest.raises(workdir_lib.NonFiniteError, match='step 6') as e:
+  with pytest.raises(loop.NonFiniteError, match='step 6') as e:
     train.train_and_evaluate(config, str(tmp_path))
   assert 'last good checkpoint (step 4)' in str(e.value)
   assert str(e.value).count('\n') == 0
@@ -320,7 +320,7 @@ def test_non_finite_loss_before_any_checkpoint_names_none(tmp_path, monkeypatch)
       yield dict(batch, image=np.full_like(batch['image'], np.nan))
 
   monkeypatch.setattr(input_pipeline, 'make_train_iterator', poisoned)
-  with pytest.raises(workdir_lib.NonFiniteError, match='step 1') as e:
+  with pytest.raises(loop.NonFiniteError, match='step 1') as e:
     train.train_and_evaluate(tiny_cli_config(total_steps=4, ckpt_every_steps=4), str(tmp_path))
   assert 'No checkpoint was written before it.' in str(e.value)
   assert 'last good' not in str(e.value)
@@ -458,9 +458,9 @@ def test_resume_refuses_config_drift_and_keeps_config_json(tmp_path, straight_ru
   # after its first step), and the old one is kept.
   caplog.set_level('WARNING')
   allowed = tiny_cli_config(**common, **{'optim.lr': 1e-3}, allow_config_change=True)
-  workdir_lib.check_resume_config(json.loads(saved), allowed, 'its step dir')
+  loop.check_resume_config(json.loads(saved), allowed, 'its step dir')
   assert f'changed config (allow_config_change): optim.lr {old_lr} -> 0.001' in caplog.text
-  workdir_lib.save_config(allowed, str(workdir), start_step=12)
+  loop.save_config(allowed, str(workdir), start_step=12)
   assert (workdir / 'config.12.json').read_text() == saved
   assert json.loads((workdir / 'config.json').read_text())['optim']['lr'] == 1e-3
 
@@ -716,7 +716,7 @@ def test_label_checks_run_before_the_workdir_is_created(tmp_path):
       Image.new('RGB', (8, 8), (90, 90, 90)).save(tmp_path / 'data' / split / name / '0.png')
   config = tiny_cli_config(**{'data.dataset': 'image_folder', 'data.num_classes': 2,
                               'data.data_dir': str(tmp_path / 'data'), 'data.eval_split': 'test',
-                              'evals.knn_every_steps': 2})
+                              'evals.knn.every_steps': 2})
   with pytest.raises(ValueError, match="has class 'grass' that"):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()

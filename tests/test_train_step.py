@@ -9,7 +9,7 @@ from cjepa_jax import config as config_lib
 from cjepa_jax import losses
 from cjepa_jax import optim
 from cjepa_jax import sharding
-from cjepa_jax import train
+from cjepa_jax import loop
 from cjepa_jax import train_step as step_lib
 from cjepa_jax.models import jepa
 
@@ -163,8 +163,8 @@ def test_metrics_and_the_effective_rank_of_the_pooled_target_features_on_log_ste
   # Log steps: every 3rd, every kNN evaluation (5th) and the last (7th); the others pay no SVD.
   config = tiny_config(vicreg_weight=0.001, total_steps=7)
   config.log_every_steps = 3
-  config.evals.knn_every_steps = 5
-  assert [s for s in range(1, 8) if train.is_log_step(s, config, 7)] == [3, 5, 6, 7]
+  config.evals.knn.every_steps = 5
+  assert [s for s in range(1, 8) if loop.is_log_step(s, config, 7)] == [3, 5, 6, 7]
   mesh = sharding.make_mesh(config, jax.devices()[:1])
   run = step_lib.setup(config, mesh)
   state = run.init_fn()

@@ -5,6 +5,9 @@
   AttentiveClassifier pooler -> mean over the Q queries -> LayerNorm -> linear head: [B, C].
   attentive_probe(train_tokens, train_y, test_tokens, test_y, ...)
                       the (lr, wd) sweep on a held-out part of the train split, then the test.
+  TYPE                the evaluator 'attentive' (on the final tokens; its options: `lrs`, `wds`,
+                      `epochs`, `warmup_epochs`, `batch_size`, `holdout_fraction`,
+                      `num_queries`, `num_heads` (0: the encoder's), `mlp_ratio`).
 
 JEPA encoders have no class token, so a linear probe must average the tokens; the JEPA family
 (V-JEPA, V-JEPA 2) reports frozen evaluation with this learned pooler instead. The block follows
@@ -52,6 +55,7 @@ import numpy as np
 import optax
 
 from cjepa_jax import sharding
+from cjepa_jax.evals import base
 from cjepa_jax.evals import features as features_lib
 from cjepa_jax.evals import linear as linear_lib
 from cjepa_jax.models import vit
@@ -264,3 +268,48 @@ def attentive_probe(train_tokens: np.ndarray, train_y: np.ndarray, test_tokens: 
               holdout_top1=sweep[best]['holdout_top1'] if sweep else None,
               holdout_loss=sweep[best]['holdout_loss'] if sweep else None,
               epochs=int(epochs), sweep=sweep)
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluator.
+# ------------------------------------------------------------------------------------------------
+
+
+def _check(name: str, o: base.Options) -> None:
+  base.check(o.epochs >= 1, name, 'epochs', o.epochs, 'must be >= 1')
+  base.check(o.batch_size >= 1, name, 'batch_size', o.batch_size, 'must be >= 1')
+  base.check(0 <= o.holdout_fraction < 1, name, 'holdout_fraction', o.holdout_fraction,
+             'must be in [0, 1)')
+
+
+def _build(ctx: base.Context, o: base.Options) -> base.Evaluator:
+  """{'tokens': `attentive_probe` result} on the final tokens."""
+  heads = int(o.num_heads) or int(ctx.model.num_heads)
+  kinds, config, features = (features_lib.TOKENS,), ctx.config, ctx.features
+
+  def evaluate(params: Params) -> dict[str, Any]:
+    train_f, train_y = features.get(params, config.data.train_split, kinds)
+    test_f, test_y = features.get(params, config.data.eval_split, kinds)
+    return {features_lib.TOKENS: attentive_probe(
+        train_f[features_lib.TOKENS], train_y, test_f[features_lib.TOKENS], test_y,
+        num_classes=int(config.data.num_classes), lrs=o.lrs, wds=o.wds, epochs=int(o.epochs),
+        batch_size=int(o.batch_size), holdout_fraction=float(o.holdout_fraction),
+        num_queries=int(o.num_queries), num_heads=heads, mlp_ratio=float(o.mlp_ratio),
+        warmup_epochs=float(o.warmup_epochs), seed=int(config.seed), mesh=ctx.mesh,
+        progress=True)}
+
+  return base.Evaluator(evaluate, kinds)
+
+
+def _entry(out: base.Results, chosen: str, o: base.Options) -> dict[str, Any]:
+  del chosen, o   # Always the tokens.
+  return out[features_lib.TOKENS]
+
+
+def _table_rows(name: str, r: dict[str, Any]) -> list[tuple[Any, ...]]:
+  return [(name, features_lib.TOKENS, r['top1'], r['top5'],
+           f'   lr={r["best_lr"]:g} wd={r["best_wd"]:g} epochs={r["epochs"]}'
+           + (f' holdout={r["holdout_top1"]:.2f}' if r['holdout_top1'] is not None else ''))]
+
+
+TYPE = base.Type('attentive', _build, check=_check, entry=_entry, rows=_table_rows)

@@ -274,38 +274,6 @@ def extract_features(feature_fn: Callable, params: Params, config: ml_collection
   return {k: v if k == TOKENS else v.astype(np.float32) for k, v in merged.items()}, labels
 
 
-def make_monitor_features(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder,
-                          *, train_examples: int, eval_examples: int
-                          ) -> Callable[[Params], tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                         np.ndarray]]:
-  """For a trainer's monitor: params -> (train 'last' [N, D], labels [N], eval 'last' [M, D],
-  labels [M]) of the pretraining config's eval pipeline on fixed subsets (0: a whole split).
-
-  Batches of `evals.knn_batch_size` (0: `batch_size`). Checks now (not at the first evaluation,
-  hours into a run) that the batch divides over the processes and that the two splits' classes
-  agree (`input_pipeline.check_label_splits`). Call the result on every process (collectives).
-  """
-  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
-
-  evals = config.get('evals', ml_collections.ConfigDict())
-  batch_size = int(evals.get('knn_batch_size', 0) or config.batch_size)
-  sharding.check_batch_divisible(batch_size, mesh, jax.process_count())
-  input_pipeline.check_label_splits(config)
-  feature_fn = make_feature_fn(encoder, ('last',))
-
-  def features(params: Params) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    train_f, train_y = extract_features(feature_fn, params, config, config.data.train_split,
-                                        mesh=mesh, batch_size=batch_size,
-                                        num_examples=int(train_examples) or None)
-    test_f, test_y = extract_features(feature_fn, params, config, config.data.eval_split,
-                                      mesh=mesh, batch_size=batch_size,
-                                      num_examples=int(eval_examples) or None)
-    return train_f['last'], train_y, test_f['last'], test_y
-
-  features.feature_fn = feature_fn  # For tests / inspection (its compile count).
-  return features
-
-
 class FeatureCache:
   """The features of ONE parameters object, extracted once per (split, kinds) and then shared.
 

@@ -3,7 +3,8 @@
   shot_indices(labels, shots, seed, num_classes)   the k examples of each class, seeded.
   ridge_fit(x, y, num_classes, l2_reg)             the closed-form regressor of k-shot rows.
   fewshot_probe(train_x, train_y, test_x, ...)     test top-1 per k, averaged over seeds.
-  make_fewshot_evaluator(config, mesh, encoder)    the trainer's periodic few-shot monitor.
+  TYPE                                             the evaluator 'fewshot': options `shots`,
+                                                   `seeds`, `l2_reg`; logs {'fewshot_<k>shot'}.
 
 The protocol, as big_vision's few-shot evaluator (read, not copied):
   * k examples of every class of the train split (k in `shots`, default 1, 5, 10, 25), drawn by a
@@ -19,7 +20,7 @@ The protocol, as big_vision's few-shot evaluator (read, not copied):
   * Prediction: argmax of X_test W; top-1 on the whole test split (rows sharded over the mesh).
 
 Cheap (a [k*C, F] solve and one matmul with the test features), so the trainer can run it every
-few hundred steps (`config.evals.fewshot_every_steps`).
+few hundred steps (`config.evals.fewshot.every_steps`).
 """
 
 from __future__ import annotations
@@ -31,14 +32,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
-import ml_collections
 import numpy as np
 
 from cjepa_jax import sharding
+from cjepa_jax.evals import base
 from cjepa_jax.evals import features as features_lib
-from cjepa_jax.models import vit
+from cjepa_jax.evals import units
 
-Params = Any
 BIAS_CONSTANT = 100.0
 STD_EPS = 1e-5
 DEFAULT_L2 = 2.0 ** 10
@@ -58,7 +58,7 @@ def shot_indices(labels: np.ndarray, shots: int, seed: int, num_classes: int) ->
     if len(idx) < shots:
       raise ValueError(
           f'Few-shot: class {c} has {len(idx)} training examples, fewer than {shots} shots; '
-          'lower fewshot.shots (or evals.fewshot_shots) or use more train examples.')
+          'lower config.evals.<name>.shots or use more train examples.')
     perm = np.random.default_rng([seed, c]).permutation(len(idx))
     out.append(idx[np.sort(perm[:shots])])
   return np.concatenate(out)
@@ -166,29 +166,42 @@ def fewshot_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
 
 
 # ------------------------------------------------------------------------------------------------
-# The periodic few-shot monitor of the trainer.
+# The evaluator.
 # ------------------------------------------------------------------------------------------------
 
 
-def make_fewshot_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder
-                           ) -> Callable[[Params], dict[str, float]]:
-  """Few-shot monitor for pretraining: `evaluate(encoder_params) -> {'fewshot_<k>shot': top1}`.
+def _check(name: str, o: base.Options) -> None:
+  shots = tuple(o.shots)
+  base.check(len(shots) > 0 and all(isinstance(k, int) and k >= 1 for k in shots), name, 'shots',
+             shots, 'must be integers >= 1, e.g. (1, 5, 10, 25)')
+  base.check(isinstance(o.seeds, int) and o.seeds >= 1, name, 'seeds', o.seeds,
+             'must be an integer >= 1')
+  base.check(isinstance(o.l2_reg, (int, float)) and o.l2_reg > 0, name, 'l2_reg', o.l2_reg,
+             'must be > 0')
 
-  The pretraining config's `evals.fewshot_*`: the shots are drawn from a fixed subset of
-  `fewshot_train_examples` train images (0: all), tested on `fewshot_eval_examples` eval images,
-  `fewshot_seeds` seeds, `fewshot_l2_reg`, on the 'last' features (the eval preprocessing),
-  batches of `knn_batch_size` (0: `batch_size`). Call on every process (collectives).
-  """
-  evals = config.evals
-  shots = tuple(int(k) for k in evals.fewshot_shots)
-  features = features_lib.make_monitor_features(
-      config, mesh, encoder, train_examples=int(evals.fewshot_train_examples),
-      eval_examples=int(evals.fewshot_eval_examples))
 
-  def evaluate(params: Params) -> dict[str, float]:
-    result = fewshot_probe(*features(params), num_classes=int(config.data.num_classes),
-                           shots=shots, seeds=int(evals.fewshot_seeds),
-                           l2_reg=float(evals.fewshot_l2_reg), seed=int(config.seed), mesh=mesh)
-    return {f'fewshot_{k}shot': v for k, v in result['top1'].items()}
+def _build(ctx: base.Context, o: base.Options) -> base.Evaluator:
+  """{kind: `fewshot_probe` result} per feature kind of the context."""
+  return base.per_kind(ctx, functools.partial(
+      fewshot_probe, num_classes=int(ctx.config.data.num_classes),
+      shots=tuple(int(k) for k in o.shots), seeds=int(o.seeds), l2_reg=float(o.l2_reg),
+      seed=int(ctx.config.seed), mesh=ctx.mesh))
 
-  return evaluate
+
+def _logged(out: base.Results) -> dict[str, Any]:
+  (r,) = out.values()
+  return units.monitor_to_percent({f'fewshot_{k}shot': v for k, v in r['top1'].items()})
+
+
+def _entry(out: base.Results, chosen: str, o: base.Options) -> dict[str, Any]:
+  del o
+  return dict(out[chosen], features=chosen, per_features={kd: r['top1'] for kd, r in out.items()})
+
+
+def _rows(name: str, e: dict[str, Any]) -> list[tuple[Any, ...]]:
+  return [(f'{name} {k}-shot', e['features'], top1, None,
+           f'   +-{e["top1_std"][k]:.2f} over {e["seeds"]} seeds, l2={e["l2_reg"]:g}')
+          for k, top1 in e['top1'].items()]
+
+
+TYPE = base.Type('fewshot', _build, check=_check, logged=_logged, entry=_entry, rows=_rows)

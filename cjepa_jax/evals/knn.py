@@ -1,13 +1,13 @@
-"""kNN classification of frozen features (DINO's protocol), and the trainer's kNN monitor.
+"""kNN classification of frozen features (DINO's protocol): the evaluator type 'knn'.
 
   knn_scores(train_x, train_y, test_x, ...)   vote scores [M, C].
   knn_probe(...)                              top-1 / top-5 (fractions) of the votes.
-  make_knn_evaluator(config, mesh, encoder)   `evaluate(encoder_params) -> {'knn_top1',
-                                              'knn_top5'}` for the periodic kNN of pretraining.
+  TYPE                                        the evaluator: options `k`, `temperature`; logs
+                                              {'knn_top1', 'knn_top5'} in a trainer's rows.
 
 The protocol: L2-normalised features, cosine similarity to every training example, the k nearest
-(20 by default) vote for their class with weight exp(sim / T), T = 0.07 by default; top-1 / top-5
-of the summed votes. The training rows are split over the mesh, so no device holds the
+(config: 20 in every recipe) vote for their class with weight exp(sim / T) (T = 0.07); top-1 /
+top-5 of the summed votes. The training rows are split over the mesh, so no device holds the
 similarities to all of them.
 """
 
@@ -20,14 +20,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-import ml_collections
 import numpy as np
 
 from cjepa_jax import sharding
+from cjepa_jax.evals import base
 from cjepa_jax.evals import features as features_lib
-from cjepa_jax.models import vit
+from cjepa_jax.evals import units
 
-Params = Any
 _put = features_lib.from_host  # Host rows -> mesh.
 
 # Test examples per jitted call, and the multiple the training rows are padded to (static shapes:
@@ -122,37 +121,37 @@ def knn_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test
 
 
 # ------------------------------------------------------------------------------------------------
-# The periodic kNN of the trainer.
+# The evaluator.
 # ------------------------------------------------------------------------------------------------
 
 
-def make_knn_evaluator(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder
-                       ) -> Callable[[Params], dict[str, float]]:
-  """kNN monitor for pretraining: `evaluate(encoder_params) -> {'knn_top1', 'knn_top5'}`.
+def _check(name: str, o: base.Options) -> None:
+  base.check(isinstance(o.k, int) and o.k >= 1, name, 'k', o.k, 'must be an integer >= 1')
+  base.check(isinstance(o.temperature, (int, float)) and o.temperature > 0, name, 'temperature',
+             o.temperature, 'must be > 0')
 
-  Uses the pretraining config: the eval pipeline on `data.train_split` (a fixed subset of
-  `evals.knn_train_examples`, 0 = all) and `data.eval_split` (`evals.knn_eval_examples`),
-  batches of `evals.knn_batch_size` (default `batch_size`), k = `evals.knn_k` (default 20),
-  T = `evals.knn_temperature` (default 0.07), on the 'last' features. The feature extraction and
-  the kNN are jitted once and reused by every call; the data are re-read each call (nothing is
-  cached on the host: the parameters change between calls). Call it on every process (it runs
-  collectives); the parameters may be FSDP-sharded (e.g. `state['target_params']`).
 
-  Raises ValueError at once (not at the first evaluation, hours into a run) when the two splits'
-  classes differ or do not match `data.num_classes` (`input_pipeline.check_label_splits`).
-  """
-  evals = config.get('evals', ml_collections.ConfigDict())
-  k = int(evals.get('knn_k', 20))
-  temperature = float(evals.get('knn_temperature', 0.07))
-  features = features_lib.make_monitor_features(
-      config, mesh, encoder, train_examples=int(evals.get('knn_train_examples', 0)),
-      eval_examples=int(evals.get('knn_eval_examples', 0)))
+def _build(ctx: base.Context, o: base.Options) -> base.Evaluator:
+  """{kind: `knn_probe` result} per feature kind of the context."""
+  return base.per_kind(ctx, functools.partial(
+      knn_probe, num_classes=int(ctx.config.data.num_classes), k=int(o.k),
+      temperature=float(o.temperature), mesh=ctx.mesh))
 
-  def evaluate(params: Params) -> dict[str, float]:
-    train_x, train_y, test_x, test_y = features(params)
-    result = knn_probe(train_x, train_y, test_x, test_y, num_classes=config.data.num_classes,
-                       k=k, temperature=temperature, mesh=mesh)
-    return {'knn_top1': result['top1'], 'knn_top5': result['top5']}
 
-  evaluate.feature_fn = features.feature_fn  # For tests / inspection (its compile count).
-  return evaluate
+def _logged(out: base.Results) -> dict[str, Any]:
+  (r,) = out.values()
+  return units.monitor_to_percent({'knn_top1': r['top1'], 'knn_top5': r['top5']})
+
+
+def _entry(out: base.Results, chosen: str, o: base.Options) -> dict[str, Any]:
+  return dict(top1=out[chosen]['top1'], top5=out[chosen]['top5'], k=int(o.k),
+              temperature=float(o.temperature), features=chosen,
+              per_features={kd: dict(top1=r['top1'], top5=r['top5']) for kd, r in out.items()})
+
+
+def _rows(name: str, e: dict[str, Any]) -> list[tuple[Any, ...]]:
+  return [(f'{name} k={e["k"]} T={e["temperature"]:g} {"*" if kind == e["features"] else " "}',
+           kind, r['top1'], r['top5'], '') for kind, r in e['per_features'].items()]
+
+
+TYPE = base.Type('knn', _build, check=_check, logged=_logged, entry=_entry, rows=_rows)

@@ -5,6 +5,10 @@
   lowshot_indices(labels, fraction, seed, C)            a seeded, class-balanced label fraction
                                                         (the low-shot protocol: 1% / 10%).
   train_linear, evaluate_linear                         a grid of classifiers, trained together.
+  TYPE                                                  the evaluator 'linear': options `epochs`,
+                                                        `batch_size`, `lrs`, `wds`,
+                                                        `holdout_fraction`, `retrain`; it chooses
+                                                        the feature kind the others report.
 
 The protocol: a linear softmax classifier on the standardised features (mean / std of the
 training rows it is fitted on), zero-initialised, Adam with a cosine decay of the learning rate to
@@ -29,6 +33,7 @@ import numpy as np
 import optax
 
 from cjepa_jax import sharding
+from cjepa_jax.evals import base
 from cjepa_jax.evals import features as features_lib
 
 Params = Any
@@ -296,3 +301,53 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray,
               holdout_loss=sweep[best]['holdout_loss'] if sweep else None,
               holdout_n=int(len(hold_idx)), retrained=bool(retrained),
               dim=int(train_x.shape[1]), sweep=sweep)
+
+
+# ------------------------------------------------------------------------------------------------
+# The evaluator.
+# ------------------------------------------------------------------------------------------------
+
+
+def check_options(name: str, o: base.Options) -> None:
+  """The linear probe's options (also the low-shot probe's, which runs it)."""
+  base.check(isinstance(o.epochs, int) and o.epochs >= 1, name, 'epochs', o.epochs,
+             'must be an integer >= 1')
+  base.check(0 <= o.holdout_fraction < 1, name, 'holdout_fraction', o.holdout_fraction,
+             'must be in [0, 1)')
+
+
+def probe_options(o: base.Options, ctx: base.Context) -> dict[str, Any]:
+  """`linear_probe`'s keyword arguments from an entry (the low-shot probe's too)."""
+  return dict(num_classes=int(ctx.config.data.num_classes), lrs=o.lrs, wds=o.wds,
+              epochs=int(o.epochs), batch_size=o.batch_size,
+              holdout_fraction=o.holdout_fraction, retrain=o.retrain, seed=ctx.config.seed,
+              mesh=ctx.mesh)
+
+
+def _build(ctx: base.Context, o: base.Options) -> base.Evaluator:
+  """{kind: `linear_probe` result} for every feature kind of the context."""
+  return base.per_kind(ctx, functools.partial(linear_probe, **probe_options(o, ctx)))
+
+
+def _choose(out: base.Results, kinds: tuple[str, ...]) -> str:
+  """The better kind on the held-out train rows (ties: 'last'), never on the test split."""
+  return min(kinds, key=lambda kd: (-(out[kd]['holdout_top1'] or 0.0),
+                                    out[kd]['holdout_loss'] or 0.0, kinds.index(kd)))
+
+
+def _entry(out: base.Results, chosen: str, o: base.Options) -> dict[str, Any]:
+  del o
+  return dict(out[chosen], features=chosen,
+              per_features={kd: {k: v for k, v in r.items() if k != 'sweep'}
+                            for kd, r in out.items()})
+
+
+def _rows(name: str, e: dict[str, Any]) -> list[tuple[Any, ...]]:
+  return [(f'{name} {"*" if kind == e["features"] else " "}', kind, r['top1'], r['top5'],
+           f'   lr={r["best_lr"]:g} wd={r["best_wd"]:g}'
+           + (f' holdout={r["holdout_top1"]:.2f}' if r['holdout_top1'] is not None else ''))
+          for kind, r in e['per_features'].items()]
+
+
+TYPE = base.Type('linear', _build, check=check_options, entry=_entry, rows=_rows,
+                 choose=_choose)

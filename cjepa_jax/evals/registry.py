@@ -1,221 +1,160 @@
-"""Evaluators by name, built through one interface, and the ones the trainer runs.
+"""Every evaluator type by name, and the one way each runner builds them from `config.evals`.
 
-  build(name, config, mesh, encoder, *, features=None)   an Evaluator for a probe config.
-  names()                                                 the registered names: 'attentive',
-                                                          'fewshot', 'knn', 'linear', 'lowshot'.
-  in_training(config, mesh, encoder)                      [(name, every_steps, Evaluator)] that
-                                                          the trainer runs during pretraining.
+  names()                                      the registered types: 'attentive', 'classify',
+                                               'fewshot', 'knn', 'linear', 'lowshot'.
+  register(type_)                              adds a `base.Type` (a new evaluator: its file, and
+                                               one line in `_BUILTIN` below).
+  build(name, config, mesh, model, *, features=None, kinds=None)
+                                               the evaluator `config.evals.<name>` describes.
+  monitors(config, mesh, model)                [Monitor] that a trainer runs: the entries with
+                                               `every_steps` > 0, each with its own data.
+  periods(config)                              {name: every_steps > 0} (the config alone).
+  check(config, names)                         ValueError naming the key of a bad entry.
 
-An `Evaluator` holds `evaluate(encoder_params) -> dict` and `kinds`, the features it reads. The
-trainer's return flat floats in percent, with `'unit': 'percent'` (it logs them as metrics:
-{'knn_top1', 'knn_top5', 'fewshot_10shot', ..., 'unit'}); a probe run's return their result per
-feature kind ({'last': {...}, 'last4': {...}}; the attentive probe's under 'tokens'), in
-fractions, which the runner assembles into probe_results.json in percent.
-
-The evaluators of one probe run share a `features.FeatureCache`: the features of one parameters
-object are extracted once (minutes on CIFAR-10) and read by every evaluator. Adding an evaluator
-is one `@register('name')` builder here.
+The config shape is `base.py`'s: `config.evals.<name> = dict(type=..., every_steps=...,
+<options>)`, the same for pretraining's monitors, the probe CLI and fine-tuning's evaluation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 import dataclasses
-import functools
 from typing import Any
 
+import jax
 from jax.sharding import Mesh
 import ml_collections
 
-from cjepa_jax.evals import attentive as attentive_lib
+from cjepa_jax import sharding
+from cjepa_jax.evals import attentive
+from cjepa_jax.evals import base
+from cjepa_jax.evals import classify
 from cjepa_jax.evals import features as features_lib
-from cjepa_jax.evals import fewshot as fewshot_lib
-from cjepa_jax.evals import knn as knn_lib
-from cjepa_jax.evals import linear as linear_lib
-from cjepa_jax.evals import units
-from cjepa_jax.models import vit
+from cjepa_jax.evals import fewshot
+from cjepa_jax.evals import knn
+from cjepa_jax.evals import linear
+from cjepa_jax.evals import lowshot
 
-Params = Any
-Results = dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class Evaluator:
-  """One evaluation of an encoder: `evaluate(encoder_params) -> results`.
-
-  Call it on every process (feature extraction and the probes run collectives). `kinds`: the
-  features it reads from the run's cache (the runner extracts their union in one pass).
-  """
-  evaluate: Callable[[Params], Results]
-  kinds: tuple[str, ...] = ()
+# The built-in types: one line each.
+_BUILTIN = (attentive.TYPE, classify.TYPE, fewshot.TYPE, knn.TYPE, linear.TYPE, lowshot.TYPE)
+_TYPES: dict[str, base.Type] = {}
 
 
-Builder = Callable[[ml_collections.ConfigDict, Mesh, vit.Encoder, features_lib.FeatureCache],
-                   Evaluator]
-_BUILDERS: dict[str, Builder] = {}
+def register(type_: base.Type) -> base.Type:
+  """Registers `type_` under `type_.name` (ValueError when the name is taken)."""
+  if type_.name in _TYPES:
+    raise ValueError(f'Evaluator {type_.name!r} is already registered.')
+  _TYPES[type_.name] = type_
+  return type_
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-  """Registers `builder(config, mesh, encoder, features) -> Evaluator` under `name`."""
-
-  def add(builder: Builder) -> Builder:
-    if name in _BUILDERS:
-      raise ValueError(f'Evaluator {name!r} is already registered.')
-    _BUILDERS[name] = builder
-    return builder
-
-  return add
+for _type in _BUILTIN:
+  register(_type)
 
 
 def names() -> tuple[str, ...]:
-  """The registered evaluator names, sorted."""
-  return tuple(sorted(_BUILDERS))
+  """The registered evaluator types, sorted."""
+  return tuple(sorted(_TYPES))
 
 
-def build(name: str, config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder, *,
-          features: features_lib.FeatureCache | None = None) -> Evaluator:
-  """The evaluator `name` for a probe config (see configs/probe_linear.py).
+def entries(config: ml_collections.ConfigDict) -> dict[str, ml_collections.ConfigDict]:
+  """{name: options} of `config.evals` (an empty dict without any)."""
+  evals = config.get('evals')
+  if not isinstance(evals, (ml_collections.ConfigDict, dict)):
+    return {}
+  return dict(evals.items())
+
+
+def type_of(name: str, options: Any) -> base.Type:
+  """The registered type of the entry `config.evals.<name>` (ValueError naming the known)."""
+  kind = options.get('type', name) if hasattr(options, 'get') else name
+  if kind not in _TYPES:
+    raise ValueError(f'Unknown evaluator {kind!r} in config.evals; known: '
+                     f'{", ".join(names())}.')
+  return _TYPES[kind]
+
+
+def check(config: ml_collections.ConfigDict, selected: Sequence[str] | None = None) -> None:
+  """ValueError naming `config.evals.<name>.<key>` for a bad entry of `selected` (default: all)."""
+  all_entries = entries(config)
+  for name in (all_entries if selected is None else selected):
+    options = all_entries[name]
+    type_ = type_of(name, options)
+    for key in ('every_steps', 'train_examples', 'eval_examples', 'eval_batch_size'):
+      value = options.get(key, 0)
+      base.check(isinstance(value, int) and not isinstance(value, bool) and value >= 0, name,
+                 key, value, 'must be an integer >= 0 (0: off / the whole split / the default)')
+    type_.check(name, options)
+
+
+def build(name: str, config: ml_collections.ConfigDict, mesh: Mesh, model: Any, *,
+          features: features_lib.FeatureCache | None = None,
+          kinds: tuple[str, ...] | None = None) -> base.Evaluator:
+  """The evaluator of `config.evals.<name>` (an unregistered name: a type of that name).
 
   Args:
-    name: a registered name (`names()`).
-    config: the probe config: its `features`, `seed`, `data.*` and the evaluator's own keys.
-    mesh: the devices the probe runs on.
-    encoder: the module whose parameters `evaluate` receives.
-    features: shared by the evaluators of one run so the features are extracted once; default:
-      a cache of this evaluator's own, from `config`.
+    name: an entry of `config.evals`, or a registered type (`names()`) with no entry.
+    config: the run's config: `data.*`, `seed`, `features` (a probe's) and `evals`.
+    mesh: the devices it runs on.
+    model: the module whose parameters `evaluate` receives.
+    features: shared by the evaluators of one probe run so the features are extracted once;
+      default: a cache of this evaluator's own (`FeatureCache.from_config`).
+    kinds: the feature kinds it reports; default: `config.features`'.
   """
-  if name not in _BUILDERS:
-    raise ValueError(f'Unknown evaluator {name!r} in config.evals; known: {", ".join(names())}.')
-  if features is None:
-    features = features_lib.FeatureCache.from_config(config, mesh, encoder)
-  return _BUILDERS[name](config, mesh, encoder, features)
+  options = entries(config).get(name, ml_collections.ConfigDict({'type': name}))
+  type_ = type_of(name, options)
+  if type_.reads_features and features is None:
+    features = features_lib.FeatureCache.from_config(config, mesh, model)
+  if kinds is None:
+    kinds = features_lib.feature_kinds(config.get('features', 'last'))
+  return type_.build(base.Context(config, mesh, model, features, tuple(kinds)), options)
 
 
-def _splits(config: ml_collections.ConfigDict, features: features_lib.FeatureCache,
-            params: Params, kinds: tuple[str, ...]) -> tuple[Any, ...]:
-  """(train features, train labels, test features, test labels) from the cache."""
-  train_f, train_y = features.get(params, config.data.train_split, kinds)
-  test_f, test_y = features.get(params, config.data.eval_split, kinds)
-  return train_f, train_y, test_f, test_y
+@dataclasses.dataclass(frozen=True)
+class Monitor:
+  """An evaluator a trainer runs every `every_steps` steps (and at the last step)."""
+  name: str
+  every_steps: int
+  evaluate: Callable[[Any], dict[str, Any]]   # params -> the values its metrics row gets.
+  features: features_lib.FeatureCache | None  # Its own features (None: it reads none).
 
 
-def _per_kind(config: ml_collections.ConfigDict, features: features_lib.FeatureCache,
-              probe_fn: Callable[..., dict[str, Any]]) -> Evaluator:
-  """An Evaluator running `probe_fn(train_x, train_y, test_x, test_y)` on each feature kind."""
-  kinds = features_lib.feature_kinds(config.features)
-
-  def evaluate(params: Params) -> Results:
-    train_f, train_y, test_f, test_y = _splits(config, features, params, kinds)
-    return {kind: probe_fn(train_f[kind], train_y, test_f[kind], test_y) for kind in kinds}
-
-  return Evaluator(evaluate, kinds)
+def periods(config: ml_collections.ConfigDict) -> dict[str, int]:
+  """{name: every_steps > 0} of the evaluators a trainer runs (the config alone: no data)."""
+  return {name: int(options.get('every_steps', 0))
+          for name, options in entries(config).items() if options.get('every_steps', 0) > 0}
 
 
-@register('linear')
-def _linear(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder,
-            features: features_lib.FeatureCache) -> Evaluator:
-  """{kind: `linear.linear_probe` result} for every kind of `config.features` (`linear.*`)."""
-  del encoder  # The features come from the cache.
-  lin = config.linear
-  return _per_kind(config, features, functools.partial(
-      linear_lib.linear_probe, num_classes=int(config.data.num_classes), lrs=lin.lrs,
-      wds=lin.wds, epochs=lin.epochs, batch_size=lin.batch_size,
-      holdout_fraction=lin.holdout_fraction, retrain=lin.retrain, seed=config.seed, mesh=mesh))
+def monitors(config: ml_collections.ConfigDict, mesh: Mesh, model: Any) -> list[Monitor]:
+  """The evaluators a trainer runs on `model`'s parameters: the entries with `every_steps` > 0.
 
-
-@register('knn')
-def _knn(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder,
-         features: features_lib.FeatureCache) -> Evaluator:
-  """{kind: `knn.knn_probe` result} per kind of `config.features` (`config.knn.*`)."""
-  del encoder  # The features come from the cache.
-  return _per_kind(config, features, functools.partial(
-      knn_lib.knn_probe, num_classes=int(config.data.num_classes), k=config.knn.k,
-      temperature=config.knn.temperature, mesh=mesh))
-
-
-@register('fewshot')
-def _fewshot(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder,
-             features: features_lib.FeatureCache) -> Evaluator:
-  """{kind: `fewshot.fewshot_probe` result} per kind of `config.features` (`fewshot.*`)."""
-  del encoder
-  fs = config.fewshot
-  return _per_kind(config, features, functools.partial(
-      fewshot_lib.fewshot_probe, num_classes=int(config.data.num_classes), shots=fs.shots,
-      seeds=int(fs.seeds), l2_reg=float(fs.l2_reg), seed=int(config.seed), mesh=mesh))
-
-
-@register('lowshot')
-def _lowshot(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder,
-             features: features_lib.FeatureCache) -> Evaluator:
-  """{kind: {'1%': linear result, ...}}: the linear probe (`linear.*` grid and protocol) fitted on
-  a seeded class-balanced `lowshot.fractions` of the train labels (`linear.lowshot_indices`)."""
-  del encoder
-  lin, num_classes = config.linear, int(config.data.num_classes)
-
-  def probe(train_x, train_y, test_x, test_y):
-    out = {}
-    for fraction in config.lowshot.fractions:
-      idx = linear_lib.lowshot_indices(train_y, float(fraction), int(config.seed), num_classes)
-      r = linear_lib.linear_probe(
-          train_x[idx], train_y[idx], test_x, test_y, num_classes=num_classes, lrs=lin.lrs,
-          wds=lin.wds, epochs=int(config.lowshot.epochs), batch_size=lin.batch_size,
-          holdout_fraction=lin.holdout_fraction, retrain=lin.retrain, seed=config.seed,
-          mesh=mesh)
-      out[f'{100 * float(fraction):g}%'] = dict(
-          {k: v for k, v in r.items() if k != 'sweep'}, fraction=float(fraction),
-          num_train=int(len(idx)))
-    return out
-
-  return _per_kind(config, features, probe)
-
-
-@register('attentive')
-def _attentive(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder,
-               features: features_lib.FeatureCache) -> Evaluator:
-  """{'tokens': `attentive.attentive_probe` result} on the final tokens (`attentive.*`)."""
-  att = config.attentive
-  heads = int(att.num_heads) or int(encoder.num_heads)
-  kinds = (features_lib.TOKENS,)
-
-  def evaluate(params: Params) -> Results:
-    train_f, train_y, test_f, test_y = _splits(config, features, params, kinds)
-    return {features_lib.TOKENS: attentive_lib.attentive_probe(
-        train_f[features_lib.TOKENS], train_y, test_f[features_lib.TOKENS], test_y,
-        num_classes=int(config.data.num_classes), lrs=att.lrs, wds=att.wds,
-        epochs=int(att.epochs), batch_size=int(att.batch_size),
-        holdout_fraction=float(att.holdout_fraction), num_queries=int(att.num_queries),
-        num_heads=heads, mlp_ratio=float(att.mlp_ratio), warmup_epochs=float(att.warmup_epochs),
-        seed=int(config.seed), mesh=mesh, progress=True)}
-
-  return Evaluator(evaluate, kinds)
-
-
-def in_training_periods(config: ml_collections.ConfigDict) -> dict[str, int]:
-  """{name: every_steps > 0} of the evaluators the trainer runs (the config alone: no data)."""
-  evals = config.get('evals', ml_collections.ConfigDict())
-  periods = {'knn': int(evals.get('knn_every_steps', 0)),
-             'fewshot': int(evals.get('fewshot_every_steps', 0))}
-  return {name: every for name, every in periods.items() if every > 0}
-
-
-def in_training(config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder
-                ) -> list[tuple[str, int, Evaluator]]:
-  """The evaluators the trainer runs on `target_params`, each with its period in steps.
-
-  The kNN monitor (`knn.make_knn_evaluator`) every `evals.knn_every_steps` steps, results
-  {'knn_top1', 'knn_top5'}; the few-shot monitor (`fewshot.make_fewshot_evaluator`) every
-  `evals.fewshot_every_steps`, results {'fewshot_<k>shot'} (0: none). Their top-1 / top-5 are
-  logged in percent, each result with `'unit': 'percent'` (evals/units.py), so metrics.jsonl rows
-  say their unit. Built now, so a bad dataset fails at start-up rather than at the first
-  evaluation hours later.
+  Each reads its own fixed subsets of the train / eval split (`train_examples` /
+  `eval_examples`, 0: all) on the 'last' features, in batches of `eval_batch_size` (0: the run's
+  `batch_size`); its `logged` values go into the metrics row (accuracies in percent with
+  `'unit': 'percent'`, evals/units.py). Built now, so a bad dataset fails at start-up rather
+  than at the first evaluation hours later.
   """
-  makers = {'knn': knn_lib.make_knn_evaluator, 'fewshot': fewshot_lib.make_fewshot_evaluator}
-
-  def in_percent(evaluate: Callable[[Params], dict[str, float]]) -> Callable[[Params], Results]:
-    @functools.wraps(evaluate)   # Keeps its attributes (knn's `feature_fn`).
-    def evaluate_percent(params: Params) -> Results:
-      return units.monitor_to_percent(evaluate(params))
-    return evaluate_percent
-
-  return [(name, every, Evaluator(in_percent(makers[name](config, mesh, encoder)), ('last',)))
-          for name, every in in_training_periods(config).items()]
+  check(config)
+  out = []
+  for name, every in periods(config).items():
+    options = entries(config)[name]
+    type_ = type_of(name, options)
+    if type_.logged is None:
+      raise ValueError(f'config.evals.{name}.every_steps={every}: the {type_.name} evaluator does '
+                       'not run during training; set it to 0 (it runs in cjepa-probe).')
+    features = None
+    if type_.reads_features:
+      from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+      batch_size = int(options.get('eval_batch_size', 0) or config.batch_size)
+      sharding.check_batch_divisible(batch_size, mesh, jax.process_count())
+      input_pipeline.check_label_splits(config)
+      features = features_lib.FeatureCache(
+          model, config, mesh, batch_size=batch_size, num_examples={
+              config.data.train_split: int(options.get('train_examples', 0)) or None,
+              config.data.eval_split: int(options.get('eval_examples', 0)) or None})
+    evaluator = build(name, config, mesh, model, features=features,
+                      kinds=(features_lib.FEATURE_KINDS[0],))
+    logged = type_.logged
+    out.append(Monitor(name, every, lambda params, e=evaluator, f=logged: f(e.evaluate(params)),
+                       features))
+  return out

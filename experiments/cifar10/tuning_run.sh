@@ -25,7 +25,7 @@ mkfifo "$log"
 trap 'rm -f "$log"' EXIT
 python -m cjepa_jax.train --config "configs/cifar10_vit_tiny.py:$objective" --workdir "$dir" \
   --config.epochs=4 --config.ckpt_every_steps=$STOP --config.keep_every_steps=$STOP \
-  --config.evals.knn_every_steps=391 "$@" 2>"$log" &
+  --config.evals.knn.every_steps=391 "$@" 2>"$log" &
 pid=$!
 stopped=0
 while IFS= read -r line; do
@@ -40,5 +40,5 @@ if [ ! -d "$dir/checkpoints/$STOP" ] || { [ $rc != 0 ] && [ $rc != 75 ]; }; then
   exit 1
 fi
 python -m cjepa_jax.probe --config configs/probe_linear.py --config.pretrained="$dir/checkpoints/$STOP" \
-  --config.train_examples=10000 --config.eval_examples=2000 --config.evals=linear,knn,fewshot \
+  --config.train_examples=10000 --config.eval_examples=2000 --config.probes=linear,knn,fewshot \
   --workdir "$dir/probe"
