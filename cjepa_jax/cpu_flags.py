@@ -11,8 +11,9 @@ programs of a GPU or TPU run are not affected (its host-side CPU programs are).
   --xla_cpu_experimental_ynn_fusion_type=   (empty: no YNNPACK fusions)
       jaxlib 0.10 hands dots and reductions to YNNPACK fusions on x86 by default; on the
       CIFAR-10 recipe's step (ViT-Ti/4 at 32 px: 64-token GEMMs of width 192-768, small
-      LayerNorm reductions) the step ran faster with XLA's own dot and fusion emitters
-      (BENCHMARKS.md, "Against the reference PyTorch step").
+      LayerNorm reductions) the step ran about 5% faster with XLA's own dot and fusion
+      emitters, on a loaded machine and not clearly beyond its noise (BENCHMARKS.md, "Against
+      the reference PyTorch step"); the results differ by float rounding only.
 
 A user's own value for an option wins: an option already named in `XLA_FLAGS` is left as it is.
 `CJEPA_XLA_CPU_FLAGS=0` in the environment turns the whole set off.
