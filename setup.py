@@ -34,7 +34,9 @@ setuptools.setup(
         # The tf.data loader (config.data.loader='tf'). Also in install_requires while it is the
         # default; named here so `pip install -e '.[tf]'` keeps working once it is optional.
         'tf': ['tensorflow-cpu>=2.21.0', 'tensorflow-datasets>=4.9.10'],
-        'torch': ['torch>=2.2'],  # CPU wheel is enough: only for converting reference checkpoints.
+        # CPU wheel is enough: converting reference checkpoints, and timing the reference step
+        # beside ours (benchmarks/reference_step.py).
+        'torch': ['torch>=2.2'],
         'tensorboard': ['tensorboard>=2.15'],  # The viewer for the event files the trainer writes.
         # libtpu, the TPU compiler, at the version the installed jax pins: `cjepa-compile`
         # compiles for a TPU slice on any host (and a TPU VM needs it to run).

@@ -32,6 +32,9 @@ TensorBoard / XProf and a Perfetto JSON trace that `benchmarks/suite_report.py` 
 `tensorflow_imported` in the JSON line says whether anything imported TensorFlow (it must not:
 the accelerator machines have none); `xla_flags` is the XLA_FLAGS the process ran with.
 
+The command line runs with the XLA:CPU options training runs with (`cjepa_jax.cpu_flags.apply()`,
+before the backend starts; `CJEPA_XLA_CPU_FLAGS=0` leaves XLA_FLAGS as it is).
+
 With `--json` the last line of stdout is one JSON object with all of it and the settings.
 """
 
@@ -56,6 +59,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 
 from cjepa_jax import config as config_lib  # noqa: E402
+from cjepa_jax import cpu_flags  # noqa: E402
 from cjepa_jax import flops as flops_lib  # noqa: E402
 from cjepa_jax import sharding  # noqa: E402
 from cjepa_jax import train_step as step_lib  # noqa: E402  (no TensorFlow, no absl flags)
@@ -323,6 +327,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Parses the flags, runs the benchmark, prints the JSON line with `--json`; returns it."""
   args = parse_args(argv)
+  cpu_flags.apply()  # The XLA:CPU options training runs with (before the backend starts).
   config = build_config(args)
   result = run_benchmark(config, steps=args.steps, warmup=args.warmup,
                          compile_only=args.compile_only, profile_dir=args.profile_dir,

@@ -39,6 +39,7 @@ from absl import flags
 import jax
 
 from cjepa_jax import config as config_lib
+from cjepa_jax import cpu_flags
 from cjepa_jax import distributed
 from cjepa_jax import errorlog
 from cjepa_jax import workdir_lock
@@ -234,6 +235,7 @@ def run(prog: str, main: Callable[[Sequence[str]], Any], *, doc: str, module: st
         # The library tracebacks behind this error were kept off the console: say where they are.
         fail(prog, f'{str(e).strip()} (library tracebacks: {details})' if details else e)
 
+  cpu_flags.apply()  # Before anything starts the backend (XLA reads XLA_FLAGS once).
   distributed.define_flags()
   app.run(wrapped, flags_parser=_flags_parser(prog, doc, module, extra_help, renamed or {}))
 

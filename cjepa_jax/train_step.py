@@ -147,9 +147,10 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
     """Loss, terms, gradients and pooled target features [b, D] of one (micro-)batch."""
     # Targets: EMA encoder (or the online one, without EMA) on every patch, layer-normed,
     # gathered per target block.
-    h = models.encoder.apply({'params': target}, images)
-    h = jax.lax.stop_gradient(losses.normalize_targets(h))        # [b, N, D] float32
-    targets = losses.gather_tokens(h, m.tgt_idx)                  # [b, M, Kt, D]
+    with jax.named_scope('target'):
+      h = models.encoder.apply({'params': target}, images)
+      h = jax.lax.stop_gradient(losses.normalize_targets(h))      # [b, N, D] float32
+      targets = losses.gather_tokens(h, m.tgt_idx)                # [b, M, Kt, D]
 
     def loss_fn(params):
       z = models.encoder.apply({'params': params['encoder']}, images, m.ctx_idx, m.ctx_valid)
@@ -195,33 +196,37 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
     images = batch['image']
     step = state['step']
     step_key = jax.random.fold_in(state['rng'], step)
-    m = masks_lib.sample_masks(step_key, images.shape[0], spec)
+    with jax.named_scope('masks'):  # Named scopes only label the ops for profiles.
+      m = masks_lib.sample_masks(step_key, images.shape[0], spec)
     forward = micro_loss if accum == 1 else accumulated_loss
     loss, terms, grads, pooled = forward(state['params'], target_encoder_params(state), images,
                                          m, step_key)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
+    with jax.named_scope('optimizer'):
+      updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+      params = optax.apply_updates(state['params'], updates)
     new_state = dict(state, step=step + 1, params=params, opt_state=opt_state)
     if use_ema:
-      momentum = schedules.ema(step)
-      new_state['target_params'] = optim.ema_update(state['target_params'], params['encoder'],
-                                                     momentum)
+      with jax.named_scope('ema'):
+        momentum = schedules.ema(step)
+        new_state['target_params'] = optim.ema_update(state['target_params'], params['encoder'],
+                                                       momentum)
 
-    grad_norm = optax.tree.norm(grads)
-    # An objective without VICReg logs no VICReg terms (they would read as if they mattered).
-    metrics = {k: v for k, v in terms.items() if vicreg.enabled or not k.startswith('vicreg')}
-    if use_ema:
-      metrics['ema_momentum'] = momentum
-    metrics.update(
-        loss=loss,
-        lr=schedules.lr(step), weight_decay=schedules.weight_decay(step),
-        grad_norm=grad_norm, update_norm=optax.tree.norm(updates),
-        param_norm=optax.tree.norm(params),
-        target_feature_std=jnp.mean(jnp.std(pooled, axis=0)),
-        context_valid_tokens=jnp.mean(jnp.sum(m.ctx_valid, axis=1).astype(jnp.float32)),
-        target_valid_tokens=jnp.mean(jnp.sum(m.tgt_valid, axis=2).astype(jnp.float32)),
-        finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
-    )
+    with jax.named_scope('monitoring'):
+      grad_norm = optax.tree.norm(grads)
+      # An objective without VICReg logs no VICReg terms (they would read as if they mattered).
+      metrics = {k: v for k, v in terms.items() if vicreg.enabled or not k.startswith('vicreg')}
+      if use_ema:
+        metrics['ema_momentum'] = momentum
+      metrics.update(
+          loss=loss,
+          lr=schedules.lr(step), weight_decay=schedules.weight_decay(step),
+          grad_norm=grad_norm, update_norm=optax.tree.norm(updates),
+          param_norm=optax.tree.norm(params),
+          target_feature_std=jnp.mean(jnp.std(pooled, axis=0)),
+          context_valid_tokens=jnp.mean(jnp.sum(m.ctx_valid, axis=1).astype(jnp.float32)),
+          target_valid_tokens=jnp.mean(jnp.sum(m.tgt_valid, axis=2).astype(jnp.float32)),
+          finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+      )
     return new_state, metrics, pooled
 
   return train_step

@@ -277,3 +277,132 @@ def test_suite_report_table_mfu_against_both_peaks():
                       '395.5 | 40.0% | 50.1% | 40.00 | 30.0 | 1.000 |')
   assert lines[3].endswith('| 1.100 |')
   assert lines[4].startswith('| H14 | timeout: compiling |') and lines[4].count('|') == 11
+
+
+# benchmarks/reference_step.py: the side-by-side harness's own logic (no reference checkout needed).
+REF_SCRIPT = REPO / 'benchmarks' / 'reference_step.py'
+
+
+def _ref_module():
+  return _load_module('reference_step', REF_SCRIPT)
+
+
+def test_reference_harness_shapes_and_flags():
+  rs = _ref_module()
+  a = rs.parse_args(['--which', 'project', '--shape', 'cifar', '--cpus', '0'])
+  assert (a.depth, a.batch_size, a.pred_depth, a.pred_width) == (4, 64, 3, 96)
+  assert a.threads == 1 and a.cpu_list == [0]
+  a = rs.parse_args(['--which', 'project', '--depth', '2', '--threads', '3', '--cpus', '0-2,5'])
+  assert (a.depth, a.batch_size, a.pred_depth, a.pred_width) == (2, 128, 6, 192)
+  assert a.cpu_list == [0, 1, 2, 5] and a.threads == 3
+  argv = rs.project_argv(a)
+  assert argv[argv.index('--dtype') + 1] == 'float32'
+  assert argv[argv.index('--depth') + 1] == '2' and argv[argv.index('--min_keep') + 1] == '4'
+  with pytest.raises(SystemExit):  # Timing the reference needs its checkout.
+    rs.parse_args(['--which', 'both', '--reference_dir', ''])
+  cmd = rs.child_command(a, 'reference', ['--rounds', '3', '--which=both', '--json', '--shape',
+                                          'cifar'])
+  assert cmd[2:] == ['--shape', 'cifar', '--which', 'reference', '--json']
+
+
+def test_reference_harness_masks_follow_the_project_config():
+  rs = _ref_module()
+  from cjepa_jax import config as config_lib
+  m = config_lib.default_config().mask
+  kw = rs.mask_settings(4)
+  assert kw['pred_mask_scale'] == tuple(m.pred_scale) and kw['enc_mask_scale'] == tuple(
+      m.enc_scale)
+  assert kw['aspect_ratio'] == tuple(m.pred_aspect) and (kw['nenc'], kw['npred']) == (1, 4)
+  assert kw['min_keep'] == 4 and kw['allow_overlap'] is False
+  assert kw['input_size'] // kw['patch_size'] == 8
+
+
+def test_reference_harness_ratio_of_medians_and_rounds():
+  rs = _ref_module()
+  runs = [dict(which='project', round=0, images_per_s=40.0),
+          dict(which='reference', round=0, images_per_s=80.0),
+          dict(which='reference', round=1, images_per_s=50.0),
+          dict(which='project', round=1, images_per_s=50.0),
+          dict(which='project', round=2, images_per_s=60.0),
+          dict(which='reference', round=2, images_per_s=60.0)]
+  s = rs.summarise(runs)
+  assert s['project_images_per_s'] == 50.0 and s['reference_images_per_s'] == 60.0
+  assert s['ratio'] == pytest.approx(50 / 60)
+  assert s['ratios'] == pytest.approx([0.5, 1.0, 1.0])
+  assert rs.summarise([dict(which='project', round=0, images_per_s=1.0)])['ratio'] is None
+
+
+def test_reference_harness_profile_attribution():
+  rs = _ref_module()
+  hlo = '\n'.join([
+      'fused_computation.1 (p0: f32[4]) -> f32[4] {',
+      '  p0 = f32[4] parameter(0)',
+      '  ROOT m = f32[4] multiply(p0, p0), metadata={op_name="jit(s)/optimizer/mul"}',
+      '}',
+      'ENTRY main.9 (a: f32[4]) -> f32[4] {',
+      '  a = f32[4] parameter(0)',
+      '  fusion.1 = f32[4] fusion(a), kind=kLoop, calls=fused_computation.1',
+      '  ROOT ynn_fusion.2 = f32[4] fusion(fusion.1), kind=kCustom, calls=c, metadata={op_name='
+      '"jit(s)/transpose(jvp(Predictor))/blocks_0/mlp/fc1/dot_general"}',
+      '}'])
+  names = rs.parse_hlo_op_names(hlo)
+  assert names['fusion.1'] == 'jit(s)/optimizer/mul'
+  assert rs.classify_op(names['ynn_fusion.2']) == ('MLP: fc1, GELU, fc2', 'backward')
+  assert rs.classify_op('jit(s)/target/Encoder/blocks_1/attn/qkv/dot_general') == (
+      'attention: qkv / proj GEMMs', 'target forward')
+  assert rs.classify_op('jit(s)/jvp(Encoder)/blocks_1/attn/vmap(x)/exp')[0].startswith(
+      'attention: scores')
+  assert rs.classify_op('jit(s)/monitoring/sqrt')[0] == 'monitoring outputs'
+  rows = rs.tabulate({('a', '-'): 1.0, ('b', '-'): 3.0})
+  assert [r['category'] for r in rows] == ['b', 'a'] and rows[0]['share'] == 0.75
+
+
+def test_reference_collator_tokens_match_the_project(tmp_path):
+  """With a reference checkout ($IJEPA_REFERENCE_DIR) and torch: its MaskCollator, given the
+  harness's settings, makes target blocks of the project's size range and a context within the
+  project's budget range."""
+  ref = os.environ.get('IJEPA_REFERENCE_DIR', '')
+  if not ref or not os.path.isdir(os.path.join(ref, 'src', 'masks')):
+    pytest.skip('no reference checkout: set IJEPA_REFERENCE_DIR')
+  torch = pytest.importorskip('torch')
+  rs = _ref_module()
+  sys.path.insert(0, ref)
+  try:
+    from src.masks.multiblock import MaskCollator  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(ref)
+  collator = MaskCollator(**rs.mask_settings(4))
+  shape = jepa.build_models(_cifar_config()).step_shape()
+  for _ in range(5):
+    _, enc, pred = collator([(torch.zeros(3, 32, 32), 0) for _ in range(16)])
+    assert len(enc) == 1 and len(pred) == 4
+    assert 4 < pred[0].shape[1] <= shape.target_tokens
+    assert 4 < enc[0].shape[1] <= 64
+
+
+def _cifar_config():
+  from cjepa_jax import config as config_lib
+  c = config_lib.default_config()
+  c.model.variant, c.model.depth, c.data.image_size = 'Ti/4', 4, 32
+  c.model.pred_depth, c.model.pred_width, c.mask.min_keep = 3, 96, 4
+  return c
+
+
+def test_cpu_flags_merge_keeps_the_users_own_values(monkeypatch):
+  from jax._src import xla_bridge
+  from cjepa_jax import cpu_flags
+  monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: False)
+  opt = cpu_flags.CPU_FLAGS[0].split('=')[0]
+  assert cpu_flags.merged('') == ' '.join(cpu_flags.CPU_FLAGS)
+  base = '--xla_force_host_platform_device_count=8'
+  assert cpu_flags.merged(base).split() == [base, *cpu_flags.CPU_FLAGS]
+  mine = f'{base} {opt}=dot'
+  assert cpu_flags.merged(mine) == mine  # The user's value of the option wins.
+  env = {'XLA_FLAGS': base}
+  assert cpu_flags.apply(env) == env['XLA_FLAGS'] == cpu_flags.merged(base)
+  assert cpu_flags.apply(env) == cpu_flags.merged(base)  # Idempotent.
+  off = {'XLA_FLAGS': base, cpu_flags.DISABLE_ENV: '0'}
+  assert cpu_flags.apply(off) == base and off['XLA_FLAGS'] == base
+  monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: True)
+  late = {'XLA_FLAGS': base}  # Too late to take effect: left as it is.
+  assert cpu_flags.apply(late) == base and late['XLA_FLAGS'] == base
