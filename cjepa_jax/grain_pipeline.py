@@ -49,6 +49,11 @@ _RESAMPLE = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC, 'nearest': Im
              'area': Image.BOX, 'lanczos3': Image.LANCZOS}
 # Positions are int64; an epoch count this large is never reached.
 _STREAM_END = 2 ** 62
+MISSING_TFDS = (
+    'A tfds dataset name in config.data.dataset needs tensorflow_datasets, which is not '
+    "installed: pip install -e '.[tf]'; or, without it, read the dataset prepared as ArrayRecord "
+    '(tfds build <name> --file_format=array_record) with --config.data.dataset=array_record '
+    '--config.data.data_dir=<data_dir>/<name>/<version>.')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,7 +97,10 @@ class TfdsSource:
   """`tfds.data_source` (a tfds dataset prepared as ArrayRecord), images left encoded."""
 
   def __init__(self, name: str, split: str, data_dir: str | None):
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    try:
+      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (an extra)
+    except ImportError as e:
+      raise ValueError(MISSING_TFDS) from e
     try:
       self._source = tfds.data_source(name, split=split, data_dir=data_dir,
                                       decoders={'image': tfds.decode.SkipDecoding()})

@@ -85,14 +85,20 @@ class _LazyModule:
       try:
         module = importlib.import_module(self._name)
       except ImportError as e:
-        raise MissingDependencyError(
-            f"config.data.loader='tf' needs {self._name}, which is not installed: pip install "
-            "-e '.[tf]' (or pip install tensorflow-cpu tensorflow-datasets), or use the grain "
-            'loader (--config.data.loader=grain).') from e
+        raise MissingDependencyError(missing_tf_text(self._name)) from e
       if self._name == 'tensorflow':  # First use here, whoever imported it before.
         _hide_gpus(module)
       self._module = module
     return getattr(self._module, attr)
+
+
+def missing_tf_text(module: str) -> str:
+  """The one-line error for a missing TensorFlow (`module` 'tensorflow') or tfds."""
+  if module == 'tensorflow':
+    return ("config.data.loader='tf' needs tensorflow, which is not installed: pip install -e "
+            "'.[tf]' (or pip install tensorflow-cpu tensorflow-datasets), or use the grain loader "
+            '(--config.data.loader=grain).')
+  return grain_pipeline.MISSING_TFDS
 
 
 tf = _LazyModule('tensorflow')
@@ -403,8 +409,8 @@ def _local_batch(batch_size: int, process_count: int) -> int:
 
 
 def _loader(config: ml_collections.ConfigDict) -> str:
-  """config.data.loader ('tf' when a config predates the key)."""
-  loader = config.data.get('loader', 'tf')
+  """config.data.loader (the default, 'grain', when a config lacks the key)."""
+  loader = config.data.get('loader', 'grain')
   if loader not in LOADERS:
     raise ValueError(f"config.data.loader={loader!r} is not one of {LOADERS}; set "
                      "--config.data.loader=grain (no TensorFlow) or tf.")

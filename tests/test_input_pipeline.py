@@ -45,6 +45,7 @@ def _write_flat_folder(root: pathlib.Path, split: str, per_class: int) -> dict[i
 
 def _config(data_dir, **data) -> config_lib.ml_collections.ConfigDict:
   c = config_lib.default_config()
+  c.data.loader = 'tf'  # This file tests the tf.data loader (tests/test_grain.py: grain).
   c.batch_size = 6
   c.data.dataset = 'image_folder'
   c.data.data_dir = str(data_dir)
@@ -277,6 +278,7 @@ def test_eval_resize_and_centre_crop_match_pil(textured_folder):
 
 def test_to_global_array():
   c = config_lib.default_config()
+  c.data.loader = 'tf'
   c.data.dataset = 'synthetic'
   c.data.image_size = 4
   c.batch_size = 16
@@ -295,6 +297,7 @@ def test_to_global_array():
 
 def test_synthetic():
   c = config_lib.default_config()
+  c.data.loader = 'tf'
   c.data.dataset = 'synthetic'
   c.data.image_size = 8
   c.data.num_classes = 5
@@ -320,6 +323,7 @@ def test_synthetic():
 def test_tfds_mock(monkeypatch):
   monkeypatch.setattr(ip, 'TFDS_READ_CHUNKS', 4)
   c = config_lib.default_config()
+  c.data.loader = 'tf'
   c.data.dataset = 'cifar10'
   c.data.data_dir = '/nonexistent/tfds'
   c.data.image_size = 8
@@ -368,6 +372,7 @@ def test_tfds_real_builder(tmp_path, monkeypatch):
       file_format='tfrecord', download_config=tfds.download.DownloadConfig(num_shards=None))
   monkeypatch.setattr(ip, 'TFDS_READ_CHUNKS', 4)
   c = config_lib.default_config()
+  c.data.loader = 'tf'
   c.data.update(dataset='cjepa_test_flat', data_dir=str(tmp_path), image_size=8,
                 shuffle_buffer=4)
   c.batch_size = 10  # 20 examples per process, local batch 5: 4 steps per epoch.
@@ -455,6 +460,7 @@ def test_label_splits_of_image_folders(flat_folder, tmp_path):
 
 def test_label_splits_of_synthetic_and_tfds():
   c = config_lib.default_config()
+  c.data.loader = 'tf'
   c.data.update(dataset='synthetic', num_classes=4, eval_split='validation')
   assert ip.check_label_splits(c) == ['class_0', 'class_1', 'class_2', 'class_3']
   c.data.num_classes = 1
