@@ -54,6 +54,7 @@ setuptools.setup(
             'cjepa-compile=cjepa_jax.compile:run',
             'cjepa-convert-hf=cjepa_jax.convert_hf:run',
             'cjepa-export=cjepa_jax.export:run',
+            'cjepa-convert-array-record=cjepa_jax.convert_array_record:run',
         ],
     },
 )

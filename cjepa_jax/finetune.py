@@ -39,7 +39,9 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax.checkpoint import layout as ckpt_layout
+from cjepa_jax.checkpoint import manager as ckpt_manager
+from cjepa_jax.checkpoint import reading as ckpt_reading
 from cjepa_jax import cli
 from cjepa_jax import config as config_lib
 from cjepa_jax import finetune_step as step_lib
@@ -97,7 +99,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def _finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+  from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
   mesh = sharding.make_mesh(config)
   saved = _workdir_config(workdir)
@@ -116,10 +118,10 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
   input_pipeline.check_label_splits(resolved)  # Same classes in both splits, num_classes of them.
   # Nothing is written in the workdir before its lock is held (process 0 holds it for the job).
   with workdir_lib.locked(workdir, force=config.force_unlock) as lock:
-    ckpt = checkpoint_lib.Checkpointer(
+    ckpt = ckpt_manager.Checkpointer(
         workdir, keep=config.keep_ckpts, keep_every_steps=config.keep_every_steps,
         save_every_steps=config.ckpt_every_steps)
-    best = checkpoint_lib.Checkpointer(os.path.join(workdir, BEST_DIR), keep=1)
+    best = ckpt_manager.Checkpointer(os.path.join(workdir, BEST_DIR), keep=1)
     try:
       return _loop(resolved, workdir, mesh, run, encoder, info, ckpt, best, input_pipeline, lock)
     finally:
@@ -129,10 +131,10 @@ def _finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
 
 def _workdir_config(workdir: str) -> dict[str, Any] | None:
   """The config saved with the workdir's latest complete checkpoint; None before the first."""
-  if not os.path.isdir(os.path.join(workdir, checkpoint_lib.CHECKPOINTS_DIR)):
+  if not os.path.isdir(os.path.join(workdir, ckpt_layout.CHECKPOINTS_DIR)):
     return None
   try:
-    return checkpoint_lib.load_config(workdir)
+    return ckpt_reading.load_config(workdir)
   except ValueError:   # No complete checkpoint yet.
     return None
 

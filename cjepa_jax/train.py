@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
-from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax.checkpoint import manager as ckpt_manager
+from cjepa_jax.checkpoint import reading as ckpt_reading
 from cjepa_jax import cli
 from cjepa_jax import config as config_lib
 from cjepa_jax import flops as flops_lib
@@ -83,7 +84,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+  from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
   mesh = sharding.make_mesh(config)
   run = step_lib.setup(config, mesh)   # Builds and checks the models; compiles nothing.
@@ -94,7 +95,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # Nothing is written in the workdir before its lock is held (process 0 holds it for the job).
   with workdir_lib.locked(workdir, force=config.force_unlock) as lock:
     # Opens (creating) WORKDIR/checkpoints and checks that it is writable, before any compile.
-    ckpt = checkpoint_lib.Checkpointer(
+    ckpt = ckpt_manager.Checkpointer(
         workdir, keep=config.keep_ckpts, keep_every_steps=config.keep_every_steps,
         save_every_steps=config.ckpt_every_steps)
     try:
@@ -122,7 +123,7 @@ def _loop(config, workdir, mesh, run, ckpt, input_pipeline, in_training, lock
   else:
     state = run.init_fn()
     if config.init_from:
-      state = checkpoint_lib.load_init_from(config.init_from, state, run.state_shardings)
+      state = ckpt_reading.load_init_from(config.init_from, state, run.state_shardings)
     last_good = None
   start_step = int(jax.device_get(state['step']))
   if start_step >= total_steps:
