@@ -16,13 +16,15 @@ def local_batch(batch_size: int, process_count: int) -> int:
 
 
 def ceil_div(a: int, b: int) -> int:
+  """ceil(a / b) for positive integers, exactly."""
   return -(-a // b)
 
 
-def eval_steps(total: int, process_count: int, local_batch: int) -> int:
+def eval_steps(total: int, process_count: int, batch: int) -> int:
   """Batches of an evaluation pass on every process: those of the process with the most
-  examples (ceil(ceil(total / process_count) / local_batch)), so collectives line up."""
-  return ceil_div(ceil_div(total, process_count), local_batch)
+  examples (ceil(ceil(total / process_count) / batch), `batch` the local batch), so that
+  collective evaluation steps line up across processes."""
+  return ceil_div(ceil_div(total, process_count), batch)
 
 
 def fill_invalid(x: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any
 
 
 class MissingDependencyError(ImportError, ValueError):
-  """The tf.data loader's TensorFlow is not installed (a ValueError: a one-line user error)."""
+  """TensorFlow or tfds is not installed (also a ValueError: a one-line user error)."""
 
 
 # The one-line errors for a missing TensorFlow (the tf.data loader) and a missing tfds (a tfds
