@@ -55,7 +55,10 @@ pytestmark = [pytest.mark.slow,   # Multi-process jobs: the full suite only.
                                  reason=f'no gloo CPU collectives: {gloo_unavailable_reason()}')]
 
 # Overrides shared by every run here: a tiny model and the test's image folder (added per run).
-TRAIN_ARGS = ('--config', 'configs/cifar10_vit_tiny.py', '--config.batch_size=16',
+# The tf.data loader, whose split of the files across processes is checked below (the grain
+# loader's global shuffle across processes is tests/test_grain.py's).
+TRAIN_ARGS = ('--config', 'configs/cifar10_vit_tiny.py', '--config.data.loader=tf',
+              '--config.batch_size=16',
               '--config.model.depth=1', '--config.model.pred_depth=1',
               '--config.model.pred_width=48', '--config.log_every_steps=1',
               '--config.ckpt_every_steps=4', '--config.evals.knn_every_steps=4',
@@ -97,6 +100,7 @@ def _config(data_dir: pathlib.Path):
   c.batch_size, c.total_steps, c.mesh.data, c.mesh.fsdp = 16, 4, 1, 4
   c.model.depth, c.model.pred_depth, c.model.pred_width = 1, 1, 48
   c.data.data_dir = str(data_dir)
+  c.data.loader = 'tf'
   return c
 
 
