@@ -16,9 +16,8 @@ setuptools.setup(
         'flax>=0.12.8',
         'optax>=0.2.8',
         'orbax-checkpoint>=0.12.8',
-        'tensorflow-cpu>=2.21.0',   # tf.data on the hosts only; never on the accelerator.
-        'tensorflow-datasets>=4.9.10',
-        # The TensorFlow-free loader (config.data.loader='grain') and its ArrayRecord files.
+        # The input loader (config.data.loader='grain', the default) and its ArrayRecord files;
+        # no TensorFlow.
         'grain>=0.2.18',
         'array-record>=0.8.1',
         'pillow>=10.0',
@@ -30,9 +29,11 @@ setuptools.setup(
         'matplotlib>=3.8',
     ],
     extras_require={
-        'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pillow>=10.0'],
-        # The tf.data loader (config.data.loader='tf'). Also in install_requires while it is the
-        # default; named here so `pip install -e '.[tf]'` keeps working once it is optional.
+        # The tests run the tf.data loader too, so `.[test]` pulls `.[tf]`.
+        'test': ['pytest>=8.0', 'pytest-xdist>=3.5', 'pillow>=10.0', 'cjepa_jax[tf]'],
+        # The tf.data loader (config.data.loader='tf') and tfds dataset names (tfds datasets read
+        # by the grain loader through `tfds.data_source`). TensorFlow feeds the hosts only; it
+        # never touches the accelerator.
         'tf': ['tensorflow-cpu>=2.21.0', 'tensorflow-datasets>=4.9.10'],
         # CPU wheel is enough: converting reference checkpoints, and timing the reference step
         # beside ours (benchmarks/reference_step.py).
@@ -55,6 +56,7 @@ setuptools.setup(
             'cjepa-compile=cjepa_jax.compile:run',
             'cjepa-convert-hf=cjepa_jax.convert_hf:run',
             'cjepa-export=cjepa_jax.export:run',
+            'cjepa-convert-array-record=cjepa_jax.convert_array_record:run',
         ],
     },
 )

@@ -41,9 +41,9 @@ from absl import flags  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from cjepa_jax import array_record  # noqa: E402
+from cjepa_jax.data import array_record  # noqa: E402
 from cjepa_jax import config as config_lib  # noqa: E402
-from cjepa_jax import input_pipeline  # noqa: E402
+from cjepa_jax.data import input_pipeline  # noqa: E402
 
 _DATASET = flags.DEFINE_string('dataset', 'synthetic', "tfds name, 'image_folder' or 'synthetic'.")
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'tfds data_dir or image-folder root.')

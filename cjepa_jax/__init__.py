@@ -11,7 +11,7 @@ Models
   models/jepa.py        The model bundle: every module of a run from a config or a saved model
                         config, abstract params, and the one "does this tree fit" check.
 Objective and step
-  masks.py              Multi-block masks with static shapes (and a mask-statistics CLI).
+  masks.py              Multi-block masks with static shapes, sampled inside the step.
   losses.py             The JEPA loss and the VICReg terms (`VICRegSpec`).
   optim.py              The optimizers: pretraining's schedules (built once), AdamW and EMA
                         update; fine-tuning's AdamW with layer-wise lr decay.
@@ -27,11 +27,25 @@ Objective and step
                         HBM table, memory / cost / collectives of a compiled program.
 Run machinery
   config.py             Every config key with its default and meaning; validation; resume rules.
-  checkpoint.py         Orbax checkpoints: exact resume, checksums, failed saves, init_from.
-  input_pipeline.py     The input API: tf.data / tfds (the only TensorFlow user, imported on
-                        first use) or, with data.loader='grain', grain_pipeline.
-  grain_pipeline.py     grain over random-access sources, numpy / PIL, a global shuffle.
-  array_record.py       Image folder -> ArrayRecord shards (`python -m cjepa_jax.array_record`).
+  checkpoint/           Orbax checkpoints: exact resume, checksums, failed saves, init_from.
+  checkpoint/manager.py `Checkpointer`: a run's saves and restores.
+  checkpoint/reading.py A checkpoint read by path: config, extra, a subtree, init_from.
+  checkpoint/integrity.py
+                        The checksum per array, recorded at save, verified at restore.
+  checkpoint/layout.py  The directory layout; complete and cut-off steps.
+  checkpoint/errors.py  The checkpoint errors and their one-line texts.
+  data/                 Input data; TensorFlow only in the tf.data loader, imported on first use.
+  data/input_pipeline.py
+                        The input API: train / eval iterators, dataset checks, class names.
+  data/sources.py       The grain loader's random-access sources.
+  data/image_folder.py  The image-folder layout: its classes and files.
+  data/array_record.py  ArrayRecord datasets: record format, shards, class names, converter.
+  data/augment.py       numpy / PIL preprocessing: RandomResizedCrop, ablations, eval crop.
+  data/grain_loader.py  grain (the default loader): global shuffle, O(1) exact resume.
+  data/tf_augment.py    The same preprocessing in TensorFlow.
+  data/tf_loader.py     tf.data over tfds, an image folder or synthetic images.
+  data/lazy_tf.py       TensorFlow / tfds imported on first use; the missing-extra error.
+  data/batching.py      Host-side batch arithmetic both loaders share.
   metrics.py            metrics.jsonl, TensorBoard, the progress line, the timed log window.
   workdir_lock.py       One trainer per workdir: a lock file with a heartbeat lease.
   errorlog.py           Library tracebacks to WORKDIR/errors.log, off the console.
@@ -40,7 +54,8 @@ Run machinery
   reference_layout.py   The reference I-JEPA state-dict layout <-> flax params; writing a
                         converted checkpoint (shared by the converters and the export).
   hf.py                 Hugging Face IJepaModel folders <-> encoders (safetensors, no torch):
-                        import, export, model card.
+                        import, export.
+  hf_card.py            The model card written with an exported encoder.
   evals/                Evaluation: one registry of evaluator types (kNN, linear, low-shot,
                         few-shot, attentive probes; fine-tuning's classifier accuracy), one
                         config shape (`config.evals.<name>`), features, the probe runner.
@@ -58,6 +73,9 @@ Entry points (absl flags are defined in their `run()`, never at import)
                         fit, memory per chip, the compiler's estimate, collectives.
   convert_hf.py         `cjepa-convert-hf`: Hugging Face I-JEPA folders (safetensors) -> orbax.
   export.py             `cjepa-export`: an encoder -> a Hugging Face IJepaModel folder and card.
+  convert_array_record.py
+                        `cjepa-convert-array-record`: an image folder -> ArrayRecord shards.
+  mask_stats.py         `python -m cjepa_jax.mask_stats`: statistics and pictures of the masks.
 """
 
 __version__ = "0.1.0"

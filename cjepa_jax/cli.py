@@ -267,12 +267,12 @@ def trainer_main(argv: Sequence[str], config: Any, workdir: str | None,
     workdir_lock.check_free(workdir, force=bool(config.get('force_unlock', False)))
   errorlog.divert_library_errors(workdir)
   # pylint: disable=g-import-not-at-top  (after the flag checks: TensorFlow takes ~10 s)
-  from cjepa_jax import input_pipeline
   from cjepa_jax import metrics
   from cjepa_jax import preemption
+  from cjepa_jax.data import lazy_tf
   # pylint: enable=g-import-not-at-top
   metrics.quiet_library_logs()
-  input_pipeline.hide_accelerators_from_tf()
+  lazy_tf.hide_accelerators_from_tf()
   try:
     result = train_fn(config, workdir)
   except preemption.Preempted as e:

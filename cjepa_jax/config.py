@@ -66,10 +66,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.blur = 0.0                # Probability of a Gaussian blur.
   c.data.shuffle_buffer = 10_000   # tf.data shuffle buffer per host.
   c.data.prefetch = 2              # Batches prefetched by tf.data.
-  # Input loader: 'tf' (tf.data; needs TensorFlow) or 'grain' (grain + numpy / PIL, no
-  # TensorFlow, a global shuffle; also reads dataset='array_record'). They draw different
+  # Input loader: 'grain' (grain + numpy / PIL, no TensorFlow, a global shuffle; also reads
+  # dataset='array_record') or 'tf' (tf.data; needs pip install -e '.[tf]'). They draw different
   # examples for the same seed; each is exact on resume.
-  c.data.loader = 'tf'
+  c.data.loader = 'grain'
   c.data.workers = 0               # grain: decoding threads per host; 0 = twice the cores.
   # Evaluation: resize the short side to eval_resize * image_size / 224, centre-crop image_size
   # (256 -> the standard 0.875 crop at any size; 224 -> no crop).

@@ -4,9 +4,10 @@ r"""Converts the reference PyTorch I-JEPA checkpoints (facebookresearch/ijepa) t
       --out /tmp/ijepa_vith14 [--pred_depth 12 --pred_width 384 --image_size 224]
 
 The output directory is an ordinary cjepa_jax checkpoint (`OUT/checkpoints/0/`, written by
-`checkpoint.Checkpointer`): the probes restore `target_params` from it, and pretraining starts from
-it with `--config.init_from=OUT` (fresh optimizer, step 0). Its saved config (`load_config(OUT)`)
-names the model: model.variant / depth / pred_depth / pred_width / scan and data.image_size.
+`checkpoint.manager.Checkpointer`): the probes restore `target_params` from it, and pretraining
+starts from it with `--config.init_from=OUT` (fresh optimizer, step 0). Its saved config
+(`load_config(OUT)`) names the model: model.variant / depth / pred_depth / pred_width / scan and
+data.image_size.
 
 Input: the dict the reference's training script saves, with `encoder`, `target_encoder` and
 `predictor` state dicts (keys prefixed `module.` by DistributedDataParallel; the prefix is

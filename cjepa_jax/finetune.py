@@ -42,7 +42,8 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax.checkpoint import layout as ckpt_layout
+from cjepa_jax.checkpoint import reading as ckpt_reading
 from cjepa_jax import cli
 from cjepa_jax import config as config_lib
 from cjepa_jax import finetune_step as step_lib
@@ -96,7 +97,7 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def finetuning_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
   """The classifier over the encoder `config.pretrained` (or the workdir's own checkpoints)
   names, its jitted step and evaluation, checked; compiles nothing."""
-  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+  from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
   mesh = sharding.make_mesh(config)
   saved = _workdir_config(workdir)
@@ -131,10 +132,10 @@ def finetuning_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Tas
 
 def _workdir_config(workdir: str) -> dict[str, Any] | None:
   """The config saved with the workdir's latest complete checkpoint; None before the first."""
-  if not os.path.isdir(os.path.join(workdir, checkpoint_lib.CHECKPOINTS_DIR)):
+  if not os.path.isdir(os.path.join(workdir, ckpt_layout.CHECKPOINTS_DIR)):
     return None
   try:
-    return checkpoint_lib.load_config(workdir)
+    return ckpt_reading.load_config(workdir)
   except ValueError:   # No complete checkpoint yet.
     return None
 

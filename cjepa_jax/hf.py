@@ -5,7 +5,8 @@ r"""Hugging Face `transformers` I-JEPA folders <-> cjepa_jax encoders, with nump
   export_hf(checkpoint, out)       a cjepa_jax checkpoint's encoder -> a HF `IJepaModel` folder:
                                    config.json, model.safetensors, preprocessor_config.json and
                                    a README.md model card (`cjepa-export`).
-  hf_to_reference / reference_to_hf, hf_model_config, model_card: the pieces, for tests.
+  hf_to_reference / reference_to_hf, hf_model_config: the pieces, for tests. The model card
+  is written by `hf_card.model_card`.
 
 Neither direction needs torch, transformers or pickle: tensors go through the `safetensors` numpy
 API (`pip install 'cjepa_jax[hf]'`; imported only when a file is read or written).
@@ -41,12 +42,15 @@ Architecture checks on config.json: hidden_act 'gelu' (exact erf), layer_norm_ep
 `vit.VARIANTS` (depth may differ: `model.depth`). Anything else is a one-line ValueError naming
 the key and the fix; so are another model_type (ViT-MAE, DINO, ...), a missing, extra or
 misshaped tensor, a truncated file and a config.json that disagrees with the tensors.
+
+Why this module is longer than 450 lines: it is one file format in both directions, and the import
+and the export share its tensor layout, its config.json mapping and its checks; the model card,
+the one separate concern, is `hf_card.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-import datetime
 import json
 import math
 import os
@@ -61,9 +65,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax.checkpoint import reading as ckpt_reading
 from cjepa_jax import config as config_lib
-from cjepa_jax import optim
+from cjepa_jax import hf_card
 from cjepa_jax import reference_layout
 from cjepa_jax.evals import features as features_lib
 from cjepa_jax.models import vit
@@ -478,187 +482,6 @@ def preprocessor_config(data: Mapping[str, Any]) -> dict[str, Any]:
   }
 
 
-def _g(value: Any) -> str:
-  return f'{value:g}' if isinstance(value, (int, float)) else str(value)
-
-
-def percent_scale(results: Mapping[str, Any]) -> float:
-  """What turns probe_results.json's accuracies into percent: 1 for files that say
-  `"unit": "percent"`, 100 for the others (which hold fractions in [0, 1])."""
-  unit = results.get('unit', results.get('accuracy_units', 'fraction'))
-  return 1.0 if unit == 'percent' else 100.0
-
-
-def _probe_section(results: Mapping[str, Any]) -> list[str]:
-  """The model card's evaluation table (percent) and protocol, from probe_results.json."""
-  scale = percent_scale(results)
-
-  def pct(value: float | None) -> str:
-    return '' if value is None else f'{scale * float(value):.1f}'
-
-  rows = []
-  if 'linear' in results:
-    r = results['linear']
-    rows.append(('linear', r.get('features', ''), pct(r.get('top1')), pct(r.get('top5')),
-                 f'lr {_g(r.get("best_lr"))}, wd {_g(r.get("best_wd"))}'))
-  if 'knn' in results:
-    r = results['knn']
-    rows.append((f'kNN (k={r.get("k")}, T={r.get("temperature")})', r.get('features', ''),
-                 pct(r.get('top1')), pct(r.get('top5')), ''))
-  if 'fewshot' in results:
-    r = results['fewshot']
-    for shots, top1 in (r.get('top1') or {}).items():
-      std = (r.get('top1_std') or {}).get(shots)
-      rows.append((f'{shots}-shot ridge', r.get('features', ''), pct(top1), '',
-                   f'+- {pct(std)} over {r.get("seeds")} seeds' if std is not None else ''))
-  if 'lowshot' in results:
-    r = results['lowshot']
-    for label, f in (r.get('fractions') or {}).items():
-      rows.append((f'linear, {label} labels', r.get('features', ''), pct(f.get('top1')),
-                   pct(f.get('top5')), f'{f.get("num_train", "?")} examples'))
-  if 'attentive' in results:
-    r = results['attentive']
-    rows.append(('attentive probe', 'tokens', pct(r.get('top1')), pct(r.get('top5')), ''))
-  lines = ['| evaluator | features | top-1 % | top-5 % | notes |',
-           '| --- | --- | --- | --- | --- |']
-  lines += [f'| {" | ".join(str(c) for c in row)} |' for row in rows]
-  how = {
-      'linear': 'linear: a softmax classifier on standardised pre-extracted features (Adam, cosine '
-                'lr), its lr and weight decay chosen on a held-out part of the train split',
-      'knn': 'kNN: cosine similarity to every train image, the k nearest vote with weight '
-             'exp(sim / T)',
-      'fewshot': "few-shot: ridge regression on k images per class, big_vision's fixed l2",
-      'lowshot': 'low-shot: the linear probe fitted on a class-balanced fraction of the train '
-                 'labels',
-      'attentive': 'attentive: a cross-attention pooling head trained on the frozen tokens, its lr '
-                   'and weight decay chosen on a held-out part of the train split'}
-  protocol = (
-      f'Protocol (`cjepa-probe`, frozen {results.get("encoder") or "target"} encoder, step '
-      f'{results.get("step")}): {results.get("dataset")} `{results.get("train_split")}` '
-      f'({results.get("num_train")} images) -> `{results.get("eval_split")}` '
-      f'({results.get("num_test")} images) at {results.get("image_size")} px, centre crop. '
-      "Features: 'last' = the average-pooled final tokens, 'last4' = the last 4 blocks' tokens "
-      'through the final LayerNorm, pooled and concatenated, the kind chosen on a held-out part '
-      'of the train split (never on the test split); '
-      + '; '.join(v for k, v in how.items() if k in results) + '.')
-  if results.get('complete') is False:
-    protocol += ' The probe run was not complete: only the evaluators above had finished.'
-  return lines + ['', protocol]
-
-
-def _objective_name(cfg: Mapping[str, Any], extra: Mapping[str, Any] | None,
-                    info: Mapping[str, Any]) -> str:
-  """'I-JEPA', 'C-JEPA', 'SIGReg' or 'Converted' (weights not trained by cjepa_jax)."""
-  if (extra and extra.get('source')) or int(info['step']) == 0:
-    return 'Converted'
-  if float(cfg.get('vicreg', {}).get('weight', 0)) > 0:
-    return 'C-JEPA'
-  return 'SIGReg' if float(cfg.get('sigreg', {}).get('weight', 0)) > 0 else 'I-JEPA'
-
-
-def _objective(cfg: Mapping[str, Any]) -> str:
-  vicreg, sigreg = cfg.get('vicreg', {}), cfg.get('sigreg', {})
-  loss = cfg.get('loss', {}).get('kind', 'smooth_l1')
-  name = f'I-JEPA (predict the EMA target encoder\'s features of 4 target blocks, {loss} loss)'
-  if float(vicreg.get('weight', 0)) > 0:
-    mode = vicreg.get('mode')
-    where = ('on the pooled context-encoder features' if mode == 'context'
-             else 'between the projected target-block predictions')
-    name = (f'C-JEPA: I-JEPA + VICReg (weight {vicreg["weight"]:g}, sim / std / cov '
-            f'{vicreg.get("sim_coeff"):g} / {vicreg.get("std_coeff"):g} / '
-            f'{vicreg.get("cov_coeff"):g}) {where} (vicreg.mode={mode!r})')
-  if float(sigreg.get('weight', 0)) > 0:
-    name += f' + SIGReg (LeJEPA, weight {sigreg["weight"]:g}) on the pooled context features'
-  if cfg.get('use_ema', True) is False:
-    name += '; no EMA teacher (targets from the online encoder under stop-gradient)'
-  return name
-
-
-def model_card(saved: Mapping[str, Any], info: Mapping[str, Any],
-               probe: Mapping[str, Any] | None, extra: Mapping[str, Any] | None = None) -> str:
-  """The README.md of an exported folder, generated from the run.
-
-  Args:
-    saved: the checkpoint's saved config (a dict, `checkpoint.load_config`).
-    info: checkpoint (step dir), step, encoder ('target' | 'context'), variant, depth,
-      image_size.
-    probe: that checkpoint's probe_results.json (fractions, or percent with "unit": "percent"),
-      or None.
-    extra: the checkpoint's saved `extra` dict; `source` names where converted weights came from.
-  Returns:
-    Markdown with a YAML header (library_name, pipeline_tag, tags) for the hub.
-  """
-  spec, patch = vit.parse_variant(info['variant'])
-  depth = info['depth'] or spec['depth']
-  width = spec['width']
-  size = info['image_size']
-  data, model, opt = saved.get('data', {}), saved.get('model', {}), saved.get('optim', {})
-  arch = (f'ViT-{info["variant"]} ({depth} blocks, width {width}, {spec["num_heads"]} heads, '
-          f'{size} px: {(size // patch) ** 2} patch tokens, no class token)')
-  which = ('EMA target encoder (`target_params`, the one I-JEPA evaluates)'
-           if info['encoder'] == 'target' else 'context encoder (`params/encoder`)')
-  title = f'{_objective_name(saved, extra, info)} ViT-{info["variant"]} encoder (cjepa_jax)'
-  lines = ['---', 'library_name: transformers', 'pipeline_tag: image-feature-extraction',
-           'tags:', '- ijepa', '- self-supervised-learning', '- cjepa_jax', '- jax', '---', '',
-           f'# {title}', '',
-           f'The {which} of `{info["checkpoint"]}` (step {info["step"]}), a {arch}, as a '
-           '`transformers` `IJepaModel`. Its position embeddings are the fixed 2-D sin-cos '
-           'values of the training grid; the model has no pooler: average the tokens.', '',
-           '## Use', '', '```python',
-           'from transformers import AutoImageProcessor, IJepaModel',
-           'processor, model = AutoImageProcessor.from_pretrained(PATH), '
-           'IJepaModel.from_pretrained(PATH)',
-           "features = model(**processor(images, return_tensors='pt')).last_hidden_state"
-           '.mean(1)  # [B, D]', '```', '',
-           f'`preprocessor_config.json` resizes to {size} x {size} and normalises with mean '
-           f'{list(data.get("mean", []))} / std {list(data.get("std", []))}, as in training '
-           "(cjepa_jax's probes resize the short side to "
-           f'{round(data.get("eval_resize", 256) * size / 224)} and centre-crop instead).', '']
-  if (extra and extra.get('source')) or int(info['step']) == 0:
-    source = (extra or {}).get('source') or 'elsewhere, or an initialisation (step 0)'
-    lines += ['## Origin', '',
-              f'Not pretrained by cjepa_jax: converted from {source}. The settings of the run '
-              'that trained these weights are not recorded here.', '']
-  else:
-    step = int(info['step'])
-    batch = saved.get('batch_size')
-    try:
-      total, per_epoch = optim.run_length(ml_collections.ConfigDict(dict(saved)))
-      length = (f'step {step} of {total}: {step / per_epoch:.2f} epochs of batch {batch} '
-                f'({per_epoch} steps per epoch)')
-    except (AttributeError, KeyError, TypeError, ValueError):   # No run length: the step alone.
-      length = f'step {step} of batch {batch}'
-    ema = opt.get('ema', saved.get('ema'))
-    lines += [
-        '## Pretraining', '',
-        '| | |', '| --- | --- |',
-        f'| objective | {_objective(saved)} |',
-        f'| data | {data.get("dataset")} `{data.get("train_split")}` '
-        f'({data.get("num_train_examples")} images per epoch), {size} px random resized crops '
-        f'(scale {list(data.get("crop_scale", []))}) |',
-        f'| length | {length} |',
-        f'| optimizer | AdamW, lr {opt.get("start_lr")} -> {opt.get("lr")} (warm-up) -> '
-        f'{opt.get("final_lr")} (cosine), weight decay {opt.get("weight_decay")} -> '
-        f'{opt.get("final_weight_decay")} |',
-        f'| EMA momentum | {list(ema) if ema is not None else None} |'
-        if saved.get('use_ema', True) else '| EMA | none |',
-        f'| masks | {saved.get("mask", {}).get("npred")} target blocks of scale '
-        f'{list(saved.get("mask", {}).get("pred_scale", []))}, one context block of scale '
-        f'{list(saved.get("mask", {}).get("enc_scale", []))} |',
-        f'| predictor | depth {model.get("pred_depth")}, width {model.get("pred_width")} '
-        '(not exported) |',
-        f'| compute | {model.get("dtype")} (weights stored float32), seed {saved.get("seed")} |',
-        '']
-  lines += ['## Evaluation', '']
-  if probe:
-    lines += _probe_section(probe)
-  else:
-    lines += ['No `probe_results.json` of this checkpoint was found beside it; run '
-              '`cjepa-probe` on it and export again to list its probe accuracies here.']
-  lines += ['', f'Exported by `cjepa-export` on {datetime.date.today().isoformat()}.', '']
-  return '\n'.join(lines)
-
-
 def find_probe_results(step_dir: str, step: int, encoder: str, path: str | None = None
                        ) -> dict[str, Any] | None:
   """The probe_results.json of the exported checkpoint, or None.
@@ -721,8 +544,8 @@ def export_hf(checkpoint: str, out: str, *, encoder: str = 'target',
   params = jax.device_get(features_lib.load_encoder_params(probe_config, module, info, sharding))
   if module.scan:
     params = vit.scan_to_unscanned(params)
-  saved = checkpoint_lib.load_config(info['checkpoint'])
-  extra = checkpoint_lib.load_extra(info['checkpoint'])
+  saved = ckpt_reading.load_config(info['checkpoint'])
+  extra = ckpt_reading.load_extra(info['checkpoint'])
   variant, depth = info['model']['variant'], int(info['model'].get('depth', 0))
   size = int(info['image_size'])
   spec, patch = vit.parse_variant(variant)
@@ -744,7 +567,7 @@ def export_hf(checkpoint: str, out: str, *, encoder: str = 'target',
         json.dump(obj, f, indent=2)
         f.write('\n')
     with open(os.path.join(tmp, CARD_FILE), 'w', encoding='utf-8') as f:
-      f.write(model_card(saved, card_info, probe, extra))
+      f.write(hf_card.model_card(saved, card_info, probe, extra))
     # 'format': 'pt' is what transformers expects of a PyTorch-layout safetensors file.
     st_numpy.save_file({k: tensors[k] for k in sorted(tensors)},
                        os.path.join(tmp, WEIGHTS_FILE), metadata={'format': 'pt'})

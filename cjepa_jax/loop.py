@@ -36,7 +36,7 @@ from absl import logging
 import jax
 import ml_collections
 
-from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax.checkpoint import manager as ckpt_manager
 from cjepa_jax import config as config_lib
 from cjepa_jax import flops as flops_lib
 from cjepa_jax import metrics as metrics_lib
@@ -109,10 +109,10 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
     # Nothing is written in the workdir before its lock is held (process 0 holds it for the job).
     with locked(workdir, force=config.force_unlock) as lock:
       # Opens (creating) WORKDIR/checkpoints and checks that it is writable, before any compile.
-      ckpt = checkpoint_lib.Checkpointer(
+      ckpt = ckpt_manager.Checkpointer(
           workdir, keep=config.keep_ckpts, keep_every_steps=config.keep_every_steps,
           save_every_steps=config.ckpt_every_steps)
-      best = (checkpoint_lib.Checkpointer(os.path.join(workdir, BEST_DIR), keep=1)
+      best = (ckpt_manager.Checkpointer(os.path.join(workdir, BEST_DIR), keep=1)
               if task.keep_best else None)
       try:
         return _loop(task, workdir, ckpt, best, lock)
@@ -129,7 +129,7 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
 class _Best:
   """The best value so far of the result `key` and its step, and its checkpoint manager."""
 
-  def __init__(self, key: str | None, ckpt: checkpoint_lib.Checkpointer | None,
+  def __init__(self, key: str | None, ckpt: ckpt_manager.Checkpointer | None,
                extra: dict[str, Any]):
     self.key, self.ckpt = key, ckpt
     self.name = 'best_' + key.removeprefix('eval_') if key else ''
@@ -151,7 +151,7 @@ class _Best:
     return {self.name: self.value, 'best_step': self.step} if self.key else {}
 
 
-def _restore_or_init(task: Task, ckpt: checkpoint_lib.Checkpointer, workdir: str
+def _restore_or_init(task: Task, ckpt: ckpt_manager.Checkpointer, workdir: str
                      ) -> tuple[State, dict[str, Any], int | None]:
   """(state, the checkpoint's extra values, the last good step: None for a fresh state)."""
   latest = ckpt.latest_step()
@@ -165,12 +165,12 @@ def _restore_or_init(task: Task, ckpt: checkpoint_lib.Checkpointer, workdir: str
   return state, ckpt.restore_extra(start_step), start_step
 
 
-def _loop(task: Task, workdir: str, ckpt: checkpoint_lib.Checkpointer,
-          best_ckpt: checkpoint_lib.Checkpointer | None, lock: workdir_lock.WorkdirLock
+def _loop(task: Task, workdir: str, ckpt: ckpt_manager.Checkpointer,
+          best_ckpt: ckpt_manager.Checkpointer | None, lock: workdir_lock.WorkdirLock
           ) -> dict[str, Any]:
   """Restore or initialise, then train; the checkpointers are closed (and `lock` released) by the
   caller."""
-  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+  from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
   config, run = task.config, task.setup
   is_main = jax.process_index() == 0

@@ -26,6 +26,10 @@ Epps-Pulley statistic of each 1-D projection against N(0, 1):
     EP(x) = N * integral |ecf_x(t) - exp(-t^2 / 2)|^2 exp(-t^2 / 2) dt,
 by the trapezoid rule on [-t_max, t_max] (the integrand is even: LeJEPA's half-line weights).
 See `sigreg` for what LeJEPA does differently.
+
+Why this module is longer than 450 lines: it is the whole objective, the JEPA loss and the two
+regularisers it may carry (VICReg, SIGReg), each resolved once from the config into a spec that
+`cjepa_loss` combines; they share the masking and pooling helpers and the float32 rule above.
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@ r"""The reference I-JEPA parameter layout (facebookresearch/ijepa state dicts) <
 Shared by the converters (`convert_torch`: the reference's .pth.tar; `convert_hf`: Hugging Face
 I-JEPA folders, whose tensors are renamed to this layout first) and the export (`hf.py`); it works
 on numpy arrays and needs neither torch nor pickle. `save_converted` writes the result as a
-cjepa_jax checkpoint (`OUT/checkpoints/0/`, by `checkpoint.Checkpointer`): the probes restore
-`target_params` from it, fine-tuning takes it as `pretrained`, and pretraining starts from it
-with `--config.init_from=OUT` (fresh optimizer, step 0). Its saved config (`load_config(OUT)`)
-names the model: model.variant / depth / pred_depth / pred_width / scan and data.image_size.
+cjepa_jax checkpoint (`OUT/checkpoints/0/`, by `checkpoint.manager.Checkpointer`): the probes
+restore `target_params` from it, fine-tuning takes it as `pretrained`, and pretraining starts
+from it with `--config.init_from=OUT` (fresh optimizer, step 0). Its saved config
+(`load_config(OUT)`) names the model: model.variant / depth / pred_depth / pred_width / scan and
+data.image_size.
 
 Reference layout -> flax layout (see models/vit.py and models/predictor.py):
 
@@ -23,6 +24,10 @@ Strict: every expected key must be present with the expected shape and nothing e
 (the fixed position embeddings aside). A mismatch is a ValueError naming the key, the expected and
 the found shape, and the --variant / --depth / --pred_depth the checkpoint's shapes point to.
 `encoder_to_reference` is the inverse of `convert_encoder` (for the export).
+
+Why this module is longer than 450 lines: one layout, in both directions, with its strict checks;
+`encoder_only_state` and `save_converted` (20 lines) stay beside the conversions whose results
+they save, rather than make a module of their own.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax.checkpoint import manager as ckpt_manager
 from cjepa_jax import config as config_lib
 from cjepa_jax.models import jepa
 from cjepa_jax.models import predictor as predictor_lib
@@ -446,7 +451,7 @@ def encoder_only_state(encoder: Mapping[str, Any], config: ml_collections.Config
     {'step': int32 0, 'params': {'encoder': enc}, 'target_params': enc}. Both encoders are the
     same weights, so the probes and fine-tuning read either (`--config.encoder=target|context`);
     `init_from` takes both and, finding no `params/predictor`, keeps the run's freshly
-    initialised predictor (checkpoint.load_init_from).
+    initialised predictor (checkpoint.reading.load_init_from).
   """
   model = jepa.encoder_from_model_config(dict(config.model.to_dict(), scan=False))
   _check_against_model(encoder, jepa.abstract_encoder_params(model, int(config.data.image_size)),
@@ -464,7 +469,7 @@ def save_converted(out: str, state: Mapping[str, Any], config: ml_collections.Co
   step directory. Refuses a directory that already holds checkpoints (nothing is overwritten).
   `extra`: a small JSON-able dict saved with the step (where the weights came from), which
   `Checkpointer.restore_extra` reads back (the export's model card does)."""
-  with checkpoint_lib.Checkpointer(out, keep=1, async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(out, keep=1, async_save=False) as ckpt:
     if ckpt.all_steps():
       raise ValueError(f'{out} already holds checkpoints (steps {ckpt.all_steps()}): pass a new '
                        '--out directory, or delete that one first.')

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 
-from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax.checkpoint import reading as ckpt_reading
 from cjepa_jax import cli
 from cjepa_jax import config as config_lib
 from cjepa_jax import flops as flops_lib
@@ -68,7 +68,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def pretraining_task(config: ml_collections.ConfigDict) -> loop.Task:
   """The models, the jitted step and the monitors of `config`, checked; compiles nothing."""
-  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+  from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
   mesh = sharding.make_mesh(config)
   run = step_lib.setup(config, mesh)   # Builds and checks the models; compiles nothing.
@@ -81,7 +81,7 @@ def pretraining_task(config: ml_collections.ConfigDict) -> loop.Task:
   def init_state() -> dict[str, Any]:
     state = run.init_fn()
     if config.init_from:
-      state = checkpoint_lib.load_init_from(config.init_from, state, run.state_shardings)
+      state = ckpt_reading.load_init_from(config.init_from, state, run.state_shardings)
     return state
 
   def diagnostics(state: dict[str, Any], aux: tuple[Any, ...]) -> dict[str, float]:

@@ -32,7 +32,7 @@ its token compared with the one judged stale (if a fresh lock slipped in meanwhi
 back and this start fails as locked), then the new lock is linked as above.
 
 Readers (the probe, exports, `cjepa-finetune --config.pretrained=WORKDIR`) take no lock: they
-only use checkpoints whose commit marker exists (checkpoint.py), so they never see a half-written
+only use checkpoints whose commit marker exists (checkpoint/layout.py), so they never see a half-written
 step. Workdirs on object stores (gs://) are not locked: they have no atomic link; the lock is
 skipped with a warning.
 

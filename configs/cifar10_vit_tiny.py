@@ -23,8 +23,11 @@ img/s), `sigreg_noema` for 8 took 79 min alone on a slower machine (88 img/s), `
 
 Data: an image folder at `data/cifar10/{train,test}/<class>/*.jpg` (unpack the shared tarballs
 there, see README), or `--config.data.dataset=cifar10` for the tfds build (set
-`--config.data.data_dir` to a tfds data_dir that has it), or `--config.data.dataset=synthetic`
-for a smoke test.
+`--config.data.data_dir` to a tfds data_dir that has it; needs `pip install -e '.[tf]'`), or
+`--config.data.dataset=synthetic` for a smoke test. Read by the default grain loader (no
+TensorFlow). RESULTS.md's runs used the tf.data loader, then the default: `--config.data.loader=tf`
+gives their examples again (the two loaders draw other examples for the same seed and train the
+same within noise: BENCHMARKS.md, "tf.data vs grain").
 
 Sizes are ours (the reference has no small-data recipe), chosen for a CPU:
   * encoder: the ViT-Ti width and heads (192, 3) with 4 blocks instead of 12 (the 64-token target

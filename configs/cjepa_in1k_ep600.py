@@ -10,6 +10,12 @@ I-JEPA plus VICReg with weight 0.001 and coefficients 25 / 25 / 1; batch 2048, w
 linear probes of 73.7% (B/16; I-JEPA 72.9%) and 78.1% (L/16; I-JEPA 77.5%). No official code
 exists: `vicreg.mode` picks one of the two readings of where VICReg applies (cjepa_jax/losses.py).
 The paper gives no predictor size; we use I-JEPA's (384 wide, 12 deep).
+
+Data: tfds `imagenet2012` as tfds prepares it by default (TFRecord), local or on GCS, read by
+tf.data (`data.loader='tf'`, set here; needs `pip install -e '.[tf]'`). Without TensorFlow:
+prepare it as ArrayRecord once (`tfds build imagenet2012 --file_format=array_record`) on a local
+or fuse-mounted disk and add `--config.data.loader=grain --config.data.dataset=array_record
+--config.data.data_dir=DIR/imagenet2012/5.1.0` (README, Data).
 """
 
 from cjepa_jax import config as config_lib
@@ -24,6 +30,7 @@ def get_config(arg=None):
   c.model.variant = variant
   c.model.pred_depth = 12
   c.epochs = 600
+  c.data.loader = 'tf'  # tfds ImageNet as prepared by default (TFRecord; see the docstring).
   c.optim.start_lr = 1e-4
   c.optim.warmup_epochs = 15
   c.vicreg.weight = 0.001

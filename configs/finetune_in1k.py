@@ -19,6 +19,12 @@ Common: batch 1024, lr = base lr x batch / 256, 5 warm-up epochs then cosine to 
 bicubic; evaluated on the validation centre crops (resize 256, crop 224) every 2,500 steps.
 Absent (MAE has them): RandAugment (9, 0.5) and random erasing (0.25): expect a few tenths of a
 point less than the papers' numbers until they are added.
+
+Data: tfds `imagenet2012` as tfds prepares it by default (TFRecord), local or on GCS, read by
+tf.data (`data.loader='tf'`, set here; needs `pip install -e '.[tf]'`). Without TensorFlow:
+prepare it as ArrayRecord once (`tfds build imagenet2012 --file_format=array_record`) on a local
+or fuse-mounted disk and add `--config.data.loader=grain --config.data.dataset=array_record
+--config.data.data_dir=DIR/imagenet2012/5.1.0` (README, Data).
 """
 
 from cjepa_jax import config as config_lib
@@ -42,6 +48,7 @@ def get_config(arg=None):
   c.ckpt_every_steps = 2500
   c.evals.classify.update(every_steps=2500, eval_batch_size=1024)
   c.data.dataset = 'imagenet2012'
+  c.data.loader = 'tf'  # tfds ImageNet as prepared by default (TFRecord; see the docstring).
   c.data.eval_split = 'validation'
   c.model.variant = variant
   c.model.drop_path_rate = drop_path

@@ -15,6 +15,12 @@ smallest that fits, with 5% headroom (~52%); `--config.accum_steps=2` there keep
 (16 chips, the reference's GPU count) ~49%. The defaults (data parallel, no remat, unrolled
 blocks) gave the best estimate of the settings tried; by it the encoder blocks run at ~60% of
 peak and the rest of the step (the narrow predictor, the loss, AdamW and the EMA) at ~30%.
+
+Data: tfds `imagenet2012` as tfds prepares it by default (TFRecord), local or on GCS, read by
+tf.data (`data.loader='tf'`, set here; needs `pip install -e '.[tf]'`). Without TensorFlow:
+prepare it as ArrayRecord once (`tfds build imagenet2012 --file_format=array_record`) on a local
+or fuse-mounted disk and add `--config.data.loader=grain --config.data.dataset=array_record
+--config.data.data_dir=DIR/imagenet2012/5.1.0` (README, Data).
 """
 
 from cjepa_jax import config as config_lib
@@ -26,6 +32,7 @@ def get_config(arg=None):
   c.model.variant = 'H/14'
   c.model.pred_depth = 12
   c.data.image_size = 224
+  c.data.loader = 'tf'  # tfds ImageNet as prepared by default (TFRecord; see the docstring).
   c.epochs = 300
   c.optim.warmup_epochs = 40
   return c

@@ -5,6 +5,12 @@ r"""I-JEPA ViT-H/16 on ImageNet-1K at 448 px, 300 epochs: the reference in1k_vit
 
 As in1k_vith14_ep300 but with patch 16 at 448 px (a 28 x 28 grid). Paper: 81.1% linear probe.
 At 448 px the sequence is 784 tokens: enable --config.model.remat_policy=full on 80 GB GPUs.
+
+Data: tfds `imagenet2012` as tfds prepares it by default (TFRecord), local or on GCS, read by
+tf.data (`data.loader='tf'`, set here; needs `pip install -e '.[tf]'`). Without TensorFlow:
+prepare it as ArrayRecord once (`tfds build imagenet2012 --file_format=array_record`) on a local
+or fuse-mounted disk and add `--config.data.loader=grain --config.data.dataset=array_record
+--config.data.data_dir=DIR/imagenet2012/5.1.0` (README, Data).
 """
 
 from cjepa_jax import config as config_lib
@@ -16,6 +22,7 @@ def get_config(arg=None):
   c.model.variant = 'H/16'
   c.model.pred_depth = 12
   c.data.image_size = 448
+  c.data.loader = 'tf'  # tfds ImageNet as prepared by default (TFRecord; see the docstring).
   c.epochs = 300
   c.optim.warmup_epochs = 40
   return c

@@ -30,6 +30,12 @@ dataset (configs/cifar10_vit_tiny.py, configs/in1k_vith14_ep300.py).
 Writes DIR/probe_results.json (accuracies in percent, `"unit": "percent"`); see
 cjepa_jax/probe.py for the protocol. The (lr, wd) grid and the 'last' / 'last4' choice are made
 on `evals.linear.holdout_fraction` of the TRAIN split, never on the test split.
+
+ImageNet data (`:imagenet`): tfds `imagenet2012` as tfds prepares it by default (TFRecord), read by
+tf.data (`data.loader='tf'`, set here; needs `pip install -e '.[tf]'`). Without TensorFlow:
+prepare it as ArrayRecord once (`tfds build imagenet2012 --file_format=array_record`) on a local
+or fuse-mounted disk and add `--config.data.loader=grain --config.data.dataset=array_record
+--config.data.data_dir=DIR/imagenet2012/5.1.0` (README, Data).
 """
 
 import ml_collections
@@ -112,6 +118,7 @@ def get_config(arg=None):
     c.model.dtype = 'float32'
   else:
     c.data.dataset = 'imagenet2012'
+    c.data.loader = 'tf'  # tfds ImageNet as prepared by default (TFRecord; see the docstring).
     c.data.train_split = 'train'
     c.data.eval_split = 'validation'
     c.data.num_classes = 1000

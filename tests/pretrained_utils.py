@@ -9,7 +9,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax.checkpoint import manager as ckpt_manager
 from cjepa_jax import optim
 from cjepa_jax import train_step as step_lib
 from cjepa_jax.models import jepa
@@ -30,6 +30,6 @@ def save_pretraining_checkpoint(workdir: pathlib.Path, config, step: int,
       lambda: step_lib.init_state(models, tx, config.seed, config.use_ema))())
   state = move(state)
   state['step'] = np.asarray(step, np.int32)
-  with checkpoint_lib.Checkpointer(str(workdir), async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(workdir), async_save=False) as ckpt:
     ckpt.save(step, state, config, force=True)
   return state

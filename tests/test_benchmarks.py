@@ -53,7 +53,7 @@ def test_cli_json_line_on_eight_devices_without_tensorflow():
   wrapper = ('import runpy, sys; sys.argv = [sys.argv[1]] + sys.argv[2:]; '
              "runpy.run_path(sys.argv[0], run_name='__main__'); "
              "assert 'tensorflow' not in sys.modules, 'the benchmark imported TensorFlow'; "
-             "assert 'cjepa_jax.input_pipeline' not in sys.modules")
+             "assert 'cjepa_jax.data.input_pipeline' not in sys.modules")
   # Backend optimisation level 0 makes XLA's CPU compile ~40% cheaper; this test checks the
   # JSON contract, not the speed.
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(

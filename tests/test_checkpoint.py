@@ -23,7 +23,10 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
-from cjepa_jax import checkpoint as ckpt_lib
+from cjepa_jax.checkpoint import errors as ckpt_errors
+from cjepa_jax.checkpoint import integrity as ckpt_integrity
+from cjepa_jax.checkpoint import manager as ckpt_manager
+from cjepa_jax.checkpoint import reading as ckpt_reading
 from cjepa_jax.config import default_config
 
 
@@ -75,7 +78,7 @@ def _warnings(caplog):
 def test_round_trip_exact_with_adamw_state(tmp_path):
   state = _make_state()
   expected = _numpy_copy(state)
-  with ckpt_lib.Checkpointer(str(tmp_path), async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), async_save=False) as ckpt:
     assert ckpt.latest_step() is None
     assert ckpt.save(7, state, force=True)
     restored = ckpt.restore(None, _abstract(state, _single_device))
@@ -91,7 +94,7 @@ def test_async_save_then_wait_survives_donated_buffers(tmp_path):
   state = _make_state(1)
   expected = _numpy_copy(state)
   abstract = _abstract(state, _single_device)
-  with ckpt_lib.Checkpointer(str(tmp_path), save_every_steps=5) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), save_every_steps=5) as ckpt:
     assert not ckpt.save(3, state)          # Not a multiple of save_every_steps.
     assert ckpt.save(5, state)
     # The trainer donates the state to the next step: the device buffers die right away.
@@ -105,8 +108,8 @@ def test_async_save_then_wait_survives_donated_buffers(tmp_path):
 
 def test_retention_keeps_latest_and_permanent(tmp_path):
   state = {'w': jnp.arange(3.0)}
-  with ckpt_lib.Checkpointer(str(tmp_path), keep=2, keep_every_steps=4, save_every_steps=2,
-                             async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), keep=2, keep_every_steps=4, save_every_steps=2,
+                                 async_save=False) as ckpt:
     saved = [s for s in range(1, 13) if ckpt.save(s, jax.tree.map(lambda x: x + s, state))]
     assert saved == [2, 4, 6, 8, 10, 12]
     assert ckpt.save(13, state, force=True)
@@ -119,7 +122,8 @@ def test_retention_keeps_latest_and_permanent(tmp_path):
 
 
 def test_keep_two_without_permanent(tmp_path):
-  with ckpt_lib.Checkpointer(str(tmp_path), keep=2, save_every_steps=1, async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), keep=2, save_every_steps=1,
+                                 async_save=False) as ckpt:
     for s in (1, 2, 3):
       ckpt.save(s, {'w': jnp.zeros(2)})
     assert ckpt.all_steps() == [2, 3]
@@ -128,7 +132,7 @@ def test_keep_two_without_permanent(tmp_path):
 def test_cut_off_saves_are_skipped_with_a_warning(tmp_path, caplog):
   state = {'w': jnp.arange(4.0)}
   root = tmp_path / 'checkpoints'
-  with ckpt_lib.Checkpointer(str(tmp_path), save_every_steps=10, async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), save_every_steps=10, async_save=False) as ckpt:
     ckpt.save(20, state)
     ckpt.save(30, jax.tree.map(lambda x: x * 3, state))
   # A save cut off before orbax's rename, and a step directory without orbax's commit marker.
@@ -138,7 +142,7 @@ def test_cut_off_saves_are_skipped_with_a_warning(tmp_path, caplog):
   junk_dir.mkdir()
   (junk_dir / 'junk').write_text('half a checkpoint')
   caplog.set_level(logging.WARNING)
-  with ckpt_lib.Checkpointer(str(tmp_path), save_every_steps=10, async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), save_every_steps=10, async_save=False) as ckpt:
     assert ckpt.latest_step() == 30
     assert ckpt.all_steps() == [20, 30]
     text = _warnings(caplog)
@@ -149,9 +153,9 @@ def test_cut_off_saves_are_skipped_with_a_warning(tmp_path, caplog):
     with pytest.raises(ValueError, match=r'40.*not a complete checkpoint.*delete'):
       ckpt.save(40, state)
     assert (junk_dir / 'junk').exists() and tmp_dir.exists()
-  assert ckpt_lib.resolve_checkpoint(str(tmp_path)) == (str(root), 30)
+  assert ckpt_reading.resolve_checkpoint(str(tmp_path)) == (str(root), 30)
   with pytest.raises(ValueError, match='incomplete checkpoint'):
-    ckpt_lib.resolve_checkpoint(str(junk_dir))
+    ckpt_reading.resolve_checkpoint(str(junk_dir))
 
 
 def test_restore_onto_eight_devices_and_back(tmp_path):
@@ -161,13 +165,13 @@ def test_restore_onto_eight_devices_and_back(tmp_path):
            'scale': jax.device_put(np.float32([0.5, -2.0]), dev0),
            'step': jax.device_put(np.int32(11), dev0)}
   expected = _numpy_copy(state)
-  with ckpt_lib.Checkpointer(str(tmp_path), async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), async_save=False) as ckpt:
     ckpt.save(11, state, force=True)
 
   mesh = jax.make_mesh((8,), ('data',))
   sharded = NamedSharding(mesh, P('data'))
   replicated = NamedSharding(mesh, P())
-  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path)) as ckpt:
     abstract = _abstract(state, lambda x: sharded if x.ndim and x.shape[0] == 8 else replicated)
     restored = ckpt.restore(None, abstract)
     _assert_equal(restored, expected)
@@ -187,7 +191,7 @@ def test_restore_onto_eight_devices_and_back(tmp_path):
 
 def test_abstract_state_needs_shardings(tmp_path):
   state = {'w': jnp.ones(2)}
-  with ckpt_lib.Checkpointer(str(tmp_path), async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), async_save=False) as ckpt:
     ckpt.save(1, state, force=True)
     with pytest.raises(ValueError, match=r"\['w'\] has no sharding"):
       ckpt.restore(1, jax.eval_shape(lambda: state))
@@ -200,10 +204,10 @@ def test_abstract_state_needs_shardings(tmp_path):
 def test_config_json_round_trip(tmp_path):
   config = default_config()
   config.model.variant = 'Ti/16'
-  with ckpt_lib.Checkpointer(str(tmp_path), async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), async_save=False) as ckpt:
     ckpt.save(3, {'w': jnp.zeros(1)}, config, force=True)
     saved = ckpt.restore_config(3)
-  assert saved == ckpt_lib.load_config(str(tmp_path))
+  assert saved == ckpt_reading.load_config(str(tmp_path))
   assert saved['model']['variant'] == 'Ti/16'
   assert saved['optim']['lr'] == 1e-3 and saved['batch_size'] == 2048
   assert saved['data']['crop_scale'] == [0.3, 1.0]  # JSON: tuples come back as lists.
@@ -229,64 +233,64 @@ def _corrupt_arrays(step_dir: pathlib.Path):
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
   state = _make_state(2)
-  with ckpt_lib.Checkpointer(str(tmp_path), save_every_steps=10, async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), save_every_steps=10, async_save=False) as ckpt:
     ckpt.save(10, state)
     ckpt.save(20, state)
   step_dir = tmp_path / 'checkpoints' / '20'
   _corrupt_arrays(step_dir)
-  with ckpt_lib.Checkpointer(str(tmp_path), save_every_steps=10) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), save_every_steps=10) as ckpt:
     assert ckpt.latest_step() == 20  # Committed, so still the latest: only reading finds it.
-    with pytest.raises(ckpt_lib.CheckpointRestoreError) as info:
+    with pytest.raises(ckpt_errors.CheckpointRestoreError) as info:
       ckpt.restore(None, _abstract(state, _single_device))
     message = str(info.value)
     assert f'Could not restore checkpoint {step_dir}' in message
     assert f'delete {step_dir}' in message and 'previous complete checkpoint (step 10)' in message
     assert step_dir.exists()  # Never deleted automatically.
     _assert_equal(ckpt.restore(10, _abstract(state, _single_device)), _numpy_copy(state))
-  with pytest.raises(ckpt_lib.CheckpointRestoreError, match='step 10'):
-    ckpt_lib.restore_subtree(str(tmp_path), ('params',))
+  with pytest.raises(ckpt_errors.CheckpointRestoreError, match='step 10'):
+    ckpt_reading.restore_subtree(str(tmp_path), ('params',))
   gc.collect()  # Reports the orbax noise above here, under this test's filter.
 
 
 def test_resolve_checkpoint(tmp_path):
   with pytest.raises(ValueError, match='No complete checkpoint under'):
-    ckpt_lib.resolve_checkpoint(str(tmp_path))
-  with ckpt_lib.Checkpointer(str(tmp_path), save_every_steps=5, async_save=False) as ckpt:
+    ckpt_reading.resolve_checkpoint(str(tmp_path))
+  with ckpt_manager.Checkpointer(str(tmp_path), save_every_steps=5, async_save=False) as ckpt:
     ckpt.save(5, {'w': jnp.zeros(1)})
     ckpt.save(10, {'w': jnp.zeros(1)})
   root = str(tmp_path / 'checkpoints')
-  assert ckpt_lib.resolve_checkpoint(str(tmp_path)) == (root, 10)
-  assert ckpt_lib.resolve_checkpoint(root) == (root, 10)
-  assert ckpt_lib.resolve_checkpoint(str(tmp_path / 'checkpoints' / '5')) == (root, 5)
+  assert ckpt_reading.resolve_checkpoint(str(tmp_path)) == (root, 10)
+  assert ckpt_reading.resolve_checkpoint(root) == (root, 10)
+  assert ckpt_reading.resolve_checkpoint(str(tmp_path / 'checkpoints' / '5')) == (root, 5)
 
 
 def test_restore_subtree_reads_only_the_requested_part(tmp_path):
   state = _make_state(3)
   expected = _numpy_copy(state)
-  with ckpt_lib.Checkpointer(str(tmp_path), async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), async_save=False) as ckpt:
     ckpt.save(4, state, force=True)
-  encoder = ckpt_lib.restore_subtree(str(tmp_path), ('target_params', 'encoder'))
+  encoder = ckpt_reading.restore_subtree(str(tmp_path), ('target_params', 'encoder'))
   _assert_equal(encoder, expected['target_params']['encoder'])
   assert encoder['kernel'].sharding == SingleDeviceSharding(jax.local_devices()[0])
   mesh = jax.make_mesh((8,), ('data',))
-  params = ckpt_lib.restore_subtree(str(tmp_path / 'checkpoints' / '4'), ('params',),
-                                    sharding=NamedSharding(mesh, P()))
+  params = ckpt_reading.restore_subtree(str(tmp_path / 'checkpoints' / '4'), ('params',),
+                                        sharding=NamedSharding(mesh, P()))
   _assert_equal(params, expected['params'])
   assert params['predictor']['scale'].sharding == NamedSharding(mesh, P())
   with pytest.raises(ValueError, match=r"No key 'decoder' in state\['params'\].*encoder"):
-    ckpt_lib.restore_subtree(str(tmp_path), ('params', 'decoder'))
+    ckpt_reading.restore_subtree(str(tmp_path), ('params', 'decoder'))
 
 
 def test_relative_workdir_is_taken_from_the_current_directory(tmp_path, monkeypatch):
   """`--workdir runs/x` (as in the README) works: orbax itself only accepts absolute paths."""
   monkeypatch.chdir(tmp_path)
   state = {'w': jnp.arange(4.0)}
-  with ckpt_lib.Checkpointer('runs/rel', async_save=False) as c:
+  with ckpt_manager.Checkpointer('runs/rel', async_save=False) as c:
     assert c.save(3, state, force=True)
   assert (tmp_path / 'runs' / 'rel' / 'checkpoints' / '3').is_dir()
-  root, step = ckpt_lib.resolve_checkpoint('runs/rel')
+  root, step = ckpt_reading.resolve_checkpoint('runs/rel')
   assert step == 3 and root == str(tmp_path / 'runs' / 'rel' / 'checkpoints')
-  np.testing.assert_array_equal(np.asarray(ckpt_lib.restore_subtree('runs/rel', ('w',))),
+  np.testing.assert_array_equal(np.asarray(ckpt_reading.restore_subtree('runs/rel', ('w',))),
                                 np.arange(4.0))
 
 
@@ -296,8 +300,8 @@ def test_relative_workdir_is_taken_from_the_current_directory(tmp_path, monkeypa
 def test_unwritable_workdir_fails_at_start_with_one_line(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
-  with pytest.raises(ckpt_lib.CheckpointWriteError) as info:
-    ckpt_lib.Checkpointer(str(blocker / 'run'))
+  with pytest.raises(ckpt_errors.CheckpointWriteError) as info:
+    ckpt_manager.Checkpointer(str(blocker / 'run'))
   message = str(info.value)
   assert '\n' not in message
   assert f'Checkpoint directory {blocker / "run" / "checkpoints"} is not writable' in message
@@ -321,9 +325,9 @@ def test_read_only_workdir_fails_at_start(tmp_path):
   mount = tmp_path / 'ro'
   _mount_tmpfs(mount, 'ro,size=64k')
   try:
-    with pytest.raises(ckpt_lib.CheckpointWriteError, match=r'ro/checkpoints is not writable: '
+    with pytest.raises(ckpt_errors.CheckpointWriteError, match=r'ro/checkpoints is not writable: '
                        r'\[Errno 30\] Read-only file system'):
-      ckpt_lib.Checkpointer(str(mount))
+      ckpt_manager.Checkpointer(str(mount))
   finally:
     subprocess.run(['umount', str(mount)], check=True)
 
@@ -342,7 +346,7 @@ def _new_threads_finish(before: set[threading.Thread], timeout: float = 15.0) ->
 
 def _assert_save_error(error: Exception, step_dir: pathlib.Path, last: int, os_text: str):
   message = str(error)
-  assert isinstance(error, ckpt_lib.CheckpointSaveError) and isinstance(error, ValueError)
+  assert isinstance(error, ckpt_errors.CheckpointSaveError) and isinstance(error, ValueError)
   assert '\n' not in message and len(message) < 700, message
   assert f'Saving checkpoint {step_dir} failed' in message and os_text in message
   assert f'the last complete checkpoint (step {last}) is untouched' in message
@@ -353,7 +357,7 @@ def test_save_into_a_vanished_directory_fails_at_once(tmp_path):
   """The checkpoints dir is replaced by a file: the save fails in `save`, with no 300 s hang."""
   state = {'w': jnp.arange(1000.0)}
   root = tmp_path / 'checkpoints'
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path), save_every_steps=1)
+  ckpt = ckpt_manager.Checkpointer(str(tmp_path), save_every_steps=1)
   assert ckpt.save(1, state)
   ckpt.wait()
   moved = tmp_path / 'moved'
@@ -361,7 +365,7 @@ def test_save_into_a_vanished_directory_fails_at_once(tmp_path):
   root.write_text('in the way')
   before = set(threading.enumerate())
   start = time.monotonic()
-  with pytest.raises(ckpt_lib.CheckpointSaveError) as info:
+  with pytest.raises(ckpt_errors.CheckpointSaveError) as info:
     ckpt.save(2, state)
   ckpt.check()  # Nothing more to report.
   ckpt.close()
@@ -371,7 +375,7 @@ def test_save_into_a_vanished_directory_fails_at_once(tmp_path):
   assert not _new_threads_finish(before)
   root.unlink()
   moved.rename(root)
-  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path)) as ckpt:
     assert ckpt.all_steps() == [1]
     np.testing.assert_array_equal(
         np.asarray(ckpt.restore(1, _abstract(state, _single_device))['w']), np.arange(1000.0))
@@ -395,7 +399,7 @@ def test_background_write_failure_is_raised_promptly(tmp_path, surfaced_by):
   rng = np.random.default_rng(0)
   state = {'w': jnp.asarray(rng.standard_normal(256 * 1024).astype(np.float32))}  # 1 MiB.
   root = tmp_path / 'checkpoints'
-  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=1, save_every_steps=1)
+  ckpt = ckpt_manager.Checkpointer(str(tmp_path), keep=1, save_every_steps=1)
   assert ckpt.save(1, state)
   ckpt.wait()
   before = set(threading.enumerate())
@@ -403,7 +407,7 @@ def test_background_write_failure_is_raised_promptly(tmp_path, surfaced_by):
   # Far above what this test logs meanwhile (pytest captures output in files), far below 1 MiB.
   with _file_size_limit(256 * 1024):
     assert ckpt.save(2, state)  # The directories are made; the array write fails later.
-    with pytest.raises(ckpt_lib.CheckpointSaveError) as info:
+    with pytest.raises(ckpt_errors.CheckpointSaveError) as info:
       if surfaced_by == 'check':
         while time.monotonic() - start < 30:  # What the trainer does every step.
           ckpt.check()
@@ -418,12 +422,12 @@ def test_background_write_failure_is_raised_promptly(tmp_path, surfaced_by):
   ckpt.close()
   assert not _new_threads_finish(before)
   # keep=1, yet the failed save removed nothing: step 1 is complete and restores.
-  with ckpt_lib.Checkpointer(str(tmp_path), keep=1, save_every_steps=1) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), keep=1, save_every_steps=1) as ckpt:
     assert ckpt.all_steps() == [1]
     _assert_equal(ckpt.restore(1, _abstract(state, _single_device)), _numpy_copy(state))
     assert [pathlib.Path(p).name.split('.')[0] for p in ckpt.report_incomplete()] == ['2']
     assert ckpt.save(2, state)  # With space again, the same step saves.
-  assert ckpt_lib.resolve_checkpoint(str(tmp_path)) == (str(root), 2)
+  assert ckpt_reading.resolve_checkpoint(str(tmp_path)) == (str(root), 2)
 
 
 # Integrity ---------------------------------------------------------------------------------------
@@ -448,20 +452,20 @@ def test_checksum_matches_numpy_and_any_sharding(dtype):
     host = rng.integers(0, 2**32, (16, 24), dtype=np.uint64).astype(np.uint32)
   want = _np_checksum(host)
   single = jax.device_put(host, jax.devices()[0])
-  assert ckpt_lib.state_checksums({'x': single}) == {'x': want}
+  assert ckpt_integrity.state_checksums({'x': single}) == {'x': want}
   mesh = jax.make_mesh((8,), ('data',))
   mesh2d = jax.make_mesh((4, 2), ('a', 'b'))
   for sharding in (NamedSharding(mesh, P('data')), NamedSharding(mesh, P(None, 'data')),
                    NamedSharding(mesh, P()), NamedSharding(mesh2d, P('a', 'b')),
                    NamedSharding(mesh2d, P('b', 'a'))):
     sharded = jax.device_put(host, sharding)
-    assert int(jax.jit(ckpt_lib.array_checksum)(sharded)) == want, sharding
+    assert int(jax.jit(ckpt_integrity.array_checksum)(sharded)) == want, sharding
   # Position-dependent: swapping two different elements changes it.
   swapped = host.copy()
   swapped[0, 0], swapped[3, 5] = host[3, 5], host[0, 0]
   if host[0, 0] != host[3, 5]:
     assert _np_checksum(swapped) != want
-    assert ckpt_lib.state_checksums({'x': jnp.asarray(swapped)})['x'] != want
+    assert ckpt_integrity.state_checksums({'x': jnp.asarray(swapped)})['x'] != want
 
 
 def test_checksum_of_a_state_saved_sharded_verifies_on_one_device(tmp_path):
@@ -470,10 +474,10 @@ def test_checksum_of_a_state_saved_sharded_verifies_on_one_device(tmp_path):
                                  NamedSharding(mesh, P('data'))),
            'half': jax.device_put(jnp.linspace(0, 1, 16, dtype=jnp.bfloat16),
                                   NamedSharding(mesh, P('data')))}
-  with ckpt_lib.Checkpointer(str(tmp_path), async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), async_save=False) as ckpt:
     ckpt.save(1, state, force=True)
     restored = ckpt.restore(1, _abstract(state, _single_device))  # Verified on the way.
-  assert ckpt_lib.state_checksums(restored) == ckpt_lib.state_checksums(state)
+  assert ckpt_integrity.state_checksums(restored) == ckpt_integrity.state_checksums(state)
 
 
 def _flip_middle_of_largest_file(step_dir: pathlib.Path) -> pathlib.Path:
@@ -501,18 +505,19 @@ def test_corrupted_data_file_fails_and_restore_latest_falls_back(tmp_path, caplo
   state['params']['embed'] = jnp.asarray(
       np.random.default_rng(4).standard_normal((64, 64)).astype(np.float32))
   abstract = _abstract(state, _single_device)
-  with ckpt_lib.Checkpointer(str(tmp_path), save_every_steps=10, async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), save_every_steps=10, async_save=False) as ckpt:
     ckpt.save(10, state)
     ckpt.save(20, jax.tree.map(lambda x: x + 1, state))
   step_dir = tmp_path / 'checkpoints' / '20'
   before = sorted(str(p) for p in (tmp_path / 'checkpoints').rglob('*'))
   _flip_middle_of_largest_file(step_dir)
   caplog.set_level(logging.WARNING)
-  with ckpt_lib.Checkpointer(str(tmp_path), save_every_steps=10) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), save_every_steps=10) as ckpt:
     # The decompressor may notice first (a read error); otherwise the checksums do.
-    with pytest.raises(ckpt_lib.CheckpointRestoreError, match=f'(?i)checkpoint {step_dir}') as info:
+    with pytest.raises(ckpt_errors.CheckpointRestoreError,
+                       match=f'(?i)checkpoint {step_dir}') as info:
       ckpt.restore(20, abstract)
-    if isinstance(info.value, ckpt_lib.CheckpointIntegrityError):
+    if isinstance(info.value, ckpt_errors.CheckpointIntegrityError):
       assert 'array params.embed has checksum' in str(info.value)
     step, restored = ckpt.restore_latest(abstract)
   assert step == 10
@@ -530,14 +535,14 @@ def test_corrupted_data_file_fails_and_restore_latest_falls_back(tmp_path, caplo
 def test_changed_checksum_gives_an_integrity_error(tmp_path, caplog):
   state = _make_state(5)
   abstract = _abstract(state, _single_device)
-  with ckpt_lib.Checkpointer(str(tmp_path), save_every_steps=10, async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), save_every_steps=10, async_save=False) as ckpt:
     ckpt.save(10, state)
     ckpt.save(20, state)
   step_dir = tmp_path / 'checkpoints' / '20'
   _edit_checksum(step_dir, 'params.encoder.kernel')
   caplog.set_level(logging.WARNING)
-  with ckpt_lib.Checkpointer(str(tmp_path), save_every_steps=10) as ckpt:
-    with pytest.raises(ckpt_lib.CheckpointIntegrityError) as info:
+  with ckpt_manager.Checkpointer(str(tmp_path), save_every_steps=10) as ckpt:
+    with pytest.raises(ckpt_errors.CheckpointIntegrityError) as info:
       ckpt.restore(20, abstract)
     message = str(info.value)
     assert '\n' not in message
@@ -545,21 +550,24 @@ def test_changed_checksum_gives_an_integrity_error(tmp_path, caplog):
             'has checksum') in message
     assert 'previous complete checkpoint (step 10)' in message
   # Probes restoring the damaged part are stopped too; an intact part still restores.
-  with pytest.raises(ckpt_lib.CheckpointIntegrityError, match='params.encoder.kernel'):
-    ckpt_lib.restore_subtree(str(tmp_path), ('params',))
-  _assert_equal(ckpt_lib.restore_subtree(str(tmp_path), ('target_params',)),
+  with pytest.raises(ckpt_errors.CheckpointIntegrityError, match='params.encoder.kernel'):
+    ckpt_reading.restore_subtree(str(tmp_path), ('params',))
+  _assert_equal(ckpt_reading.restore_subtree(str(tmp_path), ('target_params',)),
                 _numpy_copy(state['target_params']))
   # An optax namedtuple leaf is named the same whether restored as a namedtuple (`restore`) or as
   # a dict (`restore_subtree`).
   _edit_checksum(step_dir, 'params.encoder.kernel', -1)  # Back as it was.
   _edit_checksum(step_dir, 'opt_state.0.mu.encoder.bias')
-  with pytest.raises(ckpt_lib.CheckpointIntegrityError, match=r'opt_state\.0\.mu\.encoder\.bias'):
-    ckpt_lib.restore_subtree(str(tmp_path), ('opt_state',))
-  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
-    with pytest.raises(ckpt_lib.CheckpointIntegrityError, match=r'opt_state\.0\.mu\.encoder\.bias'):
+  with pytest.raises(ckpt_errors.CheckpointIntegrityError,
+                     match=r'opt_state\.0\.mu\.encoder\.bias'):
+    ckpt_reading.restore_subtree(str(tmp_path), ('opt_state',))
+  with ckpt_manager.Checkpointer(str(tmp_path)) as ckpt:
+    with pytest.raises(ckpt_errors.CheckpointIntegrityError,
+                       match=r'opt_state\.0\.mu\.encoder\.bias'):
       ckpt.restore(20, abstract)
-  _assert_equal(ckpt_lib.restore_subtree(str(tmp_path), ('params',)), _numpy_copy(state['params']))
-  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
+  _assert_equal(ckpt_reading.restore_subtree(str(tmp_path), ('params',)),
+                _numpy_copy(state['params']))
+  with ckpt_manager.Checkpointer(str(tmp_path)) as ckpt:
     assert ckpt.restore_latest(abstract)[0] == 10
   assert 'opt_state.0.mu.encoder.bias' in _warnings(caplog)
 
@@ -567,19 +575,19 @@ def test_changed_checksum_gives_an_integrity_error(tmp_path, caplog):
 def test_non_finite_state_is_reported_on_restore(tmp_path, caplog):
   state = {'w': jnp.asarray([1.0, jnp.nan, 3.0]), 'n': jnp.arange(3)}
   caplog.set_level(logging.WARNING)
-  with ckpt_lib.Checkpointer(str(tmp_path), async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), async_save=False) as ckpt:
     ckpt.save(1, state, force=True)
     assert 'NaN/Inf in w' in _warnings(caplog)
-    with pytest.raises(ckpt_lib.CheckpointIntegrityError, match=r'array w holds NaN or Inf'):
+    with pytest.raises(ckpt_errors.CheckpointIntegrityError, match=r'array w holds NaN or Inf'):
       ckpt.restore(1, _abstract(state, _single_device))
-    with pytest.raises(ckpt_lib.CheckpointRestoreError, match=r'could be restored \(step 1: .*'
+    with pytest.raises(ckpt_errors.CheckpointRestoreError, match=r'could be restored \(step 1: .*'
                        r'array w holds NaN'):
       ckpt.restore_latest(_abstract(state, _single_device))
 
 
 def test_extra_round_trip_and_old_checkpoints_without_meta(tmp_path, caplog):
   state = {'w': jnp.arange(4.0)}
-  with ckpt_lib.Checkpointer(str(tmp_path), save_every_steps=1, async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), save_every_steps=1, async_save=False) as ckpt:
     assert ckpt.restore_latest(_abstract(state, _single_device)) == (None, None)
     ckpt.save(1, state, extra={'data_skipped': 3})
     ckpt.save(2, state)
@@ -588,13 +596,13 @@ def test_extra_round_trip_and_old_checkpoints_without_meta(tmp_path, caplog):
   # A checkpoint saved before checksums existed: no meta/ item.
   shutil.rmtree(tmp_path / 'checkpoints' / '2' / 'meta')
   caplog.set_level(logging.INFO)
-  with ckpt_lib.Checkpointer(str(tmp_path)) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path)) as ckpt:
     assert ckpt.restore_extra(2) == {}
     step, restored = ckpt.restore_latest(_abstract(state, _single_device))
   assert step == 2
   np.testing.assert_array_equal(np.asarray(restored['w']), np.arange(4.0))
   assert any('has no recorded checksums' in r.getMessage() for r in caplog.records)
-  np.testing.assert_array_equal(np.asarray(ckpt_lib.restore_subtree(str(tmp_path), ('w',))),
+  np.testing.assert_array_equal(np.asarray(ckpt_reading.restore_subtree(str(tmp_path), ('w',))),
                                 np.arange(4.0))
 
 
@@ -604,7 +612,7 @@ def test_extra_round_trip_and_old_checkpoints_without_meta(tmp_path, caplog):
 def test_report_incomplete_moves_cut_off_saves_aside(tmp_path, caplog):
   state = {'w': jnp.arange(4.0)}
   root = tmp_path / 'checkpoints'
-  with ckpt_lib.Checkpointer(str(tmp_path), save_every_steps=1, async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), save_every_steps=1, async_save=False) as ckpt:
     ckpt.save(5, state)
   cut = root / '7'
   cut.mkdir()
@@ -612,7 +620,7 @@ def test_report_incomplete_moves_cut_off_saves_aside(tmp_path, caplog):
   tmp_dir = root / '9.orbax-checkpoint-tmp-123'
   (tmp_dir / 'state').mkdir(parents=True)
   caplog.set_level(logging.WARNING)
-  with ckpt_lib.Checkpointer(str(tmp_path), save_every_steps=1, async_save=False) as ckpt:
+  with ckpt_manager.Checkpointer(str(tmp_path), save_every_steps=1, async_save=False) as ckpt:
     moved = [pathlib.Path(p) for p in ckpt.report_incomplete()]
     assert [p.parent for p in moved] == [root, root]
     assert re.fullmatch(r'7\.incomplete-\d{8}T\d{6}Z', moved[0].name), moved
@@ -644,13 +652,16 @@ jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
-from cjepa_jax import checkpoint as ckpt_lib
+from cjepa_jax.checkpoint import errors as ckpt_errors
+from cjepa_jax.checkpoint import integrity as ckpt_integrity
+from cjepa_jax.checkpoint import manager as ckpt_manager
+from cjepa_jax.checkpoint import reading as ckpt_reading
 sharding = NamedSharding(jax.make_mesh((4,), ('fsdp',)), P('fsdp'))  # Split across processes.
 host = {'w': np.arange(16 * 6, dtype=np.float32).reshape(16, 6) * 0.37,
         'b': np.linspace(-1, 1, 8).astype(np.float32)}
 state = {k: jax.make_array_from_callback(v.shape, sharding, lambda i, v=v: v[i])
          for k, v in host.items()}
-ckpt = ckpt_lib.Checkpointer(workdir, save_every_steps=1)
+ckpt = ckpt_manager.Checkpointer(workdir, save_every_steps=1)
 if pid == 0:
   (pathlib.Path(workdir) / 'checkpoints' / '3').mkdir()
 multihost_utils.sync_global_devices('cut_off_made')
@@ -661,7 +672,7 @@ ckpt.wait()
 abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         state)
 step, _ = ckpt.restore_latest(abstract)
-print(json.dumps({'moved': moved, 'checksums': ckpt_lib.state_checksums(state), 'step': step,
+print(json.dumps({'moved': moved, 'checksums': ckpt_integrity.state_checksums(state), 'step': step,
                   'extra': ckpt.restore_extra(1), 'steps': ckpt.all_steps()}), flush=True)
 ckpt.close()
 '''
@@ -692,4 +703,4 @@ def test_two_processes_save_the_checksums_of_one(tmp_path):
   assert outputs[0]['extra'] == {'data_skipped': 2}
   [moved] = outputs[0]['moved']
   assert pathlib.Path(moved).name.startswith('3.incomplete-') and pathlib.Path(moved).is_dir()
-  _assert_equal(ckpt_lib.restore_subtree(str(workdir), ()), host)
+  _assert_equal(ckpt_reading.restore_subtree(str(workdir), ()), host)

@@ -21,7 +21,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from torch import nn  # noqa: E402
 
-from cjepa_jax import checkpoint as ckpt_lib  # noqa: E402
+from cjepa_jax.checkpoint import reading as ckpt_reading  # noqa: E402
 from cjepa_jax import convert_torch  # noqa: E402
 from cjepa_jax.models import predictor as predictor_lib  # noqa: E402
 from cjepa_jax.models import vit  # noqa: E402
@@ -206,7 +206,7 @@ def test_sincos_matches_the_reference_formula():
 
 
 def test_encoder_output_matches_torch(reference):
-  params = ckpt_lib.restore_subtree(reference['out'], ('params', 'encoder'))
+  params = ckpt_reading.restore_subtree(reference['out'], ('params', 'encoder'))
   images = jnp.asarray(reference['images'].transpose(0, 2, 3, 1))       # NCHW -> NHWC.
   z = jax.jit(vit.Encoder(VARIANT).apply)({'params': params}, images,
                                           jnp.asarray(reference['ctx_idx']))
@@ -216,19 +216,19 @@ def test_encoder_output_matches_torch(reference):
 
 def test_target_encoder_output_matches_torch(reference):
   """The probes' path: restore only target_params, encode full images."""
-  params = ckpt_lib.restore_subtree(reference['out'], ('target_params',))
+  params = ckpt_reading.restore_subtree(reference['out'], ('target_params',))
   images = jnp.asarray(reference['images'].transpose(0, 2, 3, 1))
   h = jax.jit(vit.Encoder(VARIANT).apply)({'params': params}, images)
   assert h.shape == (B, (IMAGE // PATCH) ** 2, WIDTH)
   assert np.abs(np.asarray(h) - reference['h']).max() <= TOL
   # target_params come from 'target_encoder', not from 'encoder' (the two differ here).
   assert np.abs(reference['h'] - np.asarray(jax.jit(vit.Encoder(VARIANT).apply)(
-      {'params': ckpt_lib.restore_subtree(reference['out'], ('params', 'encoder'))},
+      {'params': ckpt_reading.restore_subtree(reference['out'], ('params', 'encoder'))},
       images))).max() > 0.1
 
 
 def test_predictor_output_matches_torch(reference):
-  params = ckpt_lib.restore_subtree(reference['out'], ('params', 'predictor'))
+  params = ckpt_reading.restore_subtree(reference['out'], ('params', 'predictor'))
   model = predictor_lib.Predictor(embed_dim=WIDTH, num_heads=HEADS, grid=(4, 4),
                                   width=PRED_WIDTH, depth=PRED_DEPTH)
   out = jax.jit(model.apply)({'params': params}, jnp.asarray(reference['z']),
@@ -240,15 +240,15 @@ def test_predictor_output_matches_torch(reference):
 
 def test_checkpoint_contract(reference):
   out = reference['out']
-  root, step = ckpt_lib.resolve_checkpoint(out)
+  root, step = ckpt_reading.resolve_checkpoint(out)
   assert step == 0 and reference['step_dir'] == f'{root}/0'
-  config = ckpt_lib.load_config(out)
+  config = ckpt_reading.load_config(out)
   assert config['model']['variant'] == VARIANT and config['model']['depth'] == 0
   assert config['model']['pred_depth'] == PRED_DEPTH      # Inferred from the keys.
   assert config['model']['pred_width'] == PRED_WIDTH      # Inferred from the shapes.
   assert config['data']['image_size'] == IMAGE            # From pos_embed: 4x4 grid x patch 8.
   assert config['model']['scan'] is False
-  state = ckpt_lib.restore_subtree(out)
+  state = ckpt_reading.restore_subtree(out)
   assert int(state['step']) == 0 and state['step'].dtype == jnp.int32
   # Exactly the trees (and shapes) the flax models' init makes: what init_from and probes need.
   images = jax.ShapeDtypeStruct((1, IMAGE, IMAGE, 3), jnp.float32)
@@ -276,16 +276,16 @@ def test_checkpoint_contract(reference):
 
 
 def test_training_can_start_from_it(reference):
-  """checkpoint.load_init_from (config.init_from) accepts the converted checkpoint as is."""
+  """checkpoint.reading.load_init_from (config.init_from) accepts the converted checkpoint as is."""
   images = jax.ShapeDtypeStruct((1, IMAGE, IMAGE, 3), jnp.float32)
   enc = jax.eval_shape(vit.Encoder(VARIANT).init, jax.random.key(0), images)['params']
-  pred = ckpt_lib.restore_subtree(reference['out'], ('params', 'predictor'))
+  pred = ckpt_reading.restore_subtree(reference['out'], ('params', 'predictor'))
   zeros = lambda t: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), t)  # noqa: E731
   state = {'step': jnp.int32(0), 'params': {'encoder': zeros(enc), 'predictor': zeros(pred)},
            'target_params': zeros(enc)}
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shardings = jax.tree.map(lambda _: dev, state)
-  loaded = ckpt_lib.load_init_from(reference['out'], state, shardings)
+  loaded = ckpt_reading.load_init_from(reference['out'], state, shardings)
   np.testing.assert_array_equal(
       loaded['params']['encoder']['norm']['scale'],
       reference['sds']['encoder']['module.norm.weight'])

@@ -19,7 +19,8 @@ import pytest
 from jax.sharding import Mesh
 from PIL import Image
 
-from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax.checkpoint import manager as ckpt_manager
+from cjepa_jax.checkpoint import reading as ckpt_reading
 from cjepa_jax import config as config_lib
 from cjepa_jax import finetune
 from cjepa_jax import finetune_step as step_lib
@@ -310,8 +311,9 @@ CLI_ARGS = ('--config', 'configs/finetune_cifar10.py', '--config.pretrained=rand
 # SIGKILL at the first save after step KILL_AT, once every save so far is durable.
 _KILL_HARNESS = textwrap.dedent('''
     import os, signal, sys
-    from cjepa_jax import checkpoint, finetune
-    init, save, opened = checkpoint.Checkpointer.__init__, checkpoint.Checkpointer.save, []
+    from cjepa_jax import finetune
+    from cjepa_jax.checkpoint import manager as ckpt_manager
+    init, save, opened = ckpt_manager.Checkpointer.__init__, ckpt_manager.Checkpointer.save, []
     def recording_init(self, *args, **kwargs):
       init(self, *args, **kwargs)
       opened.append(self)
@@ -321,8 +323,8 @@ _KILL_HARNESS = textwrap.dedent('''
           ckpt.wait()
         os.kill(os.getpid(), signal.SIGKILL)
       return save(self, step, *args, **kwargs)
-    checkpoint.Checkpointer.__init__ = recording_init
-    checkpoint.Checkpointer.save = killing_save
+    ckpt_manager.Checkpointer.__init__ = recording_init
+    ckpt_manager.Checkpointer.save = killing_save
     sys.argv = ['finetune'] + sys.argv[1:]
     finetune.run()
 ''')
@@ -360,8 +362,8 @@ def test_cli_trains_evaluates_and_keeps_best_and_last(straight):
   best = max(evals, key=lambda r: (r['eval_top1'], -r['step']))
   assert evals[-1]['best_top1'] == best['eval_top1'] and evals[-1]['best_step'] == best['step']
   assert all(r['compiles'] == 1 and np.isfinite(r['loss']) for r in rows)
-  assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [4, 6]
-  assert checkpoint_lib.Checkpointer(str(workdir / 'best')).all_steps() == [best['step']]
+  assert ckpt_manager.Checkpointer(str(workdir)).all_steps() == [4, 6]
+  assert ckpt_manager.Checkpointer(str(workdir / 'best')).all_steps() == [best['step']]
   (line,) = [json.loads(x) for x in result.stdout.splitlines() if x.startswith('{')]
   assert line['step'] == 6 and line['eval_top1'] == evals[-1]['eval_top1']
   assert 'step 6/6' in result.stderr
@@ -375,7 +377,7 @@ def test_sigkill_then_resume_ends_bit_identical(straight, tmp_path):
   workdir = tmp_path / 'run'
   killed = run_python(['-c', _KILL_HARNESS, *CLI_ARGS, '--workdir', str(workdir)], KILL_AT='2')
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-  assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [2]
+  assert ckpt_manager.Checkpointer(str(workdir)).all_steps() == [2]
   resumed = run_python(['-m', 'cjepa_jax.finetune', *CLI_ARGS, '--workdir', str(workdir)])
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Resuming from the checkpoint of step 2' in resumed.stderr
@@ -384,8 +386,8 @@ def test_sigkill_then_resume_ends_bit_identical(straight, tmp_path):
   for step in (3, 6):
     for key in ('eval_top1', 'eval_loss', 'best_top1', 'param_norm'):
       assert a[step][key] == b[step][key], (step, key)
-  la = jax.tree.leaves(checkpoint_lib.restore_subtree(str(reference), ()))
-  lb = jax.tree.leaves(checkpoint_lib.restore_subtree(str(workdir), ()))
+  la = jax.tree.leaves(ckpt_reading.restore_subtree(str(reference), ()))
+  lb = jax.tree.leaves(ckpt_reading.restore_subtree(str(workdir), ()))
   for x, y in zip(la, lb, strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -435,7 +437,7 @@ def test_a_run_without_ema_gives_its_context_encoder_as_the_target(tmp_path):
   run_state = jax.jit(lambda: pretrain_step.init_state(models, tx, 1))()
   shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
                            run_state)
-  loaded = checkpoint_lib.load_init_from(str(tmp_path), run_state, shardings)
+  loaded = ckpt_reading.load_init_from(str(tmp_path), run_state, shardings)
   for a, b in zip(jax.tree.leaves(loaded['target_params']),
                   jax.tree.leaves(state['params']['encoder']), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -457,7 +459,7 @@ def test_probing_a_finetuning_workdir_takes_its_encoder_or_says_how(straight):
   assert info['encoder'] == 'context' and info['step'] == 6
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   params = features_lib.load_encoder_params(config, encoder, info, device)
-  want = checkpoint_lib.restore_subtree(str(workdir), ('params', 'encoder'))
+  want = ckpt_reading.restore_subtree(str(workdir), ('params', 'encoder'))
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

@@ -12,10 +12,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from cjepa_jax import array_record
 from cjepa_jax import config as config_lib
-from cjepa_jax import grain_pipeline as gp
-from cjepa_jax import input_pipeline as ip
+from cjepa_jax.data import array_record
+from cjepa_jax.data import augment
+from cjepa_jax.data import image_folder
+from cjepa_jax.data import input_pipeline as ip
+from cjepa_jax.data import sources
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -111,15 +113,15 @@ def test_exact_resume_with_augmentations_and_worker_count(folder):
 def test_random_resized_crop_window_matches_torchvision_rule():
   rng = np.random.default_rng(0)
   for _ in range(200):
-    top, left, h, w = gp.random_resized_crop_window(300, 400, rng, scale=(0.3, 1.0),
-                                                    ratio=(3 / 4, 4 / 3))
+    top, left, h, w = augment.random_resized_crop_window(300, 400, rng, scale=(0.3, 1.0),
+                                                         ratio=(3 / 4, 4 / 3))
     assert 0 <= top <= 300 - h and 0 <= left <= 400 - w
     assert 0.3 * 120000 * 0.98 <= h * w <= 120000
     assert 3 / 4 * 0.95 <= w / h <= 4 / 3 * 1.05
   # No draw can fit: torchvision's fallback, the centre crop with the aspect clamped to `ratio`.
-  assert gp.random_resized_crop_window(100, 400, rng, scale=(1.0, 1.0), ratio=(0.9, 1.1)) == (
+  assert augment.random_resized_crop_window(100, 400, rng, scale=(1.0, 1.0), ratio=(0.9, 1.1)) == (
       0, 145, 100, 110)
-  assert gp.random_resized_crop_window(400, 100, rng, scale=(1.0, 1.0), ratio=(0.9, 1.1)) == (
+  assert augment.random_resized_crop_window(400, 100, rng, scale=(1.0, 1.0), ratio=(0.9, 1.1)) == (
       144, 0, 111, 100)
 
 
@@ -135,9 +137,9 @@ def test_train_crop_equals_pil_reference_of_the_same_box(tmp_path):
   c.batch_size = 2
   got = next(ip.make_train_iterator(c, process_index=0, process_count=1))['image']
   for g in range(2):
-    rng = np.random.default_rng([c.seed, gp._AUGMENT, g])  # pylint: disable=protected-access
-    top, left, h, w = gp.random_resized_crop_window(37, 45, rng, scale=c.data.crop_scale,
-                                                    ratio=c.data.crop_ratio)
+    rng = np.random.default_rng([c.seed, augment._AUGMENT, g])  # pylint: disable=protected-access
+    top, left, h, w = augment.random_resized_crop_window(37, 45, rng, scale=c.data.crop_scale,
+                                                         ratio=c.data.crop_ratio)
     ref = Image.fromarray(image).crop((left, top, left + w, top + h)).resize((16, 16),
                                                                               Image.BICUBIC)
     ref = (np.asarray(ref, np.float32) / 255 - MEAN) / STD
@@ -165,7 +167,7 @@ def test_corrupt_images_keep_their_slot_are_counted_and_resume(tmp_path):
 def test_eval_pads_covers_once_and_matches_pil(folder):
   c = _config(folder)
   assert ip.num_examples(c, 'val') == 11
-  paths = ip._list_image_folder(str(folder), 'val')[0]  # pylint: disable=protected-access
+  paths = image_folder.list_images(str(folder), 'val')[0]
   id_of_pos = np.array([int(pathlib.Path(f).stem) for f in paths])
   pos = []
   counts = []
@@ -185,8 +187,8 @@ def test_eval_pads_covers_once_and_matches_pil(folder):
   # Short side 20 -> round(256 * 8 / 224) = 9, long 24 -> int(9 * 24 / 20) = 10, centre 8x8.
   image = np.random.default_rng(2).integers(0, 256, (20, 24, 3), dtype=np.uint8)
   ref = Image.fromarray(image).resize((10, 9), Image.BILINEAR).crop((1, 0, 9, 8))
-  out = gp.eval_transform(dict(pixels=image), gp.Preprocess.from_config(c.data),
-                         ip.eval_resize_size(c))
+  out = augment.eval_transform(dict(pixels=image), augment.Preprocess.from_config(c.data),
+                               ip.eval_resize_size(c))
   np.testing.assert_allclose(out, (np.asarray(ref, np.float32) / 255 - MEAN) / STD, atol=1e-6)
 
 
@@ -195,16 +197,17 @@ def test_synthetic_is_a_function_of_position():
   a = _take(ip.make_train_iterator(c, process_index=0, process_count=1), 3)
   b = _take(ip.make_train_iterator(c, start_step=2, process_index=0, process_count=1), 1)
   np.testing.assert_array_equal(a[2]['image'], b[0]['image'])
-  assert ip.num_examples(c, 'validation') == ip.SYNTHETIC_EVAL_EXAMPLES
+  assert ip.num_examples(c, 'validation') == sources.SYNTHETIC_EVAL_EXAMPLES
   ev = list(ip.make_eval_iterator(c, 'validation', batch_size=4, num_examples=6,
                                   process_index=0, process_count=1))
   assert [int(x['valid'].sum()) for x in ev] == [4, 2]
 
 
 def test_example_proto_round_trip():
-  record = gp.serialize_example({'image': [b'\x00\xffjpeg'], 'label': [7], 'neg': [-3, 2 ** 40]})
-  assert gp.parse_example(record) == {'image': [b'\x00\xffjpeg'], 'label': [7],
-                                      'neg': [-3, 2 ** 40]}
+  record = array_record.serialize_example(
+      {'image': [b'\x00\xffjpeg'], 'label': [7], 'neg': [-3, 2 ** 40]})
+  assert array_record.parse_example(record) == {'image': [b'\x00\xffjpeg'], 'label': [7],
+                                                'neg': [-3, 2 ** 40]}
 
 
 def test_image_folder_to_array_record_converter(folder, tmp_path):
@@ -235,12 +238,13 @@ def test_image_folder_to_array_record_converter(folder, tmp_path):
 
 def test_grain_path_never_imports_tensorflow(folder):
   code = BLOCK_TF + f'''
-from cjepa_jax import config as config_lib, input_pipeline as ip
+from cjepa_jax import config as config_lib
+from cjepa_jax.data import input_pipeline as ip, lazy_tf
 c = config_lib.default_config()
 c.data.update(dataset='image_folder', data_dir={str(folder)!r}, image_size=8, loader='grain',
               num_classes=3, eval_split='val')
 c.batch_size = 4
-ip.hide_accelerators_from_tf()
+lazy_tf.hide_accelerators_from_tf()
 ip.check_dataset(c); ip.check_label_splits(c)
 next(ip.make_train_iterator(c, process_index=0, process_count=1))
 list(ip.make_eval_iterator(c, 'val', batch_size=4, process_index=0, process_count=1))
@@ -262,7 +266,8 @@ except ValueError as e:  # One line for the command lines (cli.USER_ERRORS).
 def test_parse_example_reads_what_pil_wrote():
   buf = io.BytesIO()
   Image.fromarray(np.full((4, 5, 3), 9, np.uint8)).save(buf, format='PNG')
-  ex = gp.parse_example(gp.serialize_example({'image': [buf.getvalue()], 'label': [1]}))
+  ex = array_record.parse_example(
+      array_record.serialize_example({'image': [buf.getvalue()], 'label': [1]}))
   assert np.asarray(Image.open(io.BytesIO(ex['image'][0]))).shape == (4, 5, 3)
   assert json.dumps(ex['label']) == '[1]'
 
@@ -274,9 +279,10 @@ def test_parse_example_reads_what_pil_wrote():
 
 _KILL_AT_SAVE = '''
 import os, signal
-from cjepa_jax import checkpoint, train
+from cjepa_jax import train
+from cjepa_jax.checkpoint import manager as ckpt_manager
 kill_step = int(os.environ.get('KILL_AT', '0'))
-original = checkpoint.Checkpointer.save
+original = ckpt_manager.Checkpointer.save
 def save(self, step, state, config=None, **kwargs):
   if step == kill_step:
     self.wait()
@@ -284,7 +290,7 @@ def save(self, step, state, config=None, **kwargs):
   if step == kill_step:
     os.kill(os.getpid(), signal.SIGKILL)   # The async save is still in flight.
   return result
-checkpoint.Checkpointer.save = save
+ckpt_manager.Checkpointer.save = save
 '''
 
 
@@ -333,7 +339,7 @@ def _train_args(workdir, data_dir, *extra):
 @pytest.mark.slow
 def test_cli_train_killed_resumed_exact_then_probe_and_finetune_without_tensorflow(
     cifar_like, tmp_path):
-  from cjepa_jax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from cjepa_jax.checkpoint import reading as ckpt_reading  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   straight, run = tmp_path / 'straight', tmp_path / 'run'
   result = _run(_entry('train'), *_train_args(straight, cifar_like))
@@ -349,8 +355,8 @@ def test_cli_train_killed_resumed_exact_then_probe_and_finetune_without_tensorfl
   for step in (6, 8):
     for key in ('loss', 'grad_norm', 'param_norm'):
       assert a[step][key] == b[step][key], (step, key)
-  for x, y in zip(jax.tree.leaves(checkpoint_lib.restore_subtree(str(straight), ())),
-                  jax.tree.leaves(checkpoint_lib.restore_subtree(str(run), ())), strict=True):
+  for x, y in zip(jax.tree.leaves(ckpt_reading.restore_subtree(str(straight), ())),
+                  jax.tree.leaves(ckpt_reading.restore_subtree(str(run), ())), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
   probe = _run(_entry('probe'), '--config', 'configs/probe_linear.py',

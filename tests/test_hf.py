@@ -28,12 +28,13 @@ import ml_collections  # noqa: E402
 from safetensors import numpy as st_numpy  # noqa: E402
 
 import pretrained_utils  # noqa: E402
-from cjepa_jax import checkpoint as ckpt_lib  # noqa: E402
 from cjepa_jax import config as config_lib  # noqa: E402
 from cjepa_jax import convert_hf  # noqa: E402
 from cjepa_jax import export  # noqa: E402
 from cjepa_jax import hf  # noqa: E402
+from cjepa_jax import hf_card  # noqa: E402
 from cjepa_jax import reference_layout  # noqa: E402
+from cjepa_jax.checkpoint import reading as ckpt_reading  # noqa: E402
 from cjepa_jax.evals import features as features_lib  # noqa: E402
 from cjepa_jax.models import predictor as predictor_lib  # noqa: E402
 from cjepa_jax.models import vit  # noqa: E402
@@ -190,16 +191,16 @@ def good_folder(path: pathlib.Path, seed: int = 0) -> pathlib.Path:
 
 def test_import_gives_transformers_features(hf_folder, imported):
   _, model = hf_folder
-  saved = ckpt_lib.load_config(str(imported))
+  saved = ckpt_reading.load_config(str(imported))
   assert (saved['model']['variant'], saved['model']['depth'], saved['data']['image_size'],
           saved['model']['dtype'], saved['model']['scan']) == (VARIANT, DEPTH, IMAGE, 'float32',
                                                                 False)
-  target = ckpt_lib.restore_subtree(str(imported), ('target_params',))
+  target = ckpt_reading.restore_subtree(str(imported), ('target_params',))
   # The HF file holds one encoder: both slots get it, and there is no predictor.
-  assert_trees_equal(target, ckpt_lib.restore_subtree(str(imported), ('params', 'encoder')))
+  assert_trees_equal(target, ckpt_reading.restore_subtree(str(imported), ('params', 'encoder')))
   with pytest.raises(ValueError, match="No key 'predictor'"):
-    ckpt_lib.restore_subtree(str(imported), ('params', 'predictor'))
-  assert 'Hugging Face folder' in ckpt_lib.load_extra(str(imported))['source']
+    ckpt_reading.restore_subtree(str(imported), ('params', 'predictor'))
+  assert 'Hugging Face folder' in ckpt_reading.load_extra(str(imported))['source']
   images = sample_images()
   diff = np.abs(our_features(target, images) - hf_features(model, images)).max()
   print(f'import: max |cjepa_jax - transformers| = {diff:.3g}')
@@ -293,9 +294,9 @@ def test_export_then_import_is_the_identity(scan, dtype, encoder, tmp_path):
                '--encoder', encoder])
   argv = ['--hf', str(tmp_path / 'hf'), '--out', str(tmp_path / 'back'), '--dtype', dtype]
   convert_hf.main(argv + (['--scan'] if scan else []))
-  saved = ckpt_lib.load_config(str(tmp_path / 'back'))
+  saved = ckpt_reading.load_config(str(tmp_path / 'back'))
   assert (saved['model']['scan'], saved['model']['dtype']) == (scan, dtype)
-  assert_trees_equal(ckpt_lib.restore_subtree(str(tmp_path / 'back'), ('target_params',)), want)
+  assert_trees_equal(ckpt_reading.restore_subtree(str(tmp_path / 'back'), ('target_params',)), want)
   if scan:   # The exported file is the same model: transformers' features match the encoder's.
     _, transformers = need_transformers()
     model = transformers.IJepaModel.from_pretrained(str(tmp_path / 'hf')).eval()
@@ -325,10 +326,10 @@ def test_model_card_describes_the_run_and_its_probe_in_percent(pretrained, tmp_p
   # The same numbers in percent (the newer probe_results.json) print the same.
   percent = dict(probe, unit='percent', linear=dict(probe['linear'], top1=56.1, top5=95.0),
                  knn=dict(probe['knn'], top1=42.8, top5=90.0))
-  saved = ckpt_lib.load_config(str(workdir))
+  saved = ckpt_reading.load_config(str(workdir))
   info = dict(checkpoint=str(workdir), step=2, encoder='target', variant=VARIANT, depth=DEPTH,
               image_size=IMAGE)
-  assert hf.model_card(saved, info, percent) == hf.model_card(saved, info, probe)
+  assert hf_card.model_card(saved, info, percent) == hf_card.model_card(saved, info, probe)
   # Probe results of another encoder are left out (a log line), or refused when named.
   export.main(['--checkpoint', str(workdir), '--out', str(tmp_path / 'ctx'),
                '--encoder', 'context'])
@@ -345,7 +346,7 @@ def test_model_card_describes_the_run_and_its_probe_in_percent(pretrained, tmp_p
 
 
 def test_imported_checkpoint_feeds_probe_finetune_and_init_from(imported):
-  hf_params = ckpt_lib.restore_subtree(str(imported), ('target_params',))
+  hf_params = ckpt_reading.restore_subtree(str(imported), ('target_params',))
   for which in ('target', 'context'):   # The probes' and fine-tuning's restore.
     config = ml_collections.ConfigDict(dict(pretrained=str(imported), encoder=which, seed=0))
     encoder, info = features_lib.resolve_encoder(config)
@@ -366,7 +367,7 @@ def test_imported_checkpoint_feeds_probe_finetune_and_init_from(imported):
   state = {'step': jnp.int32(0), 'params': {'encoder': ones(enc), 'predictor': ones(pred)},
            'target_params': ones(enc)}
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  loaded = ckpt_lib.load_init_from(str(imported), state, jax.tree.map(lambda _: dev, state))
+  loaded = ckpt_reading.load_init_from(str(imported), state, jax.tree.map(lambda _: dev, state))
   assert_trees_equal(loaded['params']['encoder'], hf_params)
   assert_trees_equal(loaded['target_params'], hf_params)
   assert_trees_equal(loaded['params']['predictor'], ones(pred))
@@ -498,7 +499,7 @@ def test_trained_cifar10_recipe_exports_and_loads_in_a_fresh_process(tmp_path):
   out = tmp_path / 'hf'
   result = _run(['-m', 'cjepa_jax.export', '--checkpoint', str(workdir), '--out', str(out)])
   assert result.returncode == 0, result.stderr[-3000:]
-  saved = ckpt_lib.load_config(str(workdir))
+  saved = ckpt_reading.load_config(str(workdir))
   size = saved['data']['image_size']
   images = np.random.default_rng(0).normal(size=(2, size, size, 3)).astype(np.float32)
   np.save(tmp_path / 'images.npy', images)
@@ -509,7 +510,7 @@ def test_trained_cifar10_recipe_exports_and_loads_in_a_fresh_process(tmp_path):
   for word in ('missing', 'unexpected', 'newly initialized', 'not used', 'mismatch'):
     assert word not in log, result.stderr
   encoder = vit.Encoder(saved['model']['variant'], depth=saved['model']['depth'] or None)
-  params = ckpt_lib.restore_subtree(str(workdir), ('target_params',))
+  params = ckpt_reading.restore_subtree(str(workdir), ('target_params',))
   ours = np.asarray(encoder.apply({'params': params}, images))
   diff = np.abs(ours - np.load(tmp_path / 'hf_out.npy')).max()
   print(f'CIFAR-10 recipe export, fresh process: max |cjepa_jax - transformers| = {diff:.3g}')

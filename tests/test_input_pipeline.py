@@ -17,7 +17,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from cjepa_jax import config as config_lib
-from cjepa_jax import input_pipeline as ip
+from cjepa_jax.data import input_pipeline as ip
+from cjepa_jax.data import sources
+from cjepa_jax.data import tf_augment
+from cjepa_jax.data import tf_loader
 
 CLASSES = ('ant', 'bee', 'cat')
 SIZES = ((40, 30), (64, 48))  # (width, height), alternating.
@@ -45,6 +48,7 @@ def _write_flat_folder(root: pathlib.Path, split: str, per_class: int) -> dict[i
 
 def _config(data_dir, **data) -> config_lib.ml_collections.ConfigDict:
   c = config_lib.default_config()
+  c.data.loader = 'tf'  # This file tests the tf.data loader (tests/test_grain.py: grain).
   c.batch_size = 6
   c.data.dataset = 'image_folder'
   c.data.data_dir = str(data_dir)
@@ -126,8 +130,8 @@ def _torchvision_fallback(height, width, ratio):
 
 def test_random_resized_crop_window():
   windows = np.stack([
-      ip.random_resized_crop_window(300, 400, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3),
-                                    seed=tf.constant([7, s], tf.int64)).numpy()
+      tf_augment.random_resized_crop_window(300, 400, scale=(0.3, 1.0), ratio=(3 / 4, 4 / 3),
+                                            seed=tf.constant([7, s], tf.int64)).numpy()
       for s in range(300)])
   top, left, h, w = windows.T
   assert (top >= 0).all() and (left >= 0).all()
@@ -141,8 +145,9 @@ def test_random_resized_crop_window():
   assert len({tuple(x) for x in windows}) > 250  # Seeds give different crops.
   # Nothing fits in a 100x10 image at scale 1: the central fallback, exactly.
   for height, width in ((100, 10), (10, 100), (30, 40)):
-    window = ip.random_resized_crop_window(height, width, scale=(1.0, 1.0), ratio=(0.9, 1.1),
-                                           seed=tf.constant([0, 1], tf.int64)).numpy()
+    window = tf_augment.random_resized_crop_window(
+        height, width, scale=(1.0, 1.0), ratio=(0.9, 1.1),
+        seed=tf.constant([0, 1], tf.int64)).numpy()
     assert tuple(window) == _torchvision_fallback(height, width, (0.9, 1.1))
 
 
@@ -277,6 +282,7 @@ def test_eval_resize_and_centre_crop_match_pil(textured_folder):
 
 def test_to_global_array():
   c = config_lib.default_config()
+  c.data.loader = 'tf'
   c.data.dataset = 'synthetic'
   c.data.image_size = 4
   c.batch_size = 16
@@ -295,6 +301,7 @@ def test_to_global_array():
 
 def test_synthetic():
   c = config_lib.default_config()
+  c.data.loader = 'tf'
   c.data.dataset = 'synthetic'
   c.data.image_size = 8
   c.data.num_classes = 5
@@ -309,7 +316,7 @@ def test_synthetic():
   lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
   image = a[0]['image']
   assert (image >= lo - 1e-5).all() and (image <= hi + 1e-5).all()
-  assert ip.num_examples(c, 'validation') == ip.SYNTHETIC_EVAL_EXAMPLES
+  assert ip.num_examples(c, 'validation') == sources.SYNTHETIC_EVAL_EXAMPLES
   # The eval pipeline reads synthetic images too (the in-training kNN uses it in smoke tests).
   ev = list(ip.make_eval_iterator(c, 'validation', batch_size=4, num_examples=6,
                                   process_index=0, process_count=1))
@@ -318,8 +325,9 @@ def test_synthetic():
 
 
 def test_tfds_mock(monkeypatch):
-  monkeypatch.setattr(ip, 'TFDS_READ_CHUNKS', 4)
+  monkeypatch.setattr(tf_loader, 'TFDS_READ_CHUNKS', 4)
   c = config_lib.default_config()
+  c.data.loader = 'tf'
   c.data.dataset = 'cifar10'
   c.data.data_dir = '/nonexistent/tfds'
   c.data.image_size = 8
@@ -366,8 +374,9 @@ def test_tfds_real_builder(tmp_path, monkeypatch):
   """Process parts, epochs and resumption through real tfds splits (the mock ignores splits)."""
   CjepaTestFlat(data_dir=str(tmp_path)).download_and_prepare(
       file_format='tfrecord', download_config=tfds.download.DownloadConfig(num_shards=None))
-  monkeypatch.setattr(ip, 'TFDS_READ_CHUNKS', 4)
+  monkeypatch.setattr(tf_loader, 'TFDS_READ_CHUNKS', 4)
   c = config_lib.default_config()
+  c.data.loader = 'tf'
   c.data.update(dataset='cjepa_test_flat', data_dir=str(tmp_path), image_size=8,
                 shuffle_buffer=4)
   c.batch_size = 10  # 20 examples per process, local batch 5: 4 steps per epoch.
@@ -455,6 +464,7 @@ def test_label_splits_of_image_folders(flat_folder, tmp_path):
 
 def test_label_splits_of_synthetic_and_tfds():
   c = config_lib.default_config()
+  c.data.loader = 'tf'
   c.data.update(dataset='synthetic', num_classes=4, eval_split='validation')
   assert ip.check_label_splits(c) == ['class_0', 'class_1', 'class_2', 'class_3']
   c.data.num_classes = 1

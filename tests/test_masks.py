@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cjepa_jax import config as config_lib
+from cjepa_jax import mask_stats as mask_stats_lib
 from cjepa_jax import masks as masks_lib
 
 MaskSpec = masks_lib.MaskSpec
@@ -321,7 +322,7 @@ def test_context_budget(spec):
 @pytest.mark.parametrize('spec,ctx_ref,tgt_ref', [
     (SPEC16, 67.5, 43.8), (SPEC14, 50.6, 33.2), (SPEC16Q, 67.5, 43.8), (SPEC14Q, 50.6, 33.2)])
 def test_statistics_match_reference(spec, ctx_ref, tgt_ref):
-  stats = masks_lib.mask_stats(jax.random.key(0), 128, 20, spec)
+  stats = mask_stats_lib.mask_stats(jax.random.key(0), 128, 20, spec)
   assert stats['context_tokens_mean'] == pytest.approx(ctx_ref, rel=0.05)
   assert stats['target_tokens_mean'] == pytest.approx(tgt_ref, rel=0.05)
   assert stats['overlap_tokens'] == 0
@@ -345,7 +346,7 @@ def test_default_budget_matches_reference_collator():
   assert abs(SPEC14.num_context - ctx.min(1).mean()) <= 3
   assert SPEC14.num_context == SPEC14Q.num_context == 51
   assert SPEC16.num_context == SPEC16Q.num_context == 68
-  stats = masks_lib.mask_stats(jax.random.key(0), 128, 20, SPEC14Q)
+  stats = mask_stats_lib.mask_stats(jax.random.key(0), 128, 20, SPEC14Q)
   assert stats['context_tokens_before_budget_mean'] == pytest.approx(ctx.mean(), rel=0.03)
   assert stats['target_tokens_mean'] == pytest.approx(tgt.mean(), rel=0.05)
 
@@ -395,9 +396,9 @@ def test_validation(kwargs, match):
 def test_cli_json_and_png(tmp_path, capsys):
   png = tmp_path / 'masks.png'
   # The REACH program (8x8, batch 256) is shared with the reachability test.
-  masks_lib.main(['--image_size', '32', '--patch_size', '4', '--batch_size', '256',
-                  '--num_batches', '2', '--min_keep', '4', '--context_tokens', '64',
-                  '--allow_overlap', '--json', '--png', str(png)])
+  mask_stats_lib.main(['--image_size', '32', '--patch_size', '4', '--batch_size', '256',
+                       '--num_batches', '2', '--min_keep', '4', '--context_tokens', '64',
+                       '--allow_overlap', '--json', '--png', str(png)])
   stats = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert stats['grid'] == [8, 8] and stats['Kc'] == 64 and stats['Kt'] == 12
   assert stats['context_tokens_mean'] == stats['context_tokens_before_budget_mean'] == 49

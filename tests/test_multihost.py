@@ -37,8 +37,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from cjepa_jax import checkpoint as checkpoint_lib
-from cjepa_jax import input_pipeline
+from cjepa_jax.checkpoint import layout as ckpt_layout
+from cjepa_jax.checkpoint import manager as ckpt_manager
+from cjepa_jax.checkpoint import reading as ckpt_reading
+from cjepa_jax.data import input_pipeline
 from cjepa_jax import optim
 from cjepa_jax import sharding as sharding_lib
 from cjepa_jax import train_step as step_lib
@@ -52,7 +54,10 @@ pytestmark = [pytest.mark.slow,   # Multi-process jobs: the full suite only.
                                  reason=f'no gloo CPU collectives: {gloo_unavailable_reason()}')]
 
 # Overrides shared by every run here: a tiny model and the test's image folder (added per run).
-TRAIN_ARGS = ('--config', 'configs/cifar10_vit_tiny.py', '--config.batch_size=16',
+# The tf.data loader, whose split of the files across processes is checked below (the grain
+# loader's global shuffle across processes is tests/test_grain.py's).
+TRAIN_ARGS = ('--config', 'configs/cifar10_vit_tiny.py', '--config.data.loader=tf',
+              '--config.batch_size=16',
               '--config.model.depth=1', '--config.model.pred_depth=1',
               '--config.model.pred_width=48', '--config.log_every_steps=1',
               '--config.ckpt_every_steps=4', '--config.evals.knn.every_steps=4',
@@ -94,6 +99,7 @@ def _config(data_dir: pathlib.Path):
   c.batch_size, c.total_steps, c.mesh.data, c.mesh.fsdp = 16, 4, 1, 4
   c.model.depth, c.model.pred_depth, c.model.pred_width = 1, 1, 48
   c.data.data_dir = str(data_dir)
+  c.data.loader = 'tf'
   return c
 
 
@@ -162,7 +168,7 @@ def test_two_processes_train_as_one_job(job):
     assert np.isfinite(row['grad_norm']) and row['grad_norm'] > 0
     assert row['compiles'] == 1 and row['data_skipped'] == 0
   assert job.checkpoints == ['4']
-  assert (job.workdir / 'checkpoints' / '4' / checkpoint_lib.COMMIT_MARKER).exists()
+  assert (job.workdir / 'checkpoints' / '4' / ckpt_layout.COMMIT_MARKER).exists()
 
 
 def _file_of(image: np.ndarray, config) -> tuple[int, int]:
@@ -210,7 +216,7 @@ def test_knn_monitor_counts_each_eval_image_once(job):
 def test_checkpoint_of_two_processes_restores_in_one(job):
   config = _config(job.data_dir)
   step_dir = str(job.workdir / 'checkpoints' / '4')
-  state = checkpoint_lib.restore_subtree(step_dir, ())
+  state = ckpt_reading.restore_subtree(step_dir, ())
   assert int(state['step']) == 4
   models = jepa.build_models(config)
   tx = optim.make_optimizer(config, optim.make_schedules(config, *optim.run_length(config)))
@@ -235,11 +241,11 @@ def test_two_process_checkpoint_resumes_on_one_device(job):
   config.mesh.fsdp = 1
   mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding_lib.MESH_AXES)
   run = step_lib.setup(config, mesh)
-  with checkpoint_lib.Checkpointer(str(job.workdir)) as ckpt:
+  with ckpt_manager.Checkpointer(str(job.workdir)) as ckpt:
     step, state = ckpt.restore_latest(sharding_lib.with_shardings(run.abstract_state,
                                                                   run.state_shardings))
   assert step == 4 and int(state['step']) == 4
-  whole = checkpoint_lib.restore_subtree(str(job.workdir / 'checkpoints' / '4'), ())
+  whole = ckpt_reading.restore_subtree(str(job.workdir / 'checkpoints' / '4'), ())
   got = jax.tree.leaves(state)
   assert len(got) == len(jax.tree.leaves(whole))
   for x, y in zip(got, jax.tree.leaves(whole)):
@@ -298,7 +304,7 @@ def test_sigterm_on_one_process_saves_one_agreed_step_and_resume_matches(tmp_pat
 
   results = launch('-c', _SIGTERM_TRAINER)
   assert [r.returncode for r in results] == [75, 75], results[0].stderr[-3000:]
-  steps = checkpoint_lib.Checkpointer(str(workdir)).all_steps()
+  steps = ckpt_manager.Checkpointer(str(workdir)).all_steps()
   assert len(steps) == 1 and 1 <= steps[0] < 4, steps
   saved = steps[0]
   for r in results:
@@ -308,8 +314,8 @@ def test_sigterm_on_one_process_saves_one_agreed_step_and_resume_matches(tmp_pat
   results = launch('-m', 'cjepa_jax.train')
   assert [r.returncode for r in results] == [0, 0], results[0].stderr[-3000:]
   assert f'Resuming from the checkpoint of step {saved}' in results[0].stderr
-  ours = jax.tree.leaves(checkpoint_lib.restore_subtree(str(workdir / 'checkpoints' / '4'), ()))
-  theirs = jax.tree.leaves(checkpoint_lib.restore_subtree(
+  ours = jax.tree.leaves(ckpt_reading.restore_subtree(str(workdir / 'checkpoints' / '4'), ()))
+  theirs = jax.tree.leaves(ckpt_reading.restore_subtree(
       str(job.workdir / 'checkpoints' / '4'), ()))
   for x, y in zip(ours, theirs, strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -26,7 +26,8 @@ import jax
 import numpy as np
 import pytest
 
-from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax.checkpoint import manager as ckpt_manager
+from cjepa_jax.checkpoint import reading as ckpt_reading
 from cjepa_jax import sharding as sharding_lib
 from cjepa_jax.evals import registry
 from cjepa_jax.models import jepa
@@ -173,16 +174,16 @@ def test_two_processes_finetune_as_one_job(tmp_path, pretrained, data_dir):
   rows = metric_rows(workdir)
   assert [r['step'] for r in rows] == [1, 2]   # Process 0 alone writes: one row per step.
   assert all(r['eval_examples'] == 20 for r in rows), rows
-  assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [2]
-  assert checkpoint_lib.Checkpointer(str(workdir / finetune.BEST_DIR)).latest_step() in (1, 2)
+  assert ckpt_manager.Checkpointer(str(workdir)).all_steps() == [2]
+  assert ckpt_manager.Checkpointer(str(workdir / finetune.BEST_DIR)).latest_step() in (1, 2)
 
-  saved = checkpoint_lib.load_config(str(workdir))
+  saved = ckpt_reading.load_config(str(workdir))
   encoder = jepa.encoder_from_model_config(saved['model'])
   config = ml_collections.ConfigDict({k: v for k, v in saved.items() if k != 'finetune_source'})
   config.mesh.data, config.mesh.fsdp = 1, 1
   mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
   run = finetune_step.setup(config, mesh, encoder)
-  ckpt = checkpoint_lib.Checkpointer(str(workdir))
+  ckpt = ckpt_manager.Checkpointer(str(workdir))
   try:
     _, state = ckpt.restore_latest(
         sharding_lib.with_shardings(run.abstract_state, run.state_shardings))

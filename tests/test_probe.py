@@ -12,8 +12,8 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from cjepa_jax import config as config_lib
-from cjepa_jax import input_pipeline
 from cjepa_jax import sharding
+from cjepa_jax.data import image_folder as image_folder_lib
 from cjepa_jax.evals import features as features_lib
 from cjepa_jax.evals import knn as knn_lib
 from cjepa_jax.evals import linear as linear_lib
@@ -417,7 +417,7 @@ def test_knn_evaluator_checks_the_splits_when_made(tmp_path):
     registry.monitors(config, mesh, encoder)
   write_classes(tmp_path / 'data', 'train', CLASSES[1:])  # Now the same 3 classes as 'test'.
   # pylint: disable-next=protected-access
-  input_pipeline._image_folder_classes.cache_clear()  # Listings are cached per process.
+  image_folder_lib.list_classes.cache_clear()  # Listings are cached per process.
   assert callable(registry.monitors(config, mesh, encoder)[0].evaluate)
 
 

@@ -11,7 +11,12 @@ PACKAGE = ROOT / 'cjepa_jax'
 # The command-line entry points (and their shared error path): nothing else may import them.
 CLI_MODULES = {'cjepa_jax.train', 'cjepa_jax.probe', 'cjepa_jax.finetune',
                'cjepa_jax.convert_torch', 'cjepa_jax.convert_hf', 'cjepa_jax.export',
-               'cjepa_jax.compile', 'cjepa_jax.cli'}
+               'cjepa_jax.compile', 'cjepa_jax.convert_array_record', 'cjepa_jax.mask_stats',
+               'cjepa_jax.cli'}
+# Sub-packages: every module in them is a library module, checked like the others.
+PACKAGES = ('cjepa_jax/checkpoint', 'cjepa_jax/data', 'cjepa_jax/evals', 'cjepa_jax/models')
+# Beyond this many lines a module says at its top why it is not split.
+MAX_LINES = 450
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -43,15 +48,58 @@ def test_no_library_module_imports_an_entry_point():
   assert not offenders, offenders
 
 
+def test_entry_points_are_the_cli_modules_and_nothing_else_runs_as_a_script():
+  """Every `def main` / `__main__` / absl app lives in an entry point, never in a library module,
+  and every console script of setup.py names an entry point's `run`."""
+  for path in sorted(PACKAGE.rglob('*.py')):
+    name = _module_name(path)
+    if name in CLI_MODULES or name == 'cjepa_jax.distributed':  # distributed: app.run's wrapper.
+      continue
+    text = path.read_text(encoding='utf-8')
+    assert "__name__ == '__main__'" not in text and 'app.run(' not in text, name
+    assert not re.search(r'^def main\(', text, re.M), name
+  scripts = re.findall(r"'cjepa-[\w-]+=(cjepa_jax[\w.]*):run'", (ROOT / 'setup.py').read_text())
+  assert scripts and set(scripts) <= CLI_MODULES, scripts
+
+
+def test_sub_packages_exist_and_are_checked():
+  """The folders hold library modules only (no entry point hides in them), and the walk above
+  reaches them: each has an `__init__.py` and appears in the package docstring."""
+  doc = (PACKAGE / '__init__.py').read_text(encoding='utf-8').split('"""')[1]
+  for folder in PACKAGES:
+    path = ROOT / folder
+    assert (path / '__init__.py').exists(), folder
+    assert path.name + '/' in doc, folder
+    for module in path.glob('*.py'):
+      assert _module_name(module) not in CLI_MODULES, module
+
+
+def test_long_modules_say_why():
+  """A module over MAX_LINES lines says why at its top (config.py and evals/ excepted for now)."""
+  long = {}
+  for path in sorted(PACKAGE.rglob('*.py')):
+    rel = path.relative_to(PACKAGE).as_posix()
+    if rel == 'config.py' or rel.startswith('evals/'):
+      continue
+    text = path.read_text(encoding='utf-8')
+    doc = text.split('"""')[1] if text.count('"""') >= 2 else ''
+    if text.count('\n') > MAX_LINES and 'longer than 450 lines' not in doc:
+      long[rel] = text.count('\n')
+  assert not long, long
+
+
 def test_importing_every_module_defines_no_flags_and_setup_needs_no_tensorflow():
   code = '''
 import importlib, pkgutil, sys
 from absl import flags
 import cjepa_jax
-# The steps, their setups, the loop and the evaluators' registry: TensorFlow only on first use
-# (the input pipeline), so a step can be built, compiled and benchmarked without it.
+# The steps, their setups, the loop, the evaluators' registry, the grain loader and the
+# checkpoints: TensorFlow only on first use (the tf.data loader), so a step can be built,
+# compiled, benchmarked and fed without it.
 from cjepa_jax import train_step, finetune_step, sharding, optim, loop
 from cjepa_jax.evals import registry
+from cjepa_jax.data import augment, grain_loader, input_pipeline, sources
+from cjepa_jax.checkpoint import manager, reading
 step_imports_tf = 'tensorflow' in sys.modules
 for m in pkgutil.walk_packages(cjepa_jax.__path__, 'cjepa_jax.'):
   importlib.import_module(m.name)

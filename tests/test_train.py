@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax.checkpoint import manager as ckpt_manager
+from cjepa_jax.checkpoint import reading as ckpt_reading
 from cjepa_jax import loop
 from cjepa_jax import optim
 from cjepa_jax import train
@@ -208,7 +209,7 @@ def check_logged_run(workdir, result, steps):
   assert config['total_steps'] == steps and config['data']['dataset'] == 'synthetic'
   assert list(workdir.glob('events.out.tfevents.*')), 'no TensorBoard events'
   assert f'step {steps}/{steps}' in result.stderr  # The console progress line.
-  assert checkpoint_lib.Checkpointer(str(workdir)).latest_step() == steps
+  assert ckpt_manager.Checkpointer(str(workdir)).latest_step() == steps
 
 
 @pytest.mark.slow
@@ -264,9 +265,10 @@ def test_help_lists_every_config_key_with_default_and_meaning():
 # while the checkpoint of a chosen step is being written (after the previous one is durable).
 _KILL_HARNESS = textwrap.dedent('''
     import os, signal, sys
-    from cjepa_jax import checkpoint, train
+    from cjepa_jax import train
+    from cjepa_jax.checkpoint import manager as ckpt_manager
     kill_step = int(os.environ['KILL_AT'])
-    original = checkpoint.Checkpointer.save
+    original = ckpt_manager.Checkpointer.save
     def save(self, step, state, config=None, **kwargs):
       if step == kill_step:
         self.wait()
@@ -274,7 +276,7 @@ _KILL_HARNESS = textwrap.dedent('''
       if step == kill_step:
         os.kill(os.getpid(), signal.SIGKILL)   # The async save is still in flight.
       return result
-    checkpoint.Checkpointer.save = save
+    ckpt_manager.Checkpointer.save = save
     sys.argv = ['train'] + sys.argv[1:]
     train.run()
 ''')
@@ -288,7 +290,7 @@ def run_killed(workdir, kill_at, *extra):
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                            monkeypatch):
   """A NaN batch at step 6 (checkpoints every 4): the error names step 6, step 4 stays latest."""
-  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   real = input_pipeline.make_train_iterator
 
   def poisoned(config, *, start_step=0, **kwargs):
@@ -304,7 +306,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     train.train_and_evaluate(config, str(tmp_path))
   assert 'last good checkpoint (step 4)' in str(e.value)
   assert str(e.value).count('\n') == 0
-  ckpt = checkpoint_lib.Checkpointer(str(tmp_path))
+  ckpt = ckpt_manager.Checkpointer(str(tmp_path))
   assert ckpt.all_steps() == [4]
   rows = read_metrics(tmp_path)
   assert sorted(rows) == [2, 4]  # Nothing non-finite was logged either.
@@ -312,7 +314,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
 @pytest.mark.slow
 def test_non_finite_loss_before_any_checkpoint_names_none(tmp_path, monkeypatch):
-  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   real = input_pipeline.make_train_iterator
 
   def poisoned(config, *, start_step=0, **kwargs):
@@ -335,7 +337,7 @@ _SIGTERM_HARNESS = textwrap.dedent('''
     sig = getattr(signal, os.environ.get('SIGNAL', 'SIGTERM'))
     original = preemption.Preemption.reached
     # One unreadable image per step, as the input pipeline would report it (`data_skipped`).
-    from cjepa_jax import input_pipeline
+    from cjepa_jax.data import input_pipeline
     real_iterator = input_pipeline.make_train_iterator
     def skipping(config, *, start_step=0, **kwargs):
       for i, batch in enumerate(real_iterator(config, start_step=start_step, **kwargs), 1):
@@ -393,12 +395,12 @@ def test_preempted_then_killed_mid_save_then_resumed_ends_exactly(tmp_path, stra
                       SIGNAL_AT='5')
   assert result.returncode == 75, result.stderr[-3000:]
   assert 'SIGTERM received' in result.stderr and 'saved the checkpoint of step 5' in result.stderr
-  assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [4, 5]
+  assert ckpt_manager.Checkpointer(str(workdir)).all_steps() == [4, 5]
 
   killed = run_killed(workdir, 8, *common)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
   assert 'Resuming from the checkpoint of step 5' in killed.stderr
-  assert checkpoint_lib.Checkpointer(str(workdir)).latest_step() == 5
+  assert ckpt_manager.Checkpointer(str(workdir)).latest_step() == 5
 
   resumed = run_cli(workdir, *common)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -412,8 +414,8 @@ def test_preempted_then_killed_mid_save_then_resumed_ends_exactly(tmp_path, stra
   for step in (8, 10, 12):  # Step 6's window lost step 5 to the restart; the later ones are whole.
     for key in ('loss', 'jepa', 'lr', 'weight_decay', 'ema_momentum', 'grad_norm', 'param_norm'):
       assert a[step][key] == b[step][key], (step, key)
-  la = jax.tree.leaves(checkpoint_lib.restore_subtree(str(straight), ()))
-  lb = jax.tree.leaves(checkpoint_lib.restore_subtree(str(workdir), ()))
+  la = jax.tree.leaves(ckpt_reading.restore_subtree(str(straight), ()))
+  lb = jax.tree.leaves(ckpt_reading.restore_subtree(str(workdir), ()))
   for x, y in zip(la, lb, strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -492,9 +494,9 @@ def test_corrupt_latest_checkpoint_falls_back_and_still_ends_exactly(tmp_path, s
   assert 'Resuming from the checkpoint of step 8' in result.stderr
   damaged = list((workdir / 'checkpoints').glob('12.damaged-*'))
   assert len(damaged) == 1 and (damaged[0] / 'state').is_dir()  # Moved aside, not deleted.
-  assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [4, 8, 12]
-  la = jax.tree.leaves(checkpoint_lib.restore_subtree(str(straight), ()))
-  lb = jax.tree.leaves(checkpoint_lib.restore_subtree(str(workdir), ()))
+  assert ckpt_manager.Checkpointer(str(workdir)).all_steps() == [4, 8, 12]
+  la = jax.tree.leaves(ckpt_reading.restore_subtree(str(straight), ()))
+  lb = jax.tree.leaves(ckpt_reading.restore_subtree(str(workdir), ()))
   for x, y in zip(la, lb, strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -563,7 +565,7 @@ def test_second_trainer_on_a_workdir_fails_at_once_and_the_first_finishes(tmp_pa
   assert first.returncode == 0, err[-3000:]
   rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in rows] == [2, 4, 6, 8], 'one run, each step once'
-  assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [4, 8]
+  assert ckpt_manager.Checkpointer(str(workdir)).all_steps() == [4, 8]
   assert not (workdir / 'trainer.lock').exists(), 'released at the end'
   del out
 
@@ -620,7 +622,7 @@ def test_killed_run_resumes_with_each_step_logged_once(tmp_path, straight_run):
     for key in ('loss', 'jepa', 'lr', 'weight_decay', 'ema_momentum', 'grad_norm', 'param_norm',
                 'update_norm', 'target_feature_std', 'data_skipped', 'compiles'):
       assert row[key] == a[row['step']][key], (row['step'], key)
-  resumed_from = checkpoint_lib.Checkpointer(str(workdir)).all_steps()
+  resumed_from = ckpt_manager.Checkpointer(str(workdir)).all_steps()
   discarded = [json.loads(l) for l in (workdir / 'metrics.discarded.jsonl').read_text()
                .splitlines()]
   assert discarded and all(d['step'] > d['discarded_at_resume_from'] for d in discarded)
@@ -634,9 +636,10 @@ def test_killed_run_resumes_with_each_step_logged_once(tmp_path, straight_run):
 # FSIZE bytes (EFBIG, as ENOSPC), the checkpoint's array data included.
 _DISK_FULL_HARNESS = textwrap.dedent('''
     import os, resource, signal, sys
-    from cjepa_jax import checkpoint, train
+    from cjepa_jax import train
+    from cjepa_jax.checkpoint import manager as ckpt_manager
     at = int(os.environ['DISK_FULL_AT'])
-    original = checkpoint.Checkpointer.save
+    original = ckpt_manager.Checkpointer.save
     def save(self, step, state, config=None, **kwargs):
       if step == at:
         self.wait()
@@ -644,7 +647,7 @@ _DISK_FULL_HARNESS = textwrap.dedent('''
         resource.setrlimit(resource.RLIMIT_FSIZE, (int(os.environ['FSIZE']),
                                                    resource.RLIM_INFINITY))
       return original(self, step, state, config, **kwargs)
-    checkpoint.Checkpointer.save = save
+    ckpt_manager.Checkpointer.save = save
     sys.argv = ['train'] + sys.argv[1:]
     train.run()
 ''')
@@ -664,7 +667,7 @@ def test_disk_full_at_a_save_is_one_short_block(tmp_path):
   log = workdir / 'errors.log'
   assert f'(library tracebacks: {log})' in lines[-1]
   assert 'Traceback' in log.read_text() and 'Traceback' not in result.stderr
-  assert checkpoint_lib.Checkpointer(str(workdir)).all_steps() == [4]
+  assert ckpt_manager.Checkpointer(str(workdir)).all_steps() == [4]
 
 
 def test_damaged_checkpoint_is_one_short_block(tmp_path, straight_run):

@@ -51,7 +51,7 @@ def _build(ctx: base.Context, o: base.Options) -> base.Evaluator:
   eval_step = jax.jit(make_eval_step(ctx.model), out_shardings=sharding.replicated(mesh))
 
   def evaluate(params: Any) -> dict[str, Any]:
-    from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+    from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
     totals = None
     for batch in input_pipeline.make_eval_iterator(
         config, config.data.eval_split, batch_size=batch_size,

@@ -35,7 +35,7 @@ from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 
-from cjepa_jax import checkpoint as checkpoint_lib
+from cjepa_jax.checkpoint import reading as ckpt_reading
 from cjepa_jax import metrics as metrics_lib
 from cjepa_jax import sharding
 from cjepa_jax.models import jepa
@@ -91,9 +91,9 @@ def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[vit.Encoder, dic
     image_size = int(config.data.image_size)
     info = dict(checkpoint=RANDOM, step=None, encoder=None)
   else:
-    root, step = checkpoint_lib.resolve_checkpoint(config.pretrained)
+    root, step = ckpt_reading.resolve_checkpoint(config.pretrained)
     step_dir = str(epath.Path(root) / str(step))
-    saved = checkpoint_lib.load_config(step_dir)
+    saved = ckpt_reading.load_config(step_dir)
     model = saved['model']
     image_size = int(saved['data']['image_size'])
     which = config.encoder
@@ -142,8 +142,8 @@ def load_encoder_params(config: ml_collections.ConfigDict, encoder: vit.Encoder,
     init = jax.jit(lambda: encoder.init(jax.random.key(config.seed), images)['params'],
                    out_shardings=sharding_)
     return init()
-  params = checkpoint_lib.restore_subtree(info['checkpoint'], ENCODER_KEYS[info['encoder']],
-                                          sharding=sharding_)
+  params = ckpt_reading.restore_subtree(info['checkpoint'], ENCODER_KEYS[info['encoder']],
+                                        sharding=sharding_)
   _check_params(encoder, params, int(info['image_size']), info['checkpoint'])
   return params
 
@@ -234,7 +234,7 @@ def extract_features(feature_fn: Callable, params: Params, config: ml_collection
   float16. With `progress`, the main process logs a progress line about every 20 s. Call on every
   process (collectives).
   """
-  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+  from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
   data_sharding = sharding.batch_sharding(mesh)
   it = input_pipeline.make_eval_iterator(config, split, batch_size=batch_size,

@@ -144,7 +144,7 @@ def monitors(config: ml_collections.ConfigDict, mesh: Mesh, model: Any) -> list[
                        'not run during training; set it to 0 (it runs in cjepa-probe).')
     features = None
     if type_.reads_features:
-      from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+      from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
       batch_size = int(options.get('eval_batch_size', 0) or config.batch_size)
       sharding.check_batch_divisible(batch_size, mesh, jax.process_count())
       input_pipeline.check_label_splits(config)

@@ -99,7 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rewritten after every evaluator (`complete` says whether all have run), the linear probe first.
   Call on every process; only the main process writes and prints.
   """
-  from cjepa_jax import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+  from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
   check_config(config)
   names = evaluator_names(config)
