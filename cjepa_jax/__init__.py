@@ -23,6 +23,7 @@ Objective and step
   sharding.py           Device mesh, FSDP shardings, and a train state and step laid out on
                         the mesh (`jit_train`, both `setup`s).
   flops.py              Analytic FLOP count and device peaks for MFU.
+  cpu_flags.py          XLA:CPU options the entry points set before JAX starts (CPU only).
   aot.py                Ahead-of-time compiles for a TPU slice from any host: slice names,
                         HBM table, memory / cost / collectives of a compiled program.
 Run machinery

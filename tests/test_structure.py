@@ -132,9 +132,9 @@ def test_nothing_outside_an_evaluator_branches_on_its_name():
   (the runner, the trainers and the loop go through its `Type`)."""
   from cjepa_jax.evals import registry  # pylint: disable=g-import-not-at-top
   names = set(registry.names())
-  # hf.py's model card reads probe_results.json files of every version, older ones included, by
+  # hf_card.py's model card reads probe_results.json files of every version, older ones included, by
   # their evaluators' names: a reader of files, like evals/units.py; still to move onto `Type`.
-  readers = {PACKAGE / 'hf.py'}
+  readers = {PACKAGE / 'hf_card.py'}
   offenders = []
   for path in sorted(PACKAGE.rglob('*.py')):
     if (path.parent.name == 'evals' and path.stem in names) or path in readers:
