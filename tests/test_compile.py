@@ -42,7 +42,18 @@ def tiny_config(batch_size=32, fsdp=1):
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  # Fully optimised, as a user's compile (conftest lowers LLVM's optimisation for the CPU tests).
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
+              JAX_DISABLE_MOST_OPTIMIZATIONS='0')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _fully_optimised():
+  """The TPU compiles report what a user's compile gives: not conftest's lowered optimisation."""
+  before = jax.config.values['jax_disable_most_optimizations']
+  jax.config.update('jax_disable_most_optimizations', False)
+  yield
+  jax.config.update('jax_disable_most_optimizations', before)
 
 
 def test_parse_slice_names_users_type():
