@@ -127,6 +127,7 @@ def test_missing_libtpu_is_one_line_naming_the_extra():
                    "installed jax)."], r.stderr[-2000:]
 
 
+@pytest.mark.slow   # A whole CLI compile for a TPU in a subprocess: ~2 CPU-minutes.
 @needs_libtpu
 def test_cli_json_reports_memory_flops_and_estimate():
   # TensorFlow made unimportable (a finder that refuses it: `sys.modules['tensorflow'] = None`
