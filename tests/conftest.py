@@ -12,6 +12,13 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The default 'highest' precision makes CPU float32 matmuls exact, which the reference
 # comparisons rely on.
 os.environ.setdefault('JAX_DEFAULT_MATMUL_PRECISION', 'highest')
+# LLVM at its lowest optimisation level (XLA's HLO passes, and so every program's operations,
+# fusions and cost analysis, are unchanged): most of a test is compiling a tiny program that then
+# runs for milliseconds, and this takes about a quarter off the CPU time of the compile-heavy files
+# (tests/test_train_step.py and test_finetune.py: 127 -> 98 CPU-s, every test passing). Subprocesses
+# inherit it. tests/test_compile.py turns it off for its TPU compiles, which report what a user's
+# compile gives. Set JAX_DISABLE_MOST_OPTIMIZATIONS=0 to test fully optimised CPU code.
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
 # A persistent compilation cache, inherited by every subprocess the tests start: the many small
 # CLI runs compile the same few programs, and loading an executable is ~10x cheaper than compiling
 # it on 2 cores (it halves a 12-step CLI run). Set CJEPA_TEST_JAX_CACHE to keep it across sessions;

@@ -80,6 +80,7 @@ def test_ijepa_accumulated_step_equals_full_batch_step(accum):
   _assert_trees_close(full[0]['opt_state'], acc[0]['opt_state'], rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.slow   # Two compiles, one of them on 8 devices; the exactness check stays fast.
 def test_accumulated_sharded_equals_single_device():
   assert jax.device_count() == 8, 'conftest sets 8 fake CPU devices'
   batches = [fixed_batch(_config(2), seed=s) for s in range(2)]

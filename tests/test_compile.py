@@ -42,7 +42,18 @@ def tiny_config(batch_size=32, fsdp=1):
 
 
 def _env():
-  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  # Fully optimised, as a user's compile (conftest lowers LLVM's optimisation for the CPU tests).
+  return dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
+              JAX_DISABLE_MOST_OPTIMIZATIONS='0')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _fully_optimised():
+  """The TPU compiles report what a user's compile gives: not conftest's lowered optimisation."""
+  before = jax.config.values['jax_disable_most_optimizations']
+  jax.config.update('jax_disable_most_optimizations', False)
+  yield
+  jax.config.update('jax_disable_most_optimizations', before)
 
 
 def test_parse_slice_names_users_type():
@@ -116,6 +127,7 @@ def test_missing_libtpu_is_one_line_naming_the_extra():
                    "installed jax)."], r.stderr[-2000:]
 
 
+@pytest.mark.slow   # A whole CLI compile for a TPU in a subprocess: ~2 CPU-minutes.
 @needs_libtpu
 def test_cli_json_reports_memory_flops_and_estimate():
   # TensorFlow made unimportable (a finder that refuses it: `sys.modules['tensorflow'] = None`

@@ -670,6 +670,7 @@ def test_disk_full_at_a_save_is_one_short_block(tmp_path):
   assert ckpt_manager.Checkpointer(str(workdir)).all_steps() == [4]
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_is_one_short_block(tmp_path, straight_run):
   """Every data file of step 12 garbled: the read fails inside tensorstore (not only the
   checksums), which used to print hundreds of 'Event loop is closed' tracebacks."""

@@ -118,6 +118,7 @@ def test_fsdp_actually_shards_large_params():
 
 def test_ema_target_follows_formula_and_gets_no_gradient():
   config = tiny_config(total_steps=10)
+  config.model.depth = 1  # One block shows the EMA; each block adds to two compiles.
   models = jepa.build_models(config)
   total, spe = optim.run_length(config)
   schedules = optim.make_schedules(config, total, spe)
