@@ -47,8 +47,7 @@ ROWS=(
   'h16_448_v5p64|configs/in1k_vith16_448_ep300.py|v5p-64|'
   'h16_448_v5p64_accum2|configs/in1k_vith16_448_ep300.py|v5p-64|--config.accum_steps=2 --noestimate'
   'g16_v5p32_dp|configs/in22k_vitg16_ep44.py|v5p-32|'
-  'g16_v5p16_dp|configs/in22k_vitg16_ep44.py|v5p-16|'
-  'g16_v5p16|configs/in22k_vitg16_ep44.py|v5p-16|--config.mesh.fsdp=8'
+  'g16_v5p32|configs/in22k_vitg16_ep44.py|v5p-32|--config.mesh.fsdp=8'
 )
 
 for row in "${ROWS[@]}"; do

@@ -8,6 +8,12 @@ Lengths: a run lasts `total_steps` optimizer steps when that is > 0, else
 `epochs * steps_per_epoch` with `steps_per_epoch = data.num_train_examples // batch_size`. Every
 schedule (lr, weight decay, EMA momentum) is laid over that length times `ipe_scale`, as in the
 reference (cjepa_jax/optim.py).
+
+Why this module is longer than 450 lines: it is the config's one home, every key of pretraining
+and fine-tuning with its default and meaning, the checks of their values, which keys a resume may
+change, and the renamed keys of the last release; each of those is a short table or function read
+beside the defaults it refers to, and splitting them apart would make a reader open two files to
+learn what one key does.
 """
 
 from __future__ import annotations
