@@ -39,6 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.accum_steps = 1
   c.epochs = 300                 # Run length in epochs (when total_steps is 0).
   c.total_steps = 0              # > 0: the run's length in steps; replaces `epochs`.
+  c.stop_at_step = 0             # > 0: this start stops (saved) at that step; schedules unchanged.
   c.ipe_scale = 1.0              # Reference: stretches the EMA and wd schedules past the run.
   c.log_every_steps = 50         # Metrics window: metrics.jsonl, TensorBoard, progress line.
   c.ckpt_every_steps = 1000      # Checkpoint interval (and always the last step).
@@ -185,6 +186,7 @@ def default_finetune_config() -> ml_collections.ConfigDict:
   c.batch_size = 1024            # Global batch, over all processes and devices.
   c.epochs = 100                 # Run length in epochs (when total_steps is 0).
   c.total_steps = 0              # > 0: the run's length in steps; replaces `epochs`.
+  c.stop_at_step = 0             # > 0: this start stops (saved) at that step; schedules unchanged.
   c.log_every_steps = 50         # Metrics window: metrics.jsonl, TensorBoard, progress line.
   c.ckpt_every_steps = 1000      # Checkpoint interval (and always the last step).
   c.keep_ckpts = 2               # How many of the latest checkpoints to keep (best/ keeps 1).
@@ -307,6 +309,8 @@ def _validate_run(config: ml_collections.ConfigDict, *, every: tuple[str, ...],
          'must be >= 0 (0 with total_steps > 0)')
   _check(isinstance(config.total_steps, int) and config.total_steps >= 0, 'total_steps',
          config.total_steps, 'must be an integer >= 0 (0: use epochs)')
+  _check(isinstance(config.get('stop_at_step', 0), int) and config.get('stop_at_step', 0) >= 0,
+         'stop_at_step', config.get('stop_at_step'), 'must be an integer >= 0 (0: run to the end)')
   for key in every:
     _check(isinstance(config[key], int) and config[key] >= 1, key, config[key],
            'must be an integer >= 1')
@@ -406,8 +410,8 @@ STATE_SHAPING = ('model.variant', 'model.depth', 'model.pred_depth', 'model.pred
 # Keys that change neither shapes nor the run's meaning: free to change on resume.
 # (accum_steps: how the batch is split to fit the chips, like the mesh; for I-JEPA the step is
 # the same to float rounding, see train_step.py.)
-RESUME_FREE = ('log_every_steps', 'ckpt_every_steps', 'keep_ckpts', 'keep_every_steps',
-               'peak_tflops', 'init_from', 'allow_config_change', 'mesh.data', 'mesh.fsdp',
+RESUME_FREE = ('stop_at_step', 'log_every_steps', 'ckpt_every_steps', 'keep_ckpts',
+               'keep_every_steps', 'peak_tflops', 'init_from', 'allow_config_change', 'mesh.data', 'mesh.fsdp',
                'model.remat_policy', 'model.attention', 'data.data_dir', 'data.prefetch',
                'accum_steps', 'data.workers')
 # One start's switch, not part of the run: free to change on resume too.

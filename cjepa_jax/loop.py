@@ -180,9 +180,13 @@ def _loop(task: Task, workdir: str, ckpt: ckpt_manager.Checkpointer,
     c.report_incomplete()   # Cut-off saves: reported (and moved aside) before any training.
   state, extra, last_good = _restore_or_init(task, ckpt, workdir)
   start_step = int(jax.device_get(state['step']))
-  if start_step >= total_steps:
-    logging.info('Already complete at step %d (of %d) in %s: nothing to do.', start_step,
-                 total_steps, workdir)
+  # `stop_at_step` ends this start early, inside the schedules of the whole run (which stay laid
+  # over `total_steps`): a budget cut for tuning that a later start resumes exactly.
+  stop = int(config.get('stop_at_step', 0) or 0)
+  end = min(stop, total_steps) if stop > 0 else total_steps
+  if start_step >= end:
+    logging.info('Already complete at step %d (of %d%s) in %s: nothing to do.', start_step,
+                 total_steps, f', stop_at_step {stop}' if end < total_steps else '', workdir)
     return {'step': start_step, 'already_complete': True}
   logging.info('Mesh %s over %d devices (%d processes); %d steps of batch %d (%d per epoch)%s.',
                dict(task.mesh.shape),
@@ -205,7 +209,7 @@ def _loop(task: Task, workdir: str, ckpt: ckpt_manager.Checkpointer,
   data_skipped = skipped_before
   try:
     with preemption.Preemption() as preempt:
-      for step in range(start_step + 1, total_steps + 1):
+      for step in range(start_step + 1, end + 1):
         host_batch = next(data)
         if 'data_skipped' in host_batch:
           data_skipped = skipped_before + int(host_batch.pop('data_skipped'))
@@ -223,10 +227,9 @@ def _loop(task: Task, workdir: str, ckpt: ckpt_manager.Checkpointer,
         pending = (step, step_metrics['finite'])
         log.add(step, step_metrics)
 
-        evals_now = [m for m in task.evaluators if step % m.every_steps == 0
-                     or step == total_steps]
-        log_now = _log_step(step, config.log_every_steps, periods, total_steps)
-        save_now = step % config.ckpt_every_steps == 0 or step == total_steps
+        evals_now = [m for m in task.evaluators if step % m.every_steps == 0 or step == end]
+        log_now = _log_step(step, config.log_every_steps, periods, end)
+        save_now = step % config.ckpt_every_steps == 0 or step == end
         preempted = preempt.reached(step)
         if log_now or save_now or preempted:
           check_finite(*pending, last_good, workdir, task.lr_key)   # Never log or save NaNs.
@@ -250,7 +253,7 @@ def _loop(task: Task, workdir: str, ckpt: ckpt_manager.Checkpointer,
           if best_ckpt is not None:
             best_ckpt.wait()
           saved = ckpt.save(step, state, task.saved_config,
-                            force=step == total_steps or preempted, extra=extra)
+                            force=step == end or preempted, extra=extra)
           last_good = step
         if preempted:
           for c in managers:

@@ -501,6 +501,30 @@ def test_corrupt_latest_checkpoint_falls_back_and_still_ends_exactly(tmp_path, s
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
+def test_stop_at_step_saves_there_and_a_later_start_ends_exactly(tmp_path, straight_run):
+  """`stop_at_step=6` inside a 12-step schedule: the start logs and saves step 6 (not a multiple
+  of ckpt_every_steps) and exits 0; a second call there says so; a start without it ends at 12
+  bit-identical to the straight run (the schedules were laid over 12 steps throughout)."""
+  workdir = tmp_path / 'run'
+  result = run_cli(workdir, '--config.total_steps=12', '--config.ckpt_every_steps=4',
+                   '--config.stop_at_step=6')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert ckpt_manager.Checkpointer(str(workdir)).all_steps() == [4, 6]
+  assert max(read_metrics(workdir)) == 6
+  again = run_cli(workdir, '--config.total_steps=12', '--config.ckpt_every_steps=4',
+                  '--config.stop_at_step=6')
+  assert again.returncode == 0 and 'already complete at step 6' in again.stderr, again.stderr[-2000:]
+  result = run_cli(workdir, '--config.total_steps=12', '--config.ckpt_every_steps=4')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Resuming from the checkpoint of step 6' in result.stderr
+  assert sorted(read_metrics(workdir)) == list(range(2, 13, 2))
+  la = jax.tree.leaves(ckpt_reading.restore_subtree(str(straight_run[0]), ()))
+  lb = jax.tree.leaves(ckpt_reading.restore_subtree(str(workdir), ()))
+  for x, y in zip(la, lb, strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 # One trainer per workdir, metrics that match the state, failures as one block, start-up errors
 # (README, "Faults").
 
