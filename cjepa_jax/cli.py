@@ -179,7 +179,12 @@ def _flags_parser(prog: str, doc: str, module: str, extra_help: Callable[[], str
                   renamed: Mapping[str, tuple[str, ...]]
                   ) -> Callable[[list[str]], list[str]]:
   def parse(argv: list[str]) -> list[str]:
-    argv = rename_flags(prog, argv, renamed)
+    renamed_argv = rename_flags(prog, argv, renamed)
+    if renamed_argv != list(argv) and list(argv) == sys.argv:
+      # ml_collections reads `--config.*` overrides from sys.argv itself, not from the argv
+      # given to the parser: the rewritten flags must be there too.
+      sys.argv[:] = renamed_argv
+    argv = renamed_argv
     if any(a in _HELP_FLAGS for a in argv[1:]):
       print(_help(prog, doc, module, extra_help))
       sys.exit(0)

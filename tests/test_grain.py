@@ -332,7 +332,7 @@ def _train_args(workdir, data_dir, *extra):
           '--config.data.loader=grain', f'--config.data.data_dir={data_dir}',
           '--config.batch_size=16', '--config.model.depth=1', '--config.model.pred_depth=1',
           '--config.model.pred_width=48', '--config.log_every_steps=2',
-          '--config.evals.knn_every_steps=0', '--config.total_steps=8',
+          '--config.evals.knn.every_steps=0', '--config.total_steps=8',
           '--config.ckpt_every_steps=3', *extra]
 
 
@@ -362,7 +362,7 @@ def test_cli_train_killed_resumed_exact_then_probe_and_finetune_without_tensorfl
   probe = _run(_entry('probe'), '--config', 'configs/probe_linear.py',
                f'--config.pretrained={straight}', '--workdir', str(tmp_path / 'probe'),
                '--config.data.loader=grain', f'--config.data.data_dir={cifar_like}',
-               '--config.evals=knn')
+               '--config.probes=knn')
   assert probe.returncode == 0, probe.stderr[-3000:]
   assert (tmp_path / 'probe' / 'probe_results.json').exists()
 

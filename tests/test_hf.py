@@ -494,7 +494,7 @@ def test_trained_cifar10_recipe_exports_and_loads_in_a_fresh_process(tmp_path):
                  '--workdir', str(workdir), '--config.data.dataset=synthetic',
                  '--config.total_steps=3', '--config.batch_size=8',
                  '--config.model.dtype=float32', '--config.log_every_steps=1',
-                 '--config.evals.knn_every_steps=0', '--config.evals.fewshot_every_steps=0'])
+                 '--config.evals.knn.every_steps=0', '--config.evals.fewshot.every_steps=0'])
   assert result.returncode == 0, result.stderr[-3000:]
   out = tmp_path / 'hf'
   result = _run(['-m', 'cjepa_jax.export', '--checkpoint', str(workdir), '--out', str(out)])
@@ -530,8 +530,8 @@ def test_imported_checkpoint_runs_through_probe_and_finetune_clis(imported, tmp_
                                                       f'{i}.png')
   result = _run(['-m', 'cjepa_jax.probe', '--config', 'configs/probe_linear.py:cifar10',
                  f'--config.pretrained={imported}', f'--config.data.data_dir={tmp_path / "data"}',
-                 '--config.data.num_classes=3', '--config.evals=knn', '--config.batch_size=8',
-                 '--config.knn.k=3', '--workdir', str(tmp_path / 'probe')])
+                 '--config.data.num_classes=3', '--config.probes=knn', '--config.batch_size=8',
+                 '--config.evals.knn.k=3', '--workdir', str(tmp_path / 'probe')])
   assert result.returncode == 0, result.stderr[-3000:]
   probe = json.loads((tmp_path / 'probe' / 'probe_results.json').read_text())
   assert probe['model']['variant'] == VARIANT and probe['knn']['top1'] > 0.5

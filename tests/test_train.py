@@ -225,6 +225,16 @@ def test_cli_trains_and_logs_metrics_on_one_device(straight_run):
   assert rows[12]['eval_s'] > rows[10]['eval_s'] + 0.1, (rows[10]['eval_s'], rows[12]['eval_s'])
 
 
+@pytest.mark.slow
+def test_renamed_config_keys_still_work_through_the_cli_with_a_warning(tmp_path):
+  # ml_collections reads `--config.*` overrides from sys.argv itself: the rewrite must reach it.
+  result = run_cli(tmp_path / 'run', '--config.total_steps=2', '--config.evals.knn_every_steps=0',
+                   '--config.evals.fewshot_every_steps=0')
+  assert result.returncode == 0, result.stderr[-3000:]
+  warnings = [l for l in result.stderr.splitlines() if 'is deprecated' in l]
+  assert len(warnings) == 2 and '--config.evals.knn.every_steps' in warnings[0], warnings
+
+
 def test_misspelled_config_key_is_one_line_and_leaves_no_workdir(tmp_path):
   workdir = tmp_path / 'run'
   result = run_cli(workdir, '--config.totl_steps=6')
