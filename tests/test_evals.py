@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -353,7 +354,13 @@ def test_probe_loops_keep_at_most_two_steps_in_flight(monkeypatch):
 
 
 @pytest.mark.slow   # A pretraining run and a probe run: ~90 s on 2 cores.
-def test_a_new_evaluator_runs_in_the_trainer_and_the_probe(image_folder, tmp_path, capsys):
+def test_a_new_evaluator_runs_in_the_trainer_and_the_probe(image_folder, tmp_path, capsys,
+                                                           monkeypatch):
+  from cjepa_jax.evals import registry as registry_lib  # pylint: disable=g-import-not-at-top
+  # The registration lasts for this test only: the registry of later tests in this process is
+  # the built-in one.
+  monkeypatch.setattr(registry_lib, '_TYPES', dict(registry_lib._TYPES))
+  monkeypatch.delitem(sys.modules, 'toy_evaluator', raising=False)
   import toy_evaluator  # pylint: disable=g-import-not-at-top,unused-import  (registers 'toy')
   from cjepa_jax import train  # pylint: disable=g-import-not-at-top
   import ml_collections  # pylint: disable=g-import-not-at-top
