@@ -9,7 +9,9 @@ each; compiled ahead of time with cjepa-compile, not run; BENCHMARKS.md) plain d
 fits, 58.0 of 95 GiB per chip with the 1.0B-parameter encoder, its EMA copy and Adam moments
 replicated, and the compiler estimates ~0.28 s a step (MFU ~39%); FSDP over 8 chips
 (`--config.mesh.fsdp=8`, this recipe's earlier advice) cuts that memory to 44.5 GiB but gathers
-~94 GiB of weights per chip and step: ~0.40 s, ~27%. Keep fsdp for chips with less HBM.
+~94 GiB of weights per chip and step: ~0.40 s, ~27%. Keep fsdp for chips with less HBM, or for
+the smallest slice: on v5p-32 data parallelism needs 100.0 GiB and does not fit, while
+`--config.mesh.fsdp=8` fits (87.6 GiB; estimated ~0.63 s a step, ~35%).
 """
 
 from cjepa_jax import config as config_lib
