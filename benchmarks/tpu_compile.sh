@@ -48,6 +48,8 @@ ROWS=(
   'h16_448_v5p64_accum2|configs/in1k_vith16_448_ep300.py|v5p-64|--config.accum_steps=2 --noestimate'
   'g16_v5p32_dp|configs/in22k_vitg16_ep44.py|v5p-32|'
   'g16_v5p32|configs/in22k_vitg16_ep44.py|v5p-32|--config.mesh.fsdp=8'
+  # With accumulation, one size down.
+  'g16_v5p16_accum2|configs/in22k_vitg16_ep44.py|v5p-16|--config.mesh.fsdp=8 --config.accum_steps=2 --noestimate'
 )
 
 for row in "${ROWS[@]}"; do

@@ -6,7 +6,16 @@ Single-device tests simply run on the first device.
 
 import os
 
-os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+# multiprocess_utils.TEST_XLA_CPU_FLAGS: XLA:CPU's older elemental emitters instead of its MLIR
+# fusion emitters. With LLVM at its lowest level (below) they compile a small train step in less
+# than half the CPU time (depth-1 ViT-Ti/4 step: 6.1 -> 2.7 CPU-s; tests/test_accumulation.py and
+# test_train_step.py: 190 -> 129 CPU-s, every test passing). The programs compute the same
+# operations; results differ by float rounding at most. Users' runs keep XLA's default (on the
+# recipe's step the older emitters ran no faster). The subprocesses the tests start get the same
+# flags (`multiprocess_utils.xla_flags`).
+from multiprocess_utils import xla_flags  # noqa: E402  (imports no JAX)
+
+os.environ.setdefault('XLA_FLAGS', xla_flags(8))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 # The default 'highest' precision makes CPU float32 matmuls exact, which the reference
@@ -87,7 +96,7 @@ _SLOW_FIRST = ('test_train.py', 'test_multihost.py', 'test_train_step.py', 'test
 def pytest_configure(config):
   config.addinivalue_line(
       'markers', 'slow: a multi-process job, a CLI run that kills, preempts, corrupts or resumes, '
-      'a long training check or an extra TPU compile; `-m "not slow"` is the fast tier (README, '
+      'a long training check or a TPU compile; `-m "not slow"` is the fast tier (README, '
       'Tests)')
   # pytest-xdist (>= 3.6) hands out `--dist loadfile` files in descending order of their number of
   # tests unless told not to: the 2-test multi-process files would start last and end alone.

@@ -22,6 +22,16 @@ from PIL import Image
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
+# XLA:CPU options every test process compiles with (tests/conftest.py says why): its older
+# elemental emitters, which compile a small program in less than half the CPU time at the lowest
+# LLVM level that conftest also sets.
+TEST_XLA_CPU_FLAGS = '--xla_cpu_use_fusion_emitters=false'
+
+
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS for a test process on the CPU with `devices` fake devices."""
+  return f'--xla_force_host_platform_device_count={devices} {TEST_XLA_CPU_FLAGS}'
+
 
 def clean_env(**extra: str) -> dict[str, str]:
   """os.environ without any scheduler / CJEPA_* variables, plus `extra`."""
@@ -34,7 +44,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 def cpu_env(devices: int, **extra: str) -> dict[str, str]:
   """A clean environment for one CPU process with `devices` fake devices, importing this tree."""
   return clean_env(JAX_PLATFORMS='cpu',
-                   XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+                   XLA_FLAGS=xla_flags(devices),
                    PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL='3', **extra)
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from cjepa_jax import flops as flops_lib
 from cjepa_jax.models import jepa
+from multiprocess_utils import TEST_XLA_CPU_FLAGS
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'benchmarks' / 'step.py'
@@ -194,7 +195,9 @@ def test_gpu_suite_dry_run(tmp_path):
   """The H200 suite end to end on tiny shapes: every run a JSON line, a profile, a summary."""
   out = tmp_path / 'suite'
   env = dict(os.environ, PYTHON=sys.executable, TF_CPP_MIN_LOG_LEVEL='3')
-  env.pop('XLA_FLAGS', None)
+  # One device, and the tests' cheaper XLA:CPU compile (tests/conftest.py); the suite adds its
+  # own flags after these.
+  env['XLA_FLAGS'] = TEST_XLA_CPU_FLAGS
   proc = subprocess.run(['bash', str(SUITE), str(out), '--dry-run'], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])

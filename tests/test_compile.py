@@ -24,8 +24,11 @@ needs_libtpu = pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu not installed 
                                   "'.[tpu]'): no TPU compiler to compile with")
 
 
-def tiny_config(batch_size=32, fsdp=1):
-  """A one-block ViT-Ti/4 at 32 px: compiles for a TPU in seconds."""
+def tiny_config(batch_size=8, fsdp=1):
+  """A one-block ViT-Ti/4 at 32 px, 2 images a chip of a v5e:2x2: compiles for a TPU in ~8 s.
+
+  (The TPU compile's time grows with the batch: 15 CPU-s at 32 images, 44 at 128.)
+  """
   c = config_lib.default_config()
   c.batch_size = batch_size
   c.total_steps = 10
@@ -127,7 +130,7 @@ def test_missing_libtpu_is_one_line_naming_the_extra():
                    "installed jax)."], r.stderr[-2000:]
 
 
-@pytest.mark.slow   # A whole CLI compile for a TPU in a subprocess: ~2 CPU-minutes.
+@pytest.mark.slow   # A whole CLI compile for a TPU in a subprocess: ~20 CPU-s.
 @needs_libtpu
 def test_cli_json_reports_memory_flops_and_estimate():
   # TensorFlow made unimportable (a finder that refuses it: `sys.modules['tensorflow'] = None`
@@ -139,14 +142,15 @@ def test_cli_json_reports_memory_flops_and_estimate():
           "      raise ImportError('tensorflow is blocked in this test')\n"
           "sys.meta_path.insert(0, NoTF())\n"
           "sys.argv = ['cjepa-compile', '--config', 'configs/cifar10_vit_tiny.py', '--topology', "
-          "'v5e:2x2', '--config.model.depth=1', '--config.model.pred_depth=1', '--json']\n"
+          "'v5e:2x2', '--config.model.depth=1', '--config.model.pred_depth=1', "
+          "'--config.batch_size=8', '--json']\n"
           "runpy.run_module('cjepa_jax.compile', run_name='__main__')\n")
   r = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=_env(), capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.loads(r.stdout.strip().splitlines()[-1])
   assert report['task'] == 'train' and report['chips'] == 4 and report['fits']
-  assert report['mesh'] == {'data': 4, 'fsdp': 1} and report['batch_per_chip'] == 16
+  assert report['mesh'] == {'data': 4, 'fsdp': 1} and report['batch_per_chip'] == 2
   m = report['memory_gib']
   assert m['arguments'] > 0 and m['temporaries'] > 0
   assert m['total'] == pytest.approx(m['arguments'] + m['outputs'] - m['aliased'] +
@@ -160,6 +164,7 @@ def test_cli_json_reports_memory_flops_and_estimate():
   assert report['config'] == 'configs/cifar10_vit_tiny.py'
 
 
+@pytest.mark.slow   # TPU compiles (~8 CPU-s each).
 @needs_libtpu
 def test_fsdp_turns_gradient_all_reduce_into_gathers_and_reduce_scatters():
   devices = aot.slice_devices(aot.parse_slice('v5e:2x2'))
@@ -178,6 +183,7 @@ def test_fsdp_turns_gradient_all_reduce_into_gathers_and_reduce_scatters():
   assert fsdp['memory_gib']['arguments'] < 0.5 * dp['memory_gib']['arguments']
 
 
+@pytest.mark.slow   # TPU compiles (~8 CPU-s each).
 @needs_libtpu
 def test_impossible_configuration_does_not_fit_and_exits_1():
   r = subprocess.run(
@@ -194,6 +200,7 @@ def test_impossible_configuration_does_not_fit_and_exits_1():
   assert 'DOES NOT FIT' in r.stdout
 
 
+@pytest.mark.slow   # TPU compiles (~8 CPU-s each).
 @needs_libtpu
 def test_cjepa_step_gets_an_estimate():
   # VICReg's covariance once took the diagonal with `jnp.diagonal`, whose gradient made the cost
@@ -233,6 +240,7 @@ def test_finetune_and_feature_extraction_compile(recipe):
     config.model.depth = 1
     config.model.variant = 'Ti/4'
     config.data.image_size = 32
+    config.batch_size = 8   # The TPU compile's time grows with the batch.
     if 'pretrained' in config:
       config.pretrained = 'random'
   report = compile_lib.compile_for_slice(config, aot.parse_slice('v5e:2x2'))
@@ -263,12 +271,12 @@ def test_two_slices_put_the_data_axis_across_them():
 def test_accumulated_cost_counts_every_micro_batch():
   s = aot.parse_slice('v5e:2x2')
   devices = aot.slice_devices(s)
-  full = compile_lib.compile_for_slice(tiny_config(batch_size=32), s, devices=devices)
-  config = tiny_config(batch_size=32)
+  full = compile_lib.compile_for_slice(tiny_config(batch_size=16), s, devices=devices)
+  config = tiny_config(batch_size=16)
   config.accum_steps = 2
   acc = compile_lib.compile_for_slice(config, s, devices=devices)
   assert 'x 2 micro-batches' in acc['cost_source']
-  # Two micro-batches of 16 cost what one batch of 32 does (plus a second optimizer count).
+  # Two micro-batches of 8 cost what one batch of 16 does (plus a second optimizer count).
   assert acc['cost']['flops'] == pytest.approx(full['cost']['flops'], rel=0.1)
   # An upper bound: the optimizer and the EMA, once per step, are counted per micro-batch (for a
   # model this small they are a large part of the step).

@@ -32,6 +32,7 @@ from cjepa_jax.evals import features as features_lib
 from cjepa_jax.models import jepa
 from cjepa_jax.models import vit
 import pretrained_utils
+from multiprocess_utils import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -331,7 +332,7 @@ _KILL_HARNESS = textwrap.dedent('''
 
 
 def run_python(args, **env_extra):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', **env_extra)
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600)

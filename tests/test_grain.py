@@ -19,6 +19,8 @@ from cjepa_jax.data import image_folder
 from cjepa_jax.data import input_pipeline as ip
 from cjepa_jax.data import sources
 
+from multiprocess_utils import xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -295,7 +297,7 @@ ckpt_manager.Checkpointer.save = save
 
 
 def _run(code: str, *args, **env_extra):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT), **env_extra)
   return subprocess.run([sys.executable, '-c', BLOCK_TF + code, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=600)

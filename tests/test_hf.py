@@ -27,6 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from safetensors import numpy as st_numpy  # noqa: E402
 
+from multiprocess_utils import xla_flags  # noqa: E402
 import pretrained_utils  # noqa: E402
 from cjepa_jax import config as config_lib  # noqa: E402
 from cjepa_jax import convert_hf  # noqa: E402
@@ -466,7 +467,7 @@ def test_export_bad_input_is_one_line_and_writes_nothing(pretrained, tmp_path, m
 
 
 def _run(args, timeout=600):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)

@@ -433,8 +433,9 @@ def test_scan_equals_unscanned(enc_params, pred_params):
                                     return_intermediates=True)
   b, ib = jit_apply(tiny_encoder(scan=True))({'params': scanned}, x, idx, valid,
                                         return_intermediates=True)
-  np.testing.assert_allclose(b, a, rtol=0, atol=1e-6)
-  np.testing.assert_allclose(ib, ia, rtol=0, atol=1e-6)
+  # Two float32 programs that fuse differently: outputs of order 1 agree to a few ulps.
+  np.testing.assert_allclose(b, a, rtol=0, atol=2e-6)
+  np.testing.assert_allclose(ib, ia, rtol=0, atol=2e-6)
   assert ia.shape == (DEPTH, 2, 5, 192)
   # The last intermediate, normed by the final LayerNorm, is the output.
   np.testing.assert_allclose(ref_ln(np.asarray(ia[-1], np.float64), np64(enc_params['norm'])),
@@ -465,7 +466,8 @@ def test_remat_same_gradients(enc_params):
                         (tiny_encoder(remat_policy='dots_with_no_batch_dims_saveable', scan=True),
                          scanned)]:
     l1, g1 = grads(model, params)
-    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    # The loss sums 1,536 terms of order 1 down to about 1: float32 rounding of that sum.
+    np.testing.assert_allclose(l1, l0, rtol=0, atol=3e-5)
     g1 = vit.scan_to_unscanned(g1) if model.scan else g1
     assert jax.tree.structure(g1) == jax.tree.structure(g0)
     # Recomputation may fuse differently: compare each leaf relative to its own scale.

@@ -22,6 +22,7 @@ from cjepa_jax import optim
 from cjepa_jax import train
 from cjepa_jax import train_step as step_lib
 from cjepa_jax.models import jepa
+from multiprocess_utils import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / 'configs').glob('*.py'))
@@ -157,7 +158,7 @@ def tiny_cli_args(workdir, *extra):
 
 
 def run_python(args, devices=1, timeout=600, **env_extra):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices),
              JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', **env_extra)
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
@@ -570,7 +571,7 @@ _PAUSE_HARNESS = textwrap.dedent('''
 def test_second_trainer_on_a_workdir_fails_at_once_and_the_first_finishes(tmp_path):
   workdir, go = tmp_path / 'run', tmp_path / 'go'
   common = ('--config.total_steps=8', '--config.ckpt_every_steps=4')
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1),
              JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3', PAUSE_AT='3', GO=str(go))
   first = subprocess.Popen([sys.executable, '-c', _PAUSE_HARNESS, *tiny_cli_args(workdir, *common)],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
