@@ -45,7 +45,7 @@ ROWS=(
   'ft_h14_v5p8|configs/finetune_in1k.py:H/14|v5p-8|'
   'h14_22k_v5p8|configs/in22k_vith14_ep66.py|v5p-8|'
   'h16_448_v5p64|configs/in1k_vith16_448_ep300.py|v5p-64|'
-  'h16_448_v5p64_accum2|configs/in1k_vith16_448_ep300.py|v5p-64|--config.accum_steps=2 --noestimate'
+  'h16_448_v5p32_accum2|configs/in1k_vith16_448_ep300.py|v5p-32|--config.accum_steps=2 --noestimate'
   'g16_v5p32_dp|configs/in22k_vitg16_ep44.py|v5p-32|'
   'g16_v5p32|configs/in22k_vitg16_ep44.py|v5p-32|--config.mesh.fsdp=8'
   # With accumulation, one size down.

@@ -20,6 +20,11 @@ bicubic; evaluated on the validation centre crops (resize 256, crop 224) every 2
 Absent (MAE has them): RandAugment (9, 0.5) and random erasing (0.25): expect a few tenths of a
 point less than the papers' numbers until they are added.
 
+On TPU v5p (compiled ahead of time with cjepa-compile, not run; BENCHMARKS.md), by the
+compiler's estimate, data parallel and no remat: every size fits v5p-8 (4 chips, 256 images
+each): B/16 28.4 GiB a chip (MFU ~47%), L/16 75.2 GiB (~53%), H/14 90.2 GiB with 5% free (~57%);
+v5p-16 leaves H/14 24% free (72.4 GiB, ~60%).
+
 Data: tfds `imagenet2012` as tfds prepares it by default (TFRecord), local or on GCS, read by
 tf.data (`data.loader='tf'`, set here; needs `pip install -e '.[tf]'`). Without TensorFlow:
 prepare it as ArrayRecord once (`tfds build imagenet2012 --file_format=array_record`) on a local

@@ -5,6 +5,10 @@ r"""I-JEPA ViT-H/16 on ImageNet-1K at 448 px, 300 epochs: the reference in1k_vit
 
 As in1k_vith14_ep300 but with patch 16 at 448 px (a 28 x 28 grid). Paper: 81.1% linear probe.
 At 448 px the sequence is 784 tokens: enable --config.model.remat_policy=full on 80 GB GPUs.
+On TPU v5p (compiled ahead of time with cjepa-compile, not run; BENCHMARKS.md), by the
+compiler's estimate, data parallel and no remat: v5p-128 (64 chips, 32 images each) keeps 35% of
+HBM free (62.2 GiB a chip, ~0.39 s a step, MFU ~39%); v5p-64 is the smallest slice it fits at this
+batch, with 4% free (91.5 GiB, ~0.78 s, ~39%).
 
 Data: tfds `imagenet2012` as tfds prepares it by default (TFRecord), local or on GCS, read by
 tf.data (`data.loader='tf'`, set here; needs `pip install -e '.[tf]'`). Without TensorFlow:
