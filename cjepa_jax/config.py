@@ -455,10 +455,11 @@ def finetune_state_signature(flat: dict[str, Any]) -> dict[str, Any]:
   return sig
 
 
-def resume_changes(saved: dict[str, Any], new: ml_collections.ConfigDict,
+def resume_changes(saved: dict[str, Any], new: ml_collections.ConfigDict | dict[str, Any],
                    state_signature: Any = None
                    ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
-  """Compares a checkpoint's saved config with the config of a resuming start.
+  """Compares a checkpoint's saved config with the config of a resuming start (`new`: a config,
+  or its `flatten`ed keys).
 
   `state_signature(flat config) -> dict`: what shapes the state; default: pretraining's
   (`finetune_state_signature` for fine-tuning).

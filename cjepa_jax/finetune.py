@@ -16,8 +16,10 @@ layer-wise lr decay, drop path, Mixup / CutMix and label smoothing (finetune_ste
 The eval split's centre crops are scored by the `classify` evaluator (evals/classify.py) every
 `evals.classify.every_steps` and at the end (top-1 / top-5, `eval_*` in metrics.jsonl).
 
-This module builds fine-tuning's task; the loop that runs it (restore or init, saves, the best
-checkpoint, preemption, the finite check) is pretraining's, cjepa_jax/loop.py.
+This module is where a fine-tuning config enters: `finetuning_task` resolves it against the
+encoder's checkpoint and reads it once, into the frozen specs the layers below take, and builds
+fine-tuning's task; the loop that runs it (restore or init, saves, the best checkpoint,
+preemption, the finite check) is pretraining's, cjepa_jax/loop.py.
 
 Writes DIR/config.json, DIR/metrics.jsonl, TensorBoard events in DIR, the latest checkpoints in
 DIR/checkpoints/<step>/ and the best one (eval top-1) in DIR/best/checkpoints/<step>/; both are
@@ -49,8 +51,9 @@ from cjepa_jax import config as config_lib
 from cjepa_jax import finetune_step as step_lib
 from cjepa_jax import flops as flops_lib
 from cjepa_jax import loop
-from cjepa_jax import optim
 from cjepa_jax import sharding
+from cjepa_jax.data.spec import DataSpec
+from cjepa_jax.evals import base as evals_base
 from cjepa_jax.evals import features as features_lib
 from cjepa_jax.evals import registry as evals_registry
 from cjepa_jax.models import jepa
@@ -99,7 +102,7 @@ def finetuning_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Tas
   names, its jitted step and evaluation, checked; compiles nothing."""
   from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
-  mesh = sharding.make_mesh(config)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config))
   saved = _workdir_config(workdir)
   if saved is not None:   # The workdir's own checkpoints say which encoder; `pretrained` is unread.
     encoder = jepa.encoder_from_model_config(saved['model'])
@@ -108,26 +111,30 @@ def finetuning_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Tas
     if config.pretrained != features_lib.RANDOM:
       resolved = _resolved_config(config, dict(model=saved['model']))
   else:
-    encoder, info = features_lib.resolve_encoder(config)
+    encoder, info = features_lib.resolve_encoder(features_lib.EncoderSource.from_config(config))
     _check_image_size(config, info)
     resolved = _resolved_config(config, info)
-  run = step_lib.setup(resolved, mesh, encoder)
-  input_pipeline.check_dataset(resolved)
-  input_pipeline.check_label_splits(resolved)  # Same classes in both splits, num_classes of them.
-  evaluators = evals_registry.monitors(resolved, mesh, run.model)
+  # From here on the resolved config is read once, into specs.
+  step_spec, data = step_lib.StepSpec.from_config(resolved), DataSpec.from_config(resolved)
+  run = step_lib.setup(step_spec, mesh, encoder)
+  input_pipeline.check_dataset(data)
+  input_pipeline.check_label_splits(data)  # Same classes in both splits, num_classes of them.
+  evaluators = evals_registry.monitors(evals_base.EvalsSpec.from_config(resolved), data, mesh,
+                                       run.model)
   spec = encoder.spec
-  num_patches = (resolved.data.image_size // spec['patch']) ** 2
-  flops_per_step = resolved.batch_size * flops_lib.finetune_step_flops(
+  num_patches = (data.image_size // spec['patch']) ** 2
+  flops_per_step = data.batch_size * flops_lib.finetune_step_flops(
       spec['width'], spec['depth'], spec['mlp_dim'], num_patches, spec['patch'],
-      int(resolved.data.num_classes))
+      int(data.num_classes))
+  seed = resolved.seed
   return loop.Task(
-      config=resolved, mesh=mesh, setup=run,
-      init_state=lambda: initial_state(run, resolved, encoder, info, mesh),
-      saved_config=_saved_config(resolved, info), evaluators=evaluators,
+      run=loop.RunSpec.from_config(resolved), mesh=mesh, setup=run,
+      init_state=lambda: initial_state(run, seed, encoder, info, mesh),
+      saved_config=_saved_config(resolved, info), data=data, evaluators=evaluators,
       eval_params=lambda state: state['params'], flops_per_step=flops_per_step,
       last_value_keys=_LAST_VALUE, lr_key='optim.base_lr',
       state_signature=config_lib.finetune_state_signature, keep_best='eval_top1',
-      describe=f'; peak lr {optim.finetune_peak_lr(resolved):.3g}')
+      describe=f'; peak lr {step_spec.optim.peak_lr:.3g}')
 
 
 def _workdir_config(workdir: str) -> dict[str, Any] | None:
@@ -147,15 +154,15 @@ def _saved_config(config: ml_collections.ConfigDict, info: dict[str, Any]) -> di
   return out
 
 
-def initial_state(run: step_lib.Setup, config: ml_collections.ConfigDict, encoder: Any,
-                  info: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:
+def initial_state(run: step_lib.Setup, seed: int, encoder: Any, info: dict[str, Any],
+                  mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """A fresh state (step 0, new head, new optimizer state) around the encoder `info` locates.
 
-  Only the encoder's weights are read from a checkpoint (`features.load_encoder_params`), then
-  laid out with the state's shardings.
+  Only the encoder's weights are read from a checkpoint (`features.load_encoder_params`; a
+  `random` encoder is initialised with `seed`), then laid out with the state's shardings.
   """
   state = run.init_fn()
-  encoder_params = features_lib.load_encoder_params(config, encoder, info,
+  encoder_params = features_lib.load_encoder_params(seed, encoder, info,
                                                     sharding.replicated(mesh))
   if info['checkpoint'] != features_lib.RANDOM:
     logging.info('Encoder: the %s encoder of %s (step %s).', info['encoder'], info['checkpoint'],

@@ -162,7 +162,8 @@ def model_card(saved: Mapping[str, Any], info: Mapping[str, Any],
     step = int(info['step'])
     batch = saved.get('batch_size')
     try:
-      total, per_epoch = optim.run_length(ml_collections.ConfigDict(dict(saved)))
+      run = optim.RunLength.from_config(ml_collections.ConfigDict(dict(saved)))
+      total, per_epoch = run.total_steps, run.steps_per_epoch
       length = (f'step {step} of {total}: {step / per_epoch:.2f} epochs of batch {batch} '
                 f'({per_epoch} steps per epoch)')
     except (AttributeError, KeyError, TypeError, ValueError):   # No run length: the step alone.

@@ -6,15 +6,18 @@ over `fsdp`: each large array is split along its largest dimension that `fsdp` d
 replicated over `data`. XLA inserts the all-gathers (forward) and reduce-scatters (gradients) that
 this implies. With `fsdp = 1` this is plain data parallelism; on one device everything is local.
 
-`jit_train` lays a train state and its step out on the mesh the same way for both trainers
-(pretraining's train_step.py, fine-tuning's finetune_step.py).
+`make_mesh` takes a `MeshSpec` (`config.mesh.*`, read once where the config enters); `jit_train`
+lays a train state and its step out on the mesh the same way for both trainers (pretraining's
+train_step.py, fine-tuning's finetune_step.py), over the batch of `abstract_batch`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
@@ -25,9 +28,20 @@ BATCH_AXES = ('data', 'fsdp')   # The batch dimension is split over both axes.
 FSDP_MIN_SIZE = 2**14           # Arrays smaller than this stay replicated: gathering costs more.
 
 
-def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
-  """Resolves `config.mesh.{data,fsdp}` (-1: all remaining devices) against a device count."""
-  data, fsdp = int(config.mesh.data), int(config.mesh.fsdp)
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  """The mesh's axis sizes, `config.mesh.{data,fsdp}` (-1: all the devices the other leaves)."""
+  data: int = -1
+  fsdp: int = 1
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> MeshSpec:
+    return cls(int(config.mesh.data), int(config.mesh.fsdp))
+
+
+def mesh_shape(spec: MeshSpec, num_devices: int) -> tuple[int, int]:
+  """Resolves the spec's sizes (-1: all remaining devices) against a device count."""
+  data, fsdp = spec.data, spec.fsdp
   if data == -1 and fsdp == -1:
     raise ValueError('config.mesh.data and config.mesh.fsdp cannot both be -1; set one of them.')
   for name, value in (('data', data), ('fsdp', fsdp)):
@@ -48,10 +62,10 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
   return data, fsdp
 
 
-def make_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> Mesh:
-  """Builds the `('data', 'fsdp')` mesh over all (or the given) devices."""
+def make_mesh(spec: MeshSpec, devices: list[Any] | None = None) -> Mesh:
+  """Builds the `('data', 'fsdp')` mesh of `spec` over all (or the given) devices."""
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(config, len(devices))
+  shape = mesh_shape(spec, len(devices))
   num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
   if num_slices > 1:
     # Multi-slice: only the data axis crosses the data-centre network (one gradient all-reduce
@@ -117,6 +131,15 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, process_count: int) -> 
   if global_batch % process_count:
     raise ValueError(f'batch_size={global_batch} is not divisible by the {process_count} '
                      'processes; use a multiple of the process count.')
+
+
+def abstract_batch(batch_size: int, image_size: int, mesh: Mesh
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """A training batch as sharded ShapeDtypeStructs: image [B, S, S, 3] float32, label [B] int32."""
+  s = batch_sharding(mesh)
+  return {'image': jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32,
+                                        sharding=s),
+          'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=s)}
 
 
 def with_shardings(abstract_tree: Any, shardings: Any) -> Any:

@@ -22,11 +22,15 @@ The train state is a plain dict pytree:
                                      under stop_gradient (EMA momentum 0), with no second copy.
   opt_state      optax state of `params`.
 
+`StepSpec.from_config(config)` reads what the step and its `setup` need, once, where the config
+enters (the trainer, the compile CLI, the benchmarks); everything here takes that spec.
+
 This module imports no TensorFlow, so the step can be benchmarked on synthetic batches alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable, NamedTuple
 
@@ -44,6 +48,37 @@ from cjepa_jax.models import jepa
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What pretraining's step and `setup` read of the config (config.py says what each key is)."""
+  model: jepa.ModelSpec
+  optim: optim.AdamW
+  length: optim.RunLength
+  loss_kind: str               # loss.kind
+  vicreg: losses.VICRegSpec
+  sigreg: losses.SIGRegSpec
+  use_ema: bool
+  accum_steps: Any             # An int >= 1 (`setup` refuses anything else, naming the key).
+  batch_size: int              # The global batch.
+  seed: int
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> StepSpec:
+    """Reads and checks the model, masks, loss, optimizer and run length of `config`.
+
+    Raises:
+      ValueError: one line naming the key of a value no run can mean.
+    """
+    return cls(
+        model=jepa.ModelSpec.from_config(config), optim=optim.AdamW.from_config(config),
+        length=optim.RunLength.from_config(config), loss_kind=config.loss.kind,
+        vicreg=losses.VICRegSpec.from_config(config.vicreg),
+        sigreg=losses.SIGRegSpec.from_config(config.get('sigreg')),
+        use_ema=bool(config.get('use_ema', True)), accum_steps=config.get('accum_steps', 1),
+        batch_size=config.batch_size, seed=config.seed)
+
 
 def _dummy_inputs(models: jepa.Models, batch_size: int = 1):
   spec = models.mask_spec
@@ -113,18 +148,17 @@ def merge_micro(x: jax.Array) -> jax.Array:
   return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
-                    tx: optax.GradientTransformation, schedules: optim.Schedules,
-                    mesh: jax.sharding.Mesh | None = None
+def make_train_step(spec: StepSpec, models: jepa.Models, tx: optax.GradientTransformation,
+                    schedules: optim.Schedules, mesh: jax.sharding.Mesh | None = None
                     ) -> Callable[[State, Batch], tuple[State, Metrics, jax.Array]]:
-  """Reads the config once and returns the pure `train_step(state, batch)`.
+  """The pure `train_step(state, batch)` of `spec`'s objective.
 
   The step returns `(new_state, metrics, pooled)`: `metrics` are scalars for the trainer's
   window averages; `pooled` [B, D] float32 are the mean-pooled target features of the batch, from
   which the trainer computes RankMe on the steps it logs (`effective_rank`), so the step itself
   knows nothing of the log cadence.
 
-  Gradient accumulation (`config.accum_steps` = A > 1): the masks are drawn for the whole batch
+  Gradient accumulation (`spec.accum_steps` = A > 1): the masks are drawn for the whole batch
   as without accumulation, then the batch and its masks are split into A micro-batches
   (`split_micro`) and a `lax.scan` runs the target encoder, the forward and the backward pass of
   one micro-batch at a time, summing the gradients; one optimizer update and one EMA update
@@ -135,13 +169,10 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
   micro-batch and averaged: a different (noisier) objective, as with a smaller per-device batch.
   `mesh` (optional) pins the micro-batches' sharding to the batch axes.
   """
-  loss_kind = config.loss.kind
-  vicreg = losses.VICRegSpec.from_config(config.vicreg)
-  sigreg = losses.SIGRegSpec.from_config(config.get('sigreg'))
-  use_ema = bool(config.get('use_ema', True))
+  loss_kind, vicreg, sigreg, use_ema = spec.loss_kind, spec.vicreg, spec.sigreg, spec.use_ema
   use_blocks = models.projector is not None
-  spec = models.mask_spec
-  accum = int(config.get('accum_steps', 1))
+  mask_spec = models.mask_spec
+  accum = int(spec.accum_steps)
 
   def micro_loss(params, target, images, m, step_key):
     """Loss, terms, gradients and pooled target features [b, D] of one (micro-)batch."""
@@ -197,7 +228,7 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
     step = state['step']
     step_key = jax.random.fold_in(state['rng'], step)
     with jax.named_scope('masks'):  # Named scopes only label the ops for profiles.
-      m = masks_lib.sample_masks(step_key, images.shape[0], spec)
+      m = masks_lib.sample_masks(step_key, images.shape[0], mask_spec)
     forward = micro_loss if accum == 1 else accumulated_loss
     loss, terms, grads, pooled = forward(state['params'], target_encoder_params(state), images,
                                          m, step_key)
@@ -232,40 +263,28 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
   return train_step
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-                   ) -> dict[str, jax.ShapeDtypeStruct]:
-  """The step's batch as sharded ShapeDtypeStructs: image [B, S, S, 3] float32, label [B]."""
-  size = config.data.image_size
-  s = sharding.batch_sharding(mesh)
-  return {
-      'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=s),
-      'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=s),
-  }
-
-
-def check_accumulation(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+def check_accumulation(spec: StepSpec, mesh: jax.sharding.Mesh) -> None:
   """Refuses an `accum_steps` that does not split every device's share of the batch evenly, and
   warns (once per run: `setup` calls it once) when it changes the objective's batch statistics."""
-  accum = config.get('accum_steps', 1)
+  accum, batch_size = spec.accum_steps, spec.batch_size
   if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
     raise ValueError(f'config.accum_steps={accum!r} is invalid: must be an integer >= 1 '
                      '(1: no gradient accumulation).')
   shards = mesh.shape['data'] * mesh.shape['fsdp']
-  if config.batch_size % (shards * accum):
+  if batch_size % (shards * accum):
     raise ValueError(
-        f'batch_size={config.batch_size} cannot be split into accum_steps={accum} micro-batches '
+        f'batch_size={batch_size} cannot be split into accum_steps={accum} micro-batches '
         f'of equal shares on the {shards} batch shards: use a batch_size that is a multiple of '
         f'{shards * accum} (e.g. --config.batch_size='
-        f'{max(1, config.batch_size // (shards * accum)) * shards * accum}), or another '
+        f'{max(1, batch_size // (shards * accum)) * shards * accum}), or another '
         'accum_steps.')
-  batch_stats = [name for name, on in (('VICReg', config.vicreg.weight > 0),
-                                        ('SIGReg', config.get('sigreg', {}).get('weight', 0) > 0))
-                 if on]
+  batch_stats = [name for name, on in (('VICReg', spec.vicreg.weight > 0),
+                                        ('SIGReg', spec.sigreg.weight > 0)) if on]
   if accum > 1 and batch_stats:
     logging.warning(
         'accum_steps=%d with %s: its batch statistics are computed per micro-batch of %d images '
         'and the loss averaged over the micro-batches; that is not the full-batch objective.',
-        accum, ' and '.join(batch_stats), config.batch_size // accum)
+        accum, ' and '.join(batch_stats), batch_size // accum)
 
 
 class Setup(NamedTuple):
@@ -282,24 +301,22 @@ class Setup(NamedTuple):
   steps_per_epoch: int
 
 
-def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
-  """Models, schedules, optimizer, state shardings and the jitted step for `config` on `mesh`.
+def setup(spec: StepSpec, mesh: jax.sharding.Mesh) -> Setup:
+  """Models, schedules, optimizer, state shardings and the jitted step of `spec` on `mesh`.
 
-  Validates the config on the way (every error names the key); compiles nothing. Needs no absl
-  flags and no TensorFlow.
+  Checks the batch's split over `mesh` on the way (every error names the key); compiles nothing.
+  Needs no absl flags and no TensorFlow.
   """
-  sharding.check_batch_divisible(config.batch_size, mesh, jax.process_count())
-  check_accumulation(config, mesh)
-  models = jepa.build_models(config)
-  total_steps, steps_per_epoch = optim.run_length(config)
-  schedules = optim.make_schedules(config, total_steps, steps_per_epoch)
-  tx = optim.make_optimizer(config, schedules)
-
-  use_ema = bool(config.get('use_ema', True))
+  sharding.check_batch_divisible(spec.batch_size, mesh, jax.process_count())
+  check_accumulation(spec, mesh)
+  models = jepa.build_models(spec.model)
+  schedules = optim.make_schedules(spec.optim, spec.length)
+  tx = optim.make_optimizer(spec.optim, schedules)
   jitted = sharding.jit_train(
-      lambda: init_state(models, tx, config.seed, use_ema),
-      make_train_step(config, models, tx, schedules, mesh), mesh, abstract_batch(config, mesh),
+      lambda: init_state(models, tx, spec.seed, spec.use_ema),
+      make_train_step(spec, models, tx, schedules, mesh), mesh,
+      sharding.abstract_batch(spec.batch_size, spec.model.image_size, mesh),
       aux_shardings=(sharding.batch_sharding(mesh),))
   return Setup(models, tx, schedules, jitted.state_shardings, jitted.abstract_state,
-               jitted.init_fn, jitted.jitted_step, jitted.trace_count, total_steps,
-               steps_per_epoch)
+               jitted.init_fn, jitted.jitted_step, jitted.trace_count, spec.length.total_steps,
+               spec.length.steps_per_epoch)

@@ -14,28 +14,59 @@ run extracts the features once for every evaluator, from its config's own keys.
 A `Type` owns everything of its kind: how its options are checked, how it is built, the values it
 adds to a trainer's metrics row, its entry in probe_results.json and its rows of the probe's
 table. Nothing outside its file branches on its name.
+
+`EvalsSpec.from_config(config)` reads `config.evals` (and a probe's feature keys) once, where the
+config enters; the registry and every evaluator take the spec, its entries' options frozen.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 import dataclasses
 from typing import Any
 
 from jax.sharding import Mesh
 import ml_collections
 
+from cjepa_jax.data.spec import DataSpec
 from cjepa_jax.evals import features as features_lib
 
 Params = Any
 Results = dict[str, Any]
-Options = ml_collections.ConfigDict
+Options = ml_collections.FrozenConfigDict   # One entry of `config.evals`, read-only.
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalsSpec:
+  """The evaluators of a run: `config.evals`, and the feature keys of a probe config."""
+  entries: Mapping[str, Options]   # {name: its options}, in the config's order.
+  features: str = 'last'           # A probe's `features`: 'last', 'last4' or 'both'.
+  train_examples: int = 0          # A probe's subsets of the train / eval split (0: all).
+  eval_examples: int = 0
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> EvalsSpec:
+    """Reads `config.evals` (none without it) and, in a probe config, `features`,
+    `train_examples` and `eval_examples`."""
+    evals = config.get('evals')
+    entries = {}
+    if isinstance(evals, (ml_collections.ConfigDict, dict)):
+      entries = {name: ml_collections.FrozenConfigDict(options) if isinstance(
+          options, (ml_collections.ConfigDict, dict)) else options
+                 for name, options in evals.items()}
+    return cls(entries, config.get('features', 'last'), int(config.get('train_examples', 0)),
+               int(config.get('eval_examples', 0)))
+
+  def periods(self) -> dict[str, int]:
+    """{name: every_steps > 0} of the evaluators a trainer runs."""
+    return {name: int(options.get('every_steps', 0)) for name, options in self.entries.items()
+            if hasattr(options, 'get') and options.get('every_steps', 0) > 0}
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What an evaluator is built from."""
-  config: ml_collections.ConfigDict   # The run's config: its `data.*`, `seed`, `batch_size`.
+  data: DataSpec                      # The run's data: its splits, classes, `seed`, `batch_size`.
   mesh: Mesh
   model: Any                          # The module whose parameters `evaluate` receives.
   features: features_lib.FeatureCache | None   # The run's features (None: it reads no features).
@@ -89,11 +120,11 @@ class Type:
 
 def per_kind(ctx: Context, probe_fn: Callable[..., dict[str, Any]]) -> Evaluator:
   """An Evaluator running `probe_fn(train_x, train_y, test_x, test_y)` on each feature kind."""
-  kinds, config, features = ctx.kinds, ctx.config, ctx.features
+  kinds, data, features = ctx.kinds, ctx.data, ctx.features
 
   def evaluate(params: Params) -> Results:
-    train_f, train_y = features.get(params, config.data.train_split, kinds)
-    test_f, test_y = features.get(params, config.data.eval_split, kinds)
+    train_f, train_y = features.get(params, data.train_split, kinds)
+    test_f, test_y = features.get(params, data.eval_split, kinds)
     return {kind: probe_fn(train_f[kind], train_y, test_f[kind], test_y) for kind in kinds}
 
   return Evaluator(evaluate, kinds)

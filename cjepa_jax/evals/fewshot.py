@@ -183,9 +183,9 @@ def _check(name: str, o: base.Options) -> None:
 def _build(ctx: base.Context, o: base.Options) -> base.Evaluator:
   """{kind: `fewshot_probe` result} per feature kind of the context."""
   return base.per_kind(ctx, functools.partial(
-      fewshot_probe, num_classes=int(ctx.config.data.num_classes),
+      fewshot_probe, num_classes=int(ctx.data.num_classes),
       shots=tuple(int(k) for k in o.shots), seeds=int(o.seeds), l2_reg=float(o.l2_reg),
-      seed=int(ctx.config.seed), mesh=ctx.mesh))
+      seed=int(ctx.data.seed), mesh=ctx.mesh))
 
 
 def _logged(out: base.Results) -> dict[str, Any]:

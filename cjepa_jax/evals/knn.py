@@ -134,7 +134,7 @@ def _check(name: str, o: base.Options) -> None:
 def _build(ctx: base.Context, o: base.Options) -> base.Evaluator:
   """{kind: `knn_probe` result} per feature kind of the context."""
   return base.per_kind(ctx, functools.partial(
-      knn_probe, num_classes=int(ctx.config.data.num_classes), k=int(o.k),
+      knn_probe, num_classes=int(ctx.data.num_classes), k=int(o.k),
       temperature=float(o.temperature), mesh=ctx.mesh))
 
 

@@ -318,9 +318,9 @@ def check_options(name: str, o: base.Options) -> None:
 
 def probe_options(o: base.Options, ctx: base.Context) -> dict[str, Any]:
   """`linear_probe`'s keyword arguments from an entry (the low-shot probe's too)."""
-  return dict(num_classes=int(ctx.config.data.num_classes), lrs=o.lrs, wds=o.wds,
+  return dict(num_classes=int(ctx.data.num_classes), lrs=o.lrs, wds=o.wds,
               epochs=int(o.epochs), batch_size=o.batch_size,
-              holdout_fraction=o.holdout_fraction, retrain=o.retrain, seed=ctx.config.seed,
+              holdout_fraction=o.holdout_fraction, retrain=o.retrain, seed=ctx.data.seed,
               mesh=ctx.mesh)
 
 

@@ -23,7 +23,7 @@ def _check(name: str, o: base.Options) -> None:
 
 def _build(ctx: base.Context, o: base.Options) -> base.Evaluator:
   """{kind: {'1%': linear result, ...}} per feature kind of the context."""
-  num_classes, seed = int(ctx.config.data.num_classes), int(ctx.config.seed)
+  num_classes, seed = int(ctx.data.num_classes), int(ctx.data.seed)
   options = linear.probe_options(o, ctx)
 
   def probe(train_x, train_y, test_x, test_y):
