@@ -63,19 +63,14 @@ class StepSpec:
 
 def init_state(model: classifier_lib.Classifier, tx: optax.GradientTransformation, seed: int,
                image_size: int) -> State:
-  """A fresh state: the whole classifier initialised from `seed` (the caller then puts the
-  pretrained encoder into `params['encoder']`, see `with_encoder`)."""
+  """A fresh state: the whole classifier initialised from `seed` (fine-tuning then puts the
+  pretrained encoder into `params['encoder']`, with a fresh optimizer state: finetune.py's
+  `initial_state`)."""
   init_key, step_key = jax.random.split(jax.random.PRNGKey(seed))
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   params = model.init(init_key, images)['params']
   return {'step': jnp.zeros((), jnp.int32), 'rng': step_key, 'params': params,
           'opt_state': tx.init(params)}
-
-
-def with_encoder(state: State, encoder_params: Any, tx: optax.GradientTransformation) -> State:
-  """`state` with `params['encoder']` replaced, and a fresh optimizer state for the new params."""
-  params = dict(state['params'], encoder=encoder_params)
-  return dict(state, params=params, opt_state=tx.init(params))
 
 
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -6,24 +6,25 @@
                                  data, evaluators, metrics to log).
   RunSpec.from_config(config)    what the loop reads of a config (cadences, keeping, the start's
                                  switches, the config's record), read where the config enters.
-  is_log_step(step, log_every_steps, periods, n)   the steps the loop logs after.
 
 What it does once for both:
   * nothing is written before every check has passed (the entry point's task is built, which
-    checks the models, the data and the evaluators) and the workdir's lock is held (one trainer per workdir, `workdir_lock.py`); a
-    failed first start leaves no empty workdir behind;
+    checks the models, the data and the evaluators) and the workdir's lock is held (one trainer
+    per workdir, `workdir_lock.locked`); a failed first start leaves no empty workdir behind;
   * restore the latest complete checkpoint (refusing a config that changes the state's shapes, or
     without `allow_config_change` its meaning) or start a fresh state; a run whose latest
     checkpoint is its last step says so and returns `{'step', 'already_complete': True}`;
   * the metrics window (`metrics.LogWindow`: metrics.jsonl, TensorBoard, the progress line), rows
     an interrupted start logged past its checkpoint dropped first;
   * the finite check one step late (the device runs the next step meanwhile), at once on steps
-    that log or save: a NaN / inf stops the run (`NonFiniteError`) naming the last good save;
+    that log or save: a NaN / inf stops the run (`metrics.NonFiniteError`) naming the last good
+    save;
   * evaluators at their cadence (`every_steps`, and at the last step), on log steps; a task's
     `keep_best` evaluator result keeps its best checkpoint in DIR/best (fine-tuning's best model);
   * periodic, final and preemption saves (SIGTERM / SIGINT: save this step, raise
     `preemption.Preempted`, which the CLIs turn into exit code 75);
-  * a warning when the step compiled more than once.
+  * config.json once the first step ran (`config.save_json`), and a warning when the step
+    compiled more than once.
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
 import jax
@@ -52,10 +52,6 @@ State = dict[str, Any]
 BEST_DIR = 'best'   # DIR/best/checkpoints/<step>: the checkpoint of a task's best evaluation.
 
 
-class NonFiniteError(FloatingPointError):
-  """The loss or the gradients became NaN or inf."""
-
-
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
   """What the loop reads of a run's config (config.py says what each key is)."""
@@ -69,7 +65,7 @@ class RunSpec:
   force_unlock: bool
   allow_config_change: bool
   config_json: str              # DIR/config.json's text: the config this start runs.
-  settings: dict[str, Any]      # That config's keys, flat (`config_lib.flatten`): resume checks.
+  settings: dict[str, Any]      # That config as a dict: compared with a checkpoint's on resume.
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> RunSpec:
@@ -80,7 +76,7 @@ class RunSpec:
         peak_tflops=config.peak_tflops, force_unlock=config.force_unlock,
         allow_config_change=config.allow_config_change,
         config_json=config.to_json_best_effort(indent=2, sort_keys=True),
-        settings=config_lib.flatten(config))
+        settings=config.to_dict())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,17 +105,6 @@ class Task:
   describe: str = ''                  # Appended to the start-up line (e.g. the peak lr).
 
 
-def is_log_step(step: int, log_every_steps: int, periods: Iterable[int], total_steps: int
-                ) -> bool:
-  """Whether the loop logs after update number `step` (1 after the first update).
-
-  Every `log_every_steps`, every step an evaluator is due (`periods`: their `every_steps`, as
-  `EvalsSpec.periods()` gives them) and the last step.
-  """
-  return bool(step % log_every_steps == 0 or step == total_steps
-              or any(step % every == 0 for every in periods))
-
-
 def run(task: Task, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) `task` in `workdir`; returns the last logged metrics, or
   `{'step': N, 'already_complete': True}` when the latest checkpoint is the last step.
@@ -128,7 +113,7 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
   writes anything in `workdir`.
 
   Raises:
-    ValueError (config, data, checkpoint problems), NonFiniteError, preemption.Preempted
+    ValueError (config, data, checkpoint problems), metrics.NonFiniteError, preemption.Preempted
     (SIGTERM / SIGINT: the current step was saved).
   """
   created = not os.path.exists(workdir)
@@ -150,33 +135,8 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
         ckpt.close()
   except BaseException:
     if created and jax.process_index() == 0:
-      remove_if_empty(workdir)   # A failed first start leaves no empty workdir behind.
+      workdir_lock.remove_if_empty(workdir)   # A failed first start leaves no empty workdir.
     raise
-
-
-class _Best:
-  """The best value so far of the result `key` and its step, and its checkpoint manager."""
-
-  def __init__(self, key: str | None, ckpt: ckpt_manager.Checkpointer | None,
-               extra: dict[str, Any]):
-    self.key, self.ckpt = key, ckpt
-    self.name = 'best_' + key.removeprefix('eval_') if key else ''
-    self.value = float(extra.get(self.name, float('-inf')))
-    self.step = extra.get('best_step')
-    self.improved = False
-
-  def observe(self, step: int, results: dict[str, Any]) -> dict[str, Any]:
-    """`results` with the best value and its step; notes whether `step` improved on it."""
-    if self.key is None or self.key not in results:
-      return results
-    if results[self.key] > self.value:
-      self.value, self.step, self.improved = results[self.key], step, True
-    logging.info('eval at step %d: %s %.4g (best %.4g at step %s).', step, self.key,
-                 results[self.key], self.value, self.step)
-    return dict(results, **{self.name: self.value, 'best_step': self.step})
-
-  def extra(self) -> dict[str, Any]:
-    return {self.name: self.value, 'best_step': self.step} if self.key else {}
 
 
 def _restore_or_init(task: Task, ckpt: ckpt_manager.Checkpointer, workdir: str
@@ -220,7 +180,7 @@ def _loop(task: Task, workdir: str, ckpt: ckpt_manager.Checkpointer,
                dict(task.mesh.shape),
                jax.device_count(), jax.process_count(), total_steps, spec.batch_size,
                run.steps_per_epoch, task.describe)
-  best = _Best(task.keep_best, best_ckpt, extra)
+  best = metrics_lib.BestResult(task.keep_best, extra)
 
   # Rows and events an interrupted start logged past `start_step` go first: each step once.
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, start_step=start_step)
@@ -245,22 +205,23 @@ def _loop(task: Task, workdir: str, ckpt: ckpt_manager.Checkpointer,
         state, step_metrics, *aux = run.jitted_step(state, batch)
         if step == start_step + 1 and is_main:
           # Compiled and running: this start is good.
-          save_config(spec.config_json, workdir, start_step)
+          config_lib.save_json(spec.config_json, workdir, start_step)
         for c in managers:
           c.check()   # A background save that failed stops the run here, with its cause.
         lock.check()   # Another trainer forced the lock over: stop before writing again.
         # Check the previous step's flag now, while the device is already busy with this step.
         if pending is not None:
-          check_finite(*pending, last_good, workdir, task.lr_key)
+          metrics_lib.check_finite(*pending, last_good, workdir, task.lr_key)
         pending = (step, step_metrics['finite'])
         log.add(step, step_metrics)
 
         evals_now = [m for m in task.evaluators if step % m.every_steps == 0 or step == end]
-        log_now = is_log_step(step, spec.log_every_steps, periods, end)
+        log_now = metrics_lib.is_log_step(step, spec.log_every_steps, periods, end)
         save_now = step % spec.ckpt_every_steps == 0 or step == end
         preempted = preempt.reached(step)
         if log_now or save_now or preempted:
-          check_finite(*pending, last_good, workdir, task.lr_key)   # Never log or save NaNs.
+          # Never log or save NaNs.
+          metrics_lib.check_finite(*pending, last_good, workdir, task.lr_key)
           pending = None
         best.improved = False
         if log_now:
@@ -298,7 +259,8 @@ def _loop(task: Task, workdir: str, ckpt: ckpt_manager.Checkpointer,
 
 
 # ------------------------------------------------------------------------------------------------
-# The workdir around the checkpoints: its lock, its config.json, resume checks, failed starts.
+# The workdir around the checkpoints: its lock, and a checkpoint's saved config against this
+# start's.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -319,23 +281,6 @@ def locked(workdir: str, force: bool = False) -> Iterator[workdir_lock.WorkdirLo
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       multihost_utils.sync_global_devices('cjepa_workdir_locked')
     yield lock
-
-
-def save_config(text: str, workdir: str, start_step: int = 0) -> None:
-  """Writes `text` (`RunSpec.config_json`) as `workdir/config.json`; a different earlier one is
-  kept as `config.<start_step>.json`.
-
-  Called once a start has run its first step cleanly, so config.json always describes the
-  checkpoints written since; `config.<N>.json` is the config that ran up to step N.
-  """
-  path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      if f.read() == text:
-        return
-    os.replace(path, os.path.join(workdir, f'config.{start_step}.json'))
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write(text)
 
 
 def check_resume_config(saved: dict[str, Any], spec: RunSpec, step_dir: str,
@@ -366,27 +311,3 @@ def check_resume_config(saved: dict[str, Any], spec: RunSpec, step_dir: str,
   for key, (old, new) in sorted(meaning.items()):
     logging.warning('Resuming with a changed config (allow_config_change): %s %r -> %r.',
                     key, old, new)
-
-
-def remove_if_empty(workdir: str) -> None:
-  """Removes a workdir this start created when a failed start left nothing in it but empty dirs."""
-  for root, dirs, files in os.walk(workdir):
-    if files:
-      return
-    del root, dirs
-  shutil.rmtree(workdir, ignore_errors=True)
-
-
-def check_finite(step: int, finite: jax.Array, last_good: int | None, workdir: str,
-                 lr_key: str = 'optim.lr') -> None:
-  """NonFiniteError naming the step, the last good checkpoint and what to try, unless `finite`."""
-  if not bool(jax.device_get(finite)):
-    if last_good is None:
-      kept = 'No checkpoint was written before it.'
-    else:
-      kept = (f'The last good checkpoint (step {last_good}) in {workdir}/checkpoints is kept and '
-              'nothing later was saved.')
-    raise NonFiniteError(
-        f'Non-finite loss or gradients at step {step}. {kept} Lower --config.{lr_key}, set '
-        '--config.optim.grad_clip=1.0, or use --config.model.dtype=float32 to find the cause, '
-        'then restart with the same --workdir.')

@@ -120,8 +120,10 @@ def fsdp_shardings(mesh: Mesh, abstract_tree: Any, min_size: int = FSDP_MIN_SIZE
       abstract_tree)
 
 
-def check_batch_divisible(global_batch: int, mesh: Mesh, process_count: int) -> None:
-  """Raises a ValueError naming the fix when the global batch can't be split evenly."""
+def check_batch_divisible(global_batch: int, mesh: Mesh, process_count: int,
+                          accum_steps: int = 1) -> None:
+  """Raises a ValueError naming the fix when the global batch can't be split evenly over the
+  batch shards, the processes and (`accum_steps` > 1) into micro-batches of equal shares."""
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   if global_batch % shards:
     raise ValueError(
@@ -131,6 +133,31 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, process_count: int) -> 
   if global_batch % process_count:
     raise ValueError(f'batch_size={global_batch} is not divisible by the {process_count} '
                      'processes; use a multiple of the process count.')
+  if global_batch % (shards * accum_steps):
+    raise ValueError(
+        f'batch_size={global_batch} cannot be split into accum_steps={accum_steps} micro-batches '
+        f'of equal shares on the {shards} batch shards: use a batch_size that is a multiple of '
+        f'{shards * accum_steps} (e.g. --config.batch_size='
+        f'{max(1, global_batch // (shards * accum_steps)) * shards * accum_steps}), or another '
+        'accum_steps.')
+
+
+def split_micro(x: jax.Array, accum_steps: int, mesh: Mesh | None = None) -> jax.Array:
+  """[B, ...] -> [A, B / A, ...]: micro-batch a holds rows a, A + a, 2A + a, ...
+
+  Strided, not contiguous: each device holds a contiguous slice of the sharded batch, so every
+  micro-batch keeps an equal share on every device and the split moves no data. With `mesh`,
+  the micro-batches' rows stay pinned to the batch axes.
+  """
+  out = jnp.swapaxes(x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]), 0, 1)
+  if mesh is None:
+    return out
+  return jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P(None, BATCH_AXES)))
+
+
+def merge_micro(x: jax.Array) -> jax.Array:
+  """The inverse of `split_micro`: [A, B / A, ...] -> [B, ...] in the batch's order."""
+  return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
 def abstract_batch(batch_size: int, image_size: int, mesh: Mesh

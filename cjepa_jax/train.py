@@ -63,7 +63,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoint is the run's last step.
 
   Raises:
-    ValueError (config, data, checkpoint problems), loop.NonFiniteError, preemption.Preempted
+    ValueError (config, data, checkpoint problems), metrics.NonFiniteError, preemption.Preempted
     (SIGTERM / SIGINT: the current step was saved).
   """
   config_lib.validate(config)
@@ -73,19 +73,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def pretraining_task(config: ml_collections.ConfigDict) -> loop.Task:
   """The models, the jitted step and the monitors of `config`, checked; compiles nothing.
 
-  The one reader of `config` below the entry point: everything it builds takes specs.
+  `config` is read here once, into the specs of the loop, the evaluators, the step, the data and
+  the mesh; what is built from them takes the specs.
   """
   from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
-  data, init_from = DataSpec.from_config(config), config.init_from
+  run_spec = loop.RunSpec.from_config(config)
+  evals = evals_base.EvalsSpec.from_config(config)
+  step_spec = step_lib.StepSpec.from_config(config)   # Checks the model, masks and objective.
+  data = DataSpec.from_config(config)
   mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config))
-  # Builds and checks the models; compiles nothing.
-  run = step_lib.setup(step_lib.StepSpec.from_config(config), mesh)
+  init_from, saved_config = config.init_from, json.loads(config.to_json_best_effort())
+
+  run = step_lib.setup(step_spec, mesh)   # Builds the models; compiles nothing.
   input_pipeline.check_dataset(data)  # Fails fast, naming how to prepare the data.
   # The evaluators of `config.evals` run during pretraining (kNN, few-shot monitors). Made now:
   # they check their splits' labels before anything is written.
-  evaluators = evals_registry.monitors(evals_base.EvalsSpec.from_config(config), data, mesh,
-                                       run.models.encoder)
+  evaluators = evals_registry.monitors(evals, data, mesh, run.models.encoder)
   rank_fn = jax.jit(lambda x: step_lib.effective_rank(x - jnp.mean(x, axis=0)))
 
   def init_state() -> dict[str, Any]:
@@ -101,8 +105,8 @@ def pretraining_task(config: ml_collections.ConfigDict) -> loop.Task:
     return {'target_effective_rank': float(rank_fn(pooled))}
 
   return loop.Task(
-      run=loop.RunSpec.from_config(config), mesh=mesh, setup=run, init_state=init_state,
-      saved_config=json.loads(config.to_json_best_effort()), data=data, evaluators=evaluators,
+      run=run_spec, mesh=mesh, setup=run, init_state=init_state, saved_config=saved_config,
+      data=data, evaluators=evaluators,
       eval_params=step_lib.target_encoder_params,
       flops_per_step=flops_lib.step_flops(run.models.step_shape()) * data.batch_size,
       last_value_keys=_LAST_VALUE, lr_key='optim.lr', diagnostics=diagnostics)

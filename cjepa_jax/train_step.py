@@ -60,30 +60,48 @@ class StepSpec:
   vicreg: losses.VICRegSpec
   sigreg: losses.SIGRegSpec
   use_ema: bool
-  accum_steps: Any             # An int >= 1 (`setup` refuses anything else, naming the key).
+  accum_steps: int             # Micro-batches per step (1: no gradient accumulation).
   batch_size: int              # The global batch.
   seed: int
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> StepSpec:
-    """Reads and checks the model, masks, loss, optimizer and run length of `config`.
+    """Reads and checks the model, masks, loss, optimizer and run length of `config`; warns
+    (once: the trainer reads its config once) when gradient accumulation changes the objective's
+    batch statistics. How the batch splits over the mesh is `setup`'s check.
 
     Raises:
       ValueError: one line naming the key of a value no run can mean.
     """
-    return cls(
+    accum = config.get('accum_steps', 1)
+    if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
+      raise ValueError(f'config.accum_steps={accum!r} is invalid: must be an integer >= 1 '
+                       '(1: no gradient accumulation).')
+    spec = cls(
         model=jepa.ModelSpec.from_config(config), optim=optim.AdamW.from_config(config),
         length=optim.RunLength.from_config(config), loss_kind=config.loss.kind,
         vicreg=losses.VICRegSpec.from_config(config.vicreg),
         sigreg=losses.SIGRegSpec.from_config(config.get('sigreg')),
-        use_ema=bool(config.get('use_ema', True)), accum_steps=config.get('accum_steps', 1),
+        use_ema=bool(config.get('use_ema', True)), accum_steps=accum,
         batch_size=config.batch_size, seed=config.seed)
+    batch_stats = [name for name, on in (('VICReg', spec.vicreg.weight > 0),
+                                          ('SIGReg', spec.sigreg.weight > 0)) if on]
+    if accum > 1 and batch_stats:
+      logging.warning(
+          'accum_steps=%d with %s: its batch statistics are computed per micro-batch of %d '
+          'images and the loss averaged over the micro-batches; that is not the full-batch '
+          'objective.', accum, ' and '.join(batch_stats), spec.batch_size // accum)
+    return spec
 
 
 def _dummy_inputs(models: jepa.Models, batch_size: int = 1):
+  """Zero images and masks of the step's shapes: parameters depend on the input shapes alone."""
   spec = models.mask_spec
   images = jnp.zeros((batch_size, models.image_size, models.image_size, 3), jnp.float32)
-  m = masks_lib.sample_masks(jax.random.key(0), batch_size, spec)
+  ctx = (batch_size, spec.num_context)
+  tgt = (batch_size, spec.npred, spec.max_target)
+  m = masks_lib.Masks(jnp.zeros(ctx, jnp.int32), jnp.zeros(ctx, jnp.bool_),
+                      jnp.zeros(tgt, jnp.int32), jnp.zeros(tgt, jnp.bool_))
   return images, m
 
 
@@ -134,20 +152,6 @@ def effective_rank(x: jax.Array) -> jax.Array:
   return jnp.exp(-jnp.sum(p * jnp.log(p)))
 
 
-def split_micro(x: jax.Array, accum_steps: int) -> jax.Array:
-  """[B, ...] -> [A, B / A, ...]: micro-batch a holds rows a, A + a, 2A + a, ...
-
-  Strided, not contiguous: each device holds a contiguous slice of the sharded batch, so every
-  micro-batch keeps an equal share on every device and the split moves no data.
-  """
-  return jnp.swapaxes(x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]), 0, 1)
-
-
-def merge_micro(x: jax.Array) -> jax.Array:
-  """The inverse of `split_micro`: [A, B / A, ...] -> [B, ...] in the batch's order."""
-  return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
-
-
 def make_train_step(spec: StepSpec, models: jepa.Models, tx: optax.GradientTransformation,
                     schedules: optim.Schedules, mesh: jax.sharding.Mesh | None = None
                     ) -> Callable[[State, Batch], tuple[State, Metrics, jax.Array]]:
@@ -160,7 +164,7 @@ def make_train_step(spec: StepSpec, models: jepa.Models, tx: optax.GradientTrans
 
   Gradient accumulation (`spec.accum_steps` = A > 1): the masks are drawn for the whole batch
   as without accumulation, then the batch and its masks are split into A micro-batches
-  (`split_micro`) and a `lax.scan` runs the target encoder, the forward and the backward pass of
+  (`sharding.split_micro`) and a `lax.scan` runs the target encoder, the forward and the backward pass of
   one micro-batch at a time, summing the gradients; one optimizer update and one EMA update
   follow, on the mean gradient. Only one micro-batch's activations are live at once. The JEPA
   loss is a mean over equally many valid tokens per image (one block size per batch), so the
@@ -203,12 +207,7 @@ def make_train_step(spec: StepSpec, models: jepa.Models, tx: optax.GradientTrans
 
   def accumulated_loss(params, target, images, m, step_key):
     """`micro_loss` over A micro-batches in a scan: mean loss, terms and gradients."""
-    micro_sharding = None
-    if mesh is not None:
-      micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-          None, sharding.BATCH_AXES))
-    split = lambda x: (split_micro(x, accum) if micro_sharding is None else
-                       jax.lax.with_sharding_constraint(split_micro(x, accum), micro_sharding))
+    split = lambda x: sharding.split_micro(x, accum, mesh)
     xs = (split(images), jax.tree.map(split, m))
 
     def body(carry, x):
@@ -221,7 +220,7 @@ def make_train_step(spec: StepSpec, models: jepa.Models, tx: optax.GradientTrans
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zeros)
     (loss, terms, grads), pooled = jax.lax.scan(body, zeros, xs)
     loss, terms, grads = jax.tree.map(lambda a: a / accum, (loss, terms, grads))
-    return loss, terms, grads, merge_micro(pooled)
+    return loss, terms, grads, sharding.merge_micro(pooled)
 
   def train_step(state: State, batch: Batch) -> tuple[State, Metrics, jax.Array]:
     images = batch['image']
@@ -263,30 +262,6 @@ def make_train_step(spec: StepSpec, models: jepa.Models, tx: optax.GradientTrans
   return train_step
 
 
-def check_accumulation(spec: StepSpec, mesh: jax.sharding.Mesh) -> None:
-  """Refuses an `accum_steps` that does not split every device's share of the batch evenly, and
-  warns (once per run: `setup` calls it once) when it changes the objective's batch statistics."""
-  accum, batch_size = spec.accum_steps, spec.batch_size
-  if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
-    raise ValueError(f'config.accum_steps={accum!r} is invalid: must be an integer >= 1 '
-                     '(1: no gradient accumulation).')
-  shards = mesh.shape['data'] * mesh.shape['fsdp']
-  if batch_size % (shards * accum):
-    raise ValueError(
-        f'batch_size={batch_size} cannot be split into accum_steps={accum} micro-batches '
-        f'of equal shares on the {shards} batch shards: use a batch_size that is a multiple of '
-        f'{shards * accum} (e.g. --config.batch_size='
-        f'{max(1, batch_size // (shards * accum)) * shards * accum}), or another '
-        'accum_steps.')
-  batch_stats = [name for name, on in (('VICReg', spec.vicreg.weight > 0),
-                                        ('SIGReg', spec.sigreg.weight > 0)) if on]
-  if accum > 1 and batch_stats:
-    logging.warning(
-        'accum_steps=%d with %s: its batch statistics are computed per micro-batch of %d images '
-        'and the loss averaged over the micro-batches; that is not the full-batch objective.',
-        accum, ' and '.join(batch_stats), batch_size // accum)
-
-
 class Setup(NamedTuple):
   """What `setup` builds for a run (also what benchmarks/step.py times)."""
   models: jepa.Models
@@ -304,18 +279,17 @@ class Setup(NamedTuple):
 def setup(spec: StepSpec, mesh: jax.sharding.Mesh) -> Setup:
   """Models, schedules, optimizer, state shardings and the jitted step of `spec` on `mesh`.
 
-  Checks the batch's split over `mesh` on the way (every error names the key); compiles nothing.
-  Needs no absl flags and no TensorFlow.
+  Checks the batch's split (and its micro-batches') over `mesh` on the way (every error names
+  the key); compiles nothing. Needs no absl flags and no TensorFlow.
   """
-  sharding.check_batch_divisible(spec.batch_size, mesh, jax.process_count())
-  check_accumulation(spec, mesh)
   models = jepa.build_models(spec.model)
   schedules = optim.make_schedules(spec.optim, spec.length)
   tx = optim.make_optimizer(spec.optim, schedules)
+  sharding.check_batch_divisible(spec.batch_size, mesh, jax.process_count(), spec.accum_steps)
+  init = lambda: init_state(models, tx, spec.seed, spec.use_ema)
+  step = make_train_step(spec, models, tx, schedules, mesh)
   jitted = sharding.jit_train(
-      lambda: init_state(models, tx, spec.seed, spec.use_ema),
-      make_train_step(spec, models, tx, schedules, mesh), mesh,
-      sharding.abstract_batch(spec.batch_size, spec.model.image_size, mesh),
+      init, step, mesh, sharding.abstract_batch(spec.batch_size, spec.model.image_size, mesh),
       aux_shardings=(sharding.batch_sharding(mesh),))
   return Setup(models, tx, schedules, jitted.state_shardings, jitted.abstract_state,
                jitted.init_fn, jitted.jitted_step, jitted.trace_count, spec.length.total_steps,

@@ -54,11 +54,11 @@ def _assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
 
 def test_split_and_merge_micro_are_inverse_and_strided():
   x = jnp.arange(12 * 2).reshape(12, 2)
-  micro = step_lib.split_micro(x, 3)
+  micro = sharding.split_micro(x, 3)
   assert micro.shape == (3, 4, 2)
   # Micro-batch a holds rows a, A + a, 2A + a, ...: an equal share of every device's slice.
   np.testing.assert_array_equal(micro[1][:, 0], np.arange(1, 12, 3) * 2)
-  np.testing.assert_array_equal(step_lib.merge_micro(micro), x)
+  np.testing.assert_array_equal(sharding.merge_micro(micro), x)
 
 
 @pytest.mark.parametrize('accum', [4])

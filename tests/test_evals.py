@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from cjepa_jax import sharding
-from cjepa_jax import loop
+from cjepa_jax import metrics as metrics_lib
 from cjepa_jax.evals import attentive as attentive_lib
 from cjepa_jax.evals import base
 from cjepa_jax.evals import features as features_lib
@@ -312,7 +312,7 @@ def test_in_training_periods_make_log_steps():
   c.evals.knn.every_steps, c.evals.fewshot.every_steps = 0, 3
   def log_step(step):
     periods = base.EvalsSpec.from_config(c).periods().values()
-    return loop.is_log_step(step, c.log_every_steps, periods, 100)
+    return metrics_lib.is_log_step(step, c.log_every_steps, periods, 100)
 
   assert log_step(3) and log_step(20)
   assert not log_step(5) and log_step(100)

@@ -259,8 +259,8 @@ def test_only_the_encoder_is_restored(pretrained, which, key):
   mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), sharding.MESH_AXES)
   encoder, info = features_lib.resolve_encoder(features_lib.EncoderSource.from_config(config))
   assert info['step'] == 7 and encoder.num_layers == 1  # The checkpoint's depth, not 3.
-  run = step_lib.setup(step_lib.StepSpec.from_config(finetune._resolved_config(config, info)),
-                       mesh, encoder)
+  resolved = config_lib.resolve_finetune(config, info['model'])
+  run = step_lib.setup(step_lib.StepSpec.from_config(resolved), mesh, encoder)
   state = jax.device_get(finetune.initial_state(run, config.seed, encoder, info, mesh))
   want = saved
   for k in key:

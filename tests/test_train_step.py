@@ -9,7 +9,7 @@ from cjepa_jax import config as config_lib
 from cjepa_jax import losses
 from cjepa_jax import optim
 from cjepa_jax import sharding
-from cjepa_jax import loop
+from cjepa_jax import metrics as metrics_lib
 from cjepa_jax import train_step as step_lib
 from cjepa_jax.evals import base as evals_base
 from cjepa_jax.models import jepa
@@ -169,7 +169,7 @@ def test_metrics_and_the_effective_rank_of_the_pooled_target_features_on_log_ste
   config.evals.knn.every_steps = 5
   periods = evals_base.EvalsSpec.from_config(config).periods().values()
   assert [s for s in range(1, 8)
-          if loop.is_log_step(s, config.log_every_steps, periods, 7)] == [3, 5, 6, 7]
+          if metrics_lib.is_log_step(s, config.log_every_steps, periods, 7)] == [3, 5, 6, 7]
   mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config), jax.devices()[:1])
   run = step_lib.setup(step_lib.StepSpec.from_config(config), mesh)
   state = run.init_fn()

@@ -121,8 +121,18 @@ def resolve_encoder(source: EncoderSource) -> tuple[vit.Encoder, dict[str, Any]]
     model = saved['model']
     image_size = int(saved['data']['image_size'])
     which = source.encoder
+    if 'finetune_source' in saved and which != 'context':
+      # A fine-tuning checkpoint (cjepa-finetune) has one encoder, under params/encoder: the
+      # default `target` names pretraining's EMA copy, which it has not.
+      origin = saved['finetune_source'] or {}
+      raise ValueError(
+          f'{step_dir} is a fine-tuning checkpoint (cjepa-finetune): it has no EMA target encoder '
+          f'(--config.encoder={which}). Probe its fine-tuned encoder with --config.encoder='
+          'context, or the pretrained encoder it started from with --config.pretrained='
+          f'{origin.get("checkpoint") or "its pretraining workdir"}.')
     if 'finetune_source' in saved:
-      which = _finetuned_encoder(step_dir, saved, which)
+      logging.info('%s is a fine-tuning checkpoint: its fine-tuned encoder (params/encoder) is '
+                   'restored.', step_dir)
     elif which == 'target' and saved.get('use_ema', True) is False:
       # Pretrained without EMA: the target was the online encoder itself (no second copy).
       logging.info('%s was pretrained without EMA (use_ema=False): its target encoder is the '
@@ -132,24 +142,6 @@ def resolve_encoder(source: EncoderSource) -> tuple[vit.Encoder, dict[str, Any]]
   keep = ('variant', 'depth', 'dtype', 'scan')
   info.update(image_size=image_size, model={k: model[k] for k in keep if k in model})
   return jepa.encoder_from_model_config(model), info
-
-
-def _finetuned_encoder(step_dir: str, saved: dict[str, Any], which: str) -> str:
-  """A fine-tuning checkpoint (cjepa-finetune) has one encoder, under params/encoder.
-
-  It is used with `encoder=context` (logged as the fine-tuned encoder); the default `target`
-  names the EMA copy of pretraining, which fine-tuning has not: refused in one line with both
-  ways forward.
-  """
-  if which == 'context':
-    logging.info('%s is a fine-tuning checkpoint: its fine-tuned encoder (params/encoder) is '
-                 'restored.', step_dir)
-    return which
-  source = (saved.get('finetune_source') or {}).get('checkpoint') or 'its pretraining workdir'
-  raise ValueError(
-      f'{step_dir} is a fine-tuning checkpoint (cjepa-finetune): it has no EMA target encoder '
-      f'(--config.encoder={which}). Probe its fine-tuned encoder with --config.encoder=context, '
-      f'or the pretrained encoder it started from with --config.pretrained={source}.')
 
 
 def load_encoder_params(seed: int, encoder: vit.Encoder, info: dict[str, Any],

@@ -133,16 +133,16 @@ def monitors(evals: base.EvalsSpec, data: DataSpec, mesh: Mesh, model: Any) -> l
                        'not run during training; set it to 0 (it runs in cjepa-probe).')
     features = None
     if type_.reads_features:
-      from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
-      batch_size = int(options.get('eval_batch_size', 0) or data.batch_size)
-      sharding.check_batch_divisible(batch_size, mesh, jax.process_count())
-      input_pipeline.check_label_splits(data)
       features = features_lib.FeatureCache(
-          model, data, mesh, batch_size=batch_size, num_examples={
-              data.train_split: int(options.get('train_examples', 0)) or None,
-              data.eval_split: int(options.get('eval_examples', 0)) or None})
+          model, data, mesh, batch_size=int(options.get('eval_batch_size', 0) or data.batch_size),
+          num_examples={data.train_split: int(options.get('train_examples', 0)) or None,
+                        data.eval_split: int(options.get('eval_examples', 0)) or None})
     evaluator = build(name, evals, data, mesh, model, features=features,
                       kinds=(features_lib.FEATURE_KINDS[0],))
+    if features is not None:   # Its batches and labels, checked before any evaluation.
+      from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
+      sharding.check_batch_divisible(features.batch_size, mesh, jax.process_count())
+      input_pipeline.check_label_splits(data)
     logged = type_.logged
     out.append(Monitor(name, every, lambda params, e=evaluator, f=logged: f(e.evaluate(params)),
                        features))

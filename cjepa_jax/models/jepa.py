@@ -120,16 +120,14 @@ class ModelSpec:
     Raises:
       ValueError: one line naming the key (a bad variant first: it explains the rest).
     """
-    m = config.model
+    m, v = config.model, config.vicreg
     vit.parse_variant(m.variant)
-    mask = masks_lib.MaskSpec.from_config(config)
     check_attention(m.attention, compute_dtype(m.dtype))
-    v = config.vicreg
     if v.mode not in ('context', 'blocks'):
       raise ValueError(f"config.vicreg.mode={v.mode!r}: use 'context' or 'blocks'.")
     blocks = v.weight > 0 and v.mode == 'blocks'
     return cls(m.variant, m.depth, m.dtype, m.remat_policy, m.scan, m.attention, m.pred_depth,
-               m.pred_width, int(config.data.image_size), mask,
+               m.pred_width, int(config.data.image_size), masks_lib.MaskSpec.from_config(config),
                v.projector if blocks else None, v.projector_norm)
 
 
