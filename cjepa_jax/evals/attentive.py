@@ -312,4 +312,14 @@ def _table_rows(name: str, r: dict[str, Any]) -> list[tuple[Any, ...]]:
            + (f' holdout={r["holdout_top1"]:.2f}' if r['holdout_top1'] is not None else ''))]
 
 
-TYPE = base.Type('attentive', _build, check=_check, entry=_entry, rows=_table_rows)
+def _card_rows(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
+  del name
+  return [('attentive probe', features_lib.TOKENS, base.card_percent(r.get('top1')),
+           base.card_percent(r.get('top5')), '')]
+
+
+TYPE = base.Type('attentive', _build, check=_check, entry=_entry, rows=_table_rows,
+                 card_rows=_card_rows,
+                 card_protocol='attentive: a cross-attention pooling head trained on the frozen '
+                               'tokens, its lr and weight decay chosen on a held-out part of the '
+                               'train split')

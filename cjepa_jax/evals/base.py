@@ -12,8 +12,9 @@ train / eval split, 0: all) in batches of `eval_batch_size` (0: the run's `batch
 run extracts the features once for every evaluator, from its config's own keys.
 
 A `Type` owns everything of its kind: how its options are checked, how it is built, the values it
-adds to a trainer's metrics row, its entry in probe_results.json and its rows of the probe's
-table. Nothing outside its file branches on its name.
+adds to a trainer's metrics row, its entry in probe_results.json, its rows of the probe's table,
+and its rows and protocol sentence in an exported encoder's model card. Nothing outside its file
+branches on its name.
 
 `EvalsSpec.from_config(config)` reads `config.evals` (and a probe's feature keys) once, where the
 config enters; the registry and every evaluator take the spec, its entries' options frozen.
@@ -97,6 +98,16 @@ def _top1_row(name: str, entry: dict[str, Any]) -> list[tuple[Any, ...]]:
   return [(name, entry.get('features', ''), entry['top1'], entry.get('top5'), '')]
 
 
+def card_percent(value: float | None) -> str:
+  """A model card's accuracy cell: percent with one decimal ('' for none)."""
+  return '' if value is None else f'{float(value):.1f}'
+
+
+def card_number(value: Any) -> str:
+  """A model card's hyperparameter: `g`-formatted if a number."""
+  return f'{value:g}' if isinstance(value, (int, float)) else str(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class Type:
   """One kind of evaluator, registered once (registry.py) and used by every runner."""
@@ -116,6 +127,11 @@ class Type:
   choose: Callable[[Results, tuple[str, ...]], str] | None = None
   # Whether it reads features from the run's cache (fine-tuning's `classify` runs the model).
   reads_features: bool = True
+  # Its rows in a model card (hf_card.py) from its probe_results.json entry in percent, of any
+  # version: (evaluator, features, top-1, top-5, notes) as text. None: it has none.
+  card_rows: Callable[[str, dict[str, Any]], list[tuple[str, ...]]] | None = None
+  # What it does, one clause of the model card's protocol sentence.
+  card_protocol: str = ''
 
 
 def per_kind(ctx: Context, probe_fn: Callable[..., dict[str, Any]]) -> Evaluator:

@@ -204,4 +204,18 @@ def _rows(name: str, e: dict[str, Any]) -> list[tuple[Any, ...]]:
           for k, top1 in e['top1'].items()]
 
 
-TYPE = base.Type('fewshot', _build, check=_check, logged=_logged, entry=_entry, rows=_rows)
+def _card_rows(name: str, e: dict[str, Any]) -> list[tuple[str, ...]]:
+  del name
+  rows = []
+  for shots, top1 in (e.get('top1') or {}).items():
+    std = (e.get('top1_std') or {}).get(shots)
+    rows.append((f'{shots}-shot ridge', e.get('features', ''), base.card_percent(top1), '',
+                 f'+- {base.card_percent(std)} over {e.get("seeds")} seeds'
+                 if std is not None else ''))
+  return rows
+
+
+TYPE = base.Type('fewshot', _build, check=_check, logged=_logged, entry=_entry, rows=_rows,
+                 card_rows=_card_rows,
+                 card_protocol="few-shot: ridge regression on k images per class, big_vision's "
+                               'fixed l2')

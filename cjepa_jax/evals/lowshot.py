@@ -52,4 +52,13 @@ def _rows(name: str, e: dict[str, Any]) -> list[tuple[Any, ...]]:
           for label, r in e['fractions'].items()]
 
 
-TYPE = base.Type('lowshot', _build, check=_check, entry=_entry, rows=_rows)
+def _card_rows(name: str, e: dict[str, Any]) -> list[tuple[str, ...]]:
+  del name
+  return [(f'linear, {label} labels', e.get('features', ''), base.card_percent(f.get('top1')),
+           base.card_percent(f.get('top5')), f'{f.get("num_train", "?")} examples')
+          for label, f in (e.get('fractions') or {}).items()]
+
+
+TYPE = base.Type('lowshot', _build, check=_check, entry=_entry, rows=_rows, card_rows=_card_rows,
+                 card_protocol='low-shot: the linear probe fitted on a class-balanced fraction of '
+                               'the train labels')

@@ -9,6 +9,7 @@
   monitors(evals, data, mesh, model)           [Monitor] that a trainer runs: the entries with
                                                `every_steps` > 0, each with its own data.
   check(evals, names)                          ValueError naming the key of a bad entry.
+  result_types(results)                        {name: Type} of a probe_results.json's entries.
 
 The config shape is `base.py`'s: `config.evals.<name> = dict(type=..., every_steps=...,
 <options>)`, the same for pretraining's monitors, the probe CLI and fine-tuning's evaluation; the
@@ -17,7 +18,7 @@ entry points read it once into a `base.EvalsSpec` (its `periods()`: the trainer'
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 from typing import Any
 
@@ -64,6 +65,26 @@ def type_of(name: str, options: Any) -> base.Type:
     raise ValueError(f'Unknown evaluator {kind!r} in config.evals; known: '
                      f'{", ".join(names())}.')
   return _TYPES[kind]
+
+
+def result_types(results: Mapping[str, Any]) -> dict[str, base.Type]:
+  """{name: its registered type} of the evaluator entries of a probe_results.json, any version.
+
+  Newer files list their entries (`evals`) and keep the probe config, whose
+  `evals.<name>.type` says each one's type; older ones hold an entry per evaluator under its
+  type's name. An entry of a type no longer registered is left out.
+  """
+  names = results.get('evals')
+  if not isinstance(names, list):
+    names = [name for name, value in results.items() if name in _TYPES and isinstance(value, dict)]
+  entries = (results.get('config') or {}).get('evals')
+  out = {}
+  for name in names:
+    options = entries.get(name) if isinstance(entries, dict) else None
+    kind = options.get('type', name) if isinstance(options, dict) else name
+    if kind in _TYPES and isinstance(results.get(name), dict):
+      out[name] = _TYPES[kind]
+  return out
 
 
 def check(evals: base.EvalsSpec, selected: Sequence[str] | None = None) -> None:
