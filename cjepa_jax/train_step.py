@@ -164,9 +164,9 @@ def make_train_step(spec: StepSpec, models: jepa.Models, tx: optax.GradientTrans
 
   Gradient accumulation (`spec.accum_steps` = A > 1): the masks are drawn for the whole batch
   as without accumulation, then the batch and its masks are split into A micro-batches
-  (`sharding.split_micro`) and a `lax.scan` runs the target encoder, the forward and the backward pass of
-  one micro-batch at a time, summing the gradients; one optimizer update and one EMA update
-  follow, on the mean gradient. Only one micro-batch's activations are live at once. The JEPA
+  (`sharding.split_micro`) and a `lax.scan` runs the target encoder, the forward and the
+  backward pass of one micro-batch at a time, summing the gradients; one optimizer update and
+  one EMA update follow, on the mean gradient. Only one micro-batch's activations are live at once. The JEPA
   loss is a mean over equally many valid tokens per image (one block size per batch), so the
   accumulated step equals the full-batch step to float rounding. Terms built on batch statistics
   (VICReg's variance / covariance, SIGReg, the 'blocks' projector's BatchNorm) are computed per
