@@ -10,7 +10,7 @@
 What it does once for both:
   * nothing is written before every check has passed (the entry point's task is built, which
     checks the models, the data and the evaluators) and the workdir's lock is held (one trainer
-    per workdir, `workdir_lock.locked`); a failed first start leaves no empty workdir behind;
+    per workdir, `workdir_lock.py`); a failed first start leaves no empty workdir behind;
   * restore the latest complete checkpoint (refusing a config that changes the state's shapes, or
     without `allow_config_change` its meaning) or start a fresh state; a run whose latest
     checkpoint is its last step says so and returns `{'step', 'already_complete': True}`;
@@ -69,6 +69,7 @@ class RunSpec:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> RunSpec:
+    """Reads `config`'s cadences, keeping and switches, and records the config itself."""
     return cls(
         batch_size=config.batch_size, stop_at_step=int(config.get('stop_at_step', 0) or 0),
         log_every_steps=config.log_every_steps, ckpt_every_steps=config.ckpt_every_steps,

@@ -52,9 +52,9 @@ class EvalsSpec:
     evals = config.get('evals')
     entries = {}
     if isinstance(evals, (ml_collections.ConfigDict, dict)):
-      entries = {name: ml_collections.FrozenConfigDict(options) if isinstance(
-          options, (ml_collections.ConfigDict, dict)) else options
-                 for name, options in evals.items()}
+      for name, options in evals.items():
+        entry = isinstance(options, (ml_collections.ConfigDict, dict))
+        entries[name] = ml_collections.FrozenConfigDict(options) if entry else options
     return cls(entries, config.get('features', 'last'), int(config.get('train_examples', 0)),
                int(config.get('eval_examples', 0)))
 
