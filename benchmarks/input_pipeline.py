@@ -44,6 +44,7 @@ from PIL import Image  # noqa: E402
 from cjepa_jax.data import array_record  # noqa: E402
 from cjepa_jax import config as config_lib  # noqa: E402
 from cjepa_jax.data import input_pipeline  # noqa: E402
+from cjepa_jax.data.spec import DataSpec  # noqa: E402
 
 _DATASET = flags.DEFINE_string('dataset', 'synthetic', "tfds name, 'image_folder' or 'synthetic'.")
 _DATA_DIR = flags.DEFINE_string('data_dir', '', 'tfds data_dir or image-folder root.')
@@ -83,7 +84,7 @@ def time_loader(config) -> dict:
   """Images/s of `config`'s training iterator (after start-up and warm-up batches)."""
   start = time.perf_counter()
   it = input_pipeline.make_train_iterator(
-      config, start_step=_START_STEP.value, process_index=0, process_count=1)
+      DataSpec.from_config(config), start_step=_START_STEP.value, process_index=0, process_count=1)
   next(it)
   first = time.perf_counter() - start
   for _ in range(_WARMUP.value):

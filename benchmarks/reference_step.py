@@ -363,11 +363,11 @@ def profile_project(args: argparse.Namespace, steps: int) -> dict[str, Any]:
   from cjepa_jax import cpu_flags  # pylint: disable=g-import-not-at-top
   cpu_flags.apply()
   config = step_bench.build_config(step_bench.parse_args(project_argv(args)))
-  mesh = sharding.make_mesh(config)
-  run = step_lib.setup(config, mesh)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config))
+  run = step_lib.setup(step_lib.StepSpec.from_config(config), mesh)
   compiled = run.jitted_step.lower(
       step_bench._abstract(run.abstract_state, run.state_shardings),  # pylint: disable=protected-access
-      step_lib.abstract_batch(config, mesh)).compile()
+      sharding.abstract_batch(config.batch_size, config.data.image_size, mesh)).compile()
   names = parse_hlo_op_names(compiled.as_text())
   state = run.init_fn()
   batches = step_bench.synthetic_batches(config, mesh)
@@ -445,11 +445,11 @@ def project_ab(args: argparse.Namespace) -> dict[str, Any]:
   from cjepa_jax import train_step as step_lib  # pylint: disable=g-import-not-at-top
   options = parse_xla_options(args.xla_options)
   config = step_bench.build_config(step_bench.parse_args(project_argv(args)))
-  mesh = sharding.make_mesh(config)
-  run = step_lib.setup(config, mesh)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config))
+  run = step_lib.setup(step_lib.StepSpec.from_config(config), mesh)
   lowered = run.jitted_step.lower(
       step_bench._abstract(run.abstract_state, run.state_shardings),  # pylint: disable=protected-access
-      step_lib.abstract_batch(config, mesh))
+      sharding.abstract_batch(config.batch_size, config.data.image_size, mesh))
   t = time.perf_counter()
   exe = {'A': lowered.compile()}
   compile_a = time.perf_counter() - t

@@ -8,8 +8,9 @@ r"""Times the real jitted I-JEPA / C-JEPA train step on synthetic images: compil
        --profile_dir DIR --profile_steps 2 --compile_only --json]
 
 The step is the one training runs: the config is `cjepa_jax.config.default_config()` with the
-flags' overrides, the mesh is `sharding.make_mesh(config)` and the jitted step, its shardings and
-the state initialiser come from `train_step.setup(config, mesh)`. Nothing here imports TensorFlow or the
+flags' overrides, read as the trainer reads it (`MeshSpec` / `StepSpec.from_config`): the mesh is
+`sharding.make_mesh(mesh_spec)` and the jitted step, its shardings and the state initialiser come
+from `train_step.setup(step_spec, mesh)`. Nothing here imports TensorFlow or the
 input pipeline: batches are random-normal images made on the devices with the batch sharding (a few
 distinct ones, cycled), so the numbers are the step alone, with no input cost.
 
@@ -223,8 +224,9 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup:
   keys are None with `compile_only`. With `profile_dir`, `profile_steps` more steps run after the
   timed ones under `jax.profiler.trace(profile_dir)`.
   """
-  mesh = sharding.make_mesh(config, None if devices is None else list(devices))
-  run = step_lib.setup(config, mesh)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config),
+                            None if devices is None else list(devices))
+  run = step_lib.setup(step_lib.StepSpec.from_config(config), mesh)
   models, state_shardings, abstract_state = run.models, run.state_shardings, run.abstract_state
   init_fn, jitted_step = run.init_fn, run.jitted_step
   shape = models.step_shape()
@@ -239,11 +241,7 @@ def run_benchmark(config: ml_collections.ConfigDict, *, steps: int = 20, warmup:
       f'{len(devices)} x {devices[0].device_kind}; context {shape.context_tokens} + '
       f'{shape.num_targets} x {shape.target_tokens} target tokens of {shape.num_patches}.')
 
-  batch_s = sharding.batch_sharding(mesh)
-  abstract_batch = {
-      'image': jax.ShapeDtypeStruct((b, config.data.image_size, config.data.image_size, 3),
-                                    jnp.float32, sharding=batch_s),
-      'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=batch_s)}
+  abstract_batch = sharding.abstract_batch(b, config.data.image_size, mesh)
   t0 = time.perf_counter()
   lowered = jitted_step.lower(_abstract(abstract_state, state_shardings), abstract_batch)
   t1 = time.perf_counter()

@@ -92,37 +92,41 @@ def _pretrained_or_random(config: ml_collections.ConfigDict) -> ml_collections.C
 
 def _random_encoder(config: ml_collections.ConfigDict) -> Any:
   """The encoder `config` names: a checkpoint's own (variant, depth, scan), or `model.*`."""
-  return features_lib.resolve_encoder(_pretrained_or_random(config))
+  return features_lib.resolve_encoder(
+      features_lib.EncoderSource.from_config(_pretrained_or_random(config)))
 
 
 def program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, task: str
             ) -> tuple[Any, tuple[Any, ...], float, dict[str, Any]]:
   """(jitted, abstract args, model FLOPs per step, facts) of `task` for `config` on `mesh`.
 
-  The jitted functions come from the same `setup` the trainers call: one code path.
+  The config is read here, into the specs the trainers make of it, and the jitted functions come
+  from the same `setup` the trainers call: one code path.
   """
   if task == 'train':
     config_lib.validate(config)
-    run = train_step.setup(config, mesh)
+    spec = train_step.StepSpec.from_config(config)
+    run = train_step.setup(spec, mesh)
     state = sharding.with_shardings(run.abstract_state, run.state_shardings)
-    model_flops = flops_lib.step_flops(run.models.step_shape()) * config.batch_size
+    model_flops = flops_lib.step_flops(run.models.step_shape()) * spec.batch_size
     enc = run.models.encoder
-    return (run.jitted_step, (state, train_step.abstract_batch(config, mesh)), model_flops,
-            dict(batch_size=config.batch_size, depth=enc.num_layers, scan=enc.scan))
+    batch = sharding.abstract_batch(spec.batch_size, spec.model.image_size, mesh)
+    return (run.jitted_step, (state, batch), model_flops,
+            dict(batch_size=spec.batch_size, depth=enc.num_layers, scan=enc.scan))
   if task == 'finetune':
     config = _pretrained_or_random(config)
     config_lib.validate_finetune(config)
-    encoder, _ = features_lib.resolve_encoder(config)
-    run = finetune_step.setup(config, mesh, encoder)
+    encoder, _ = features_lib.resolve_encoder(features_lib.EncoderSource.from_config(config))
+    spec = finetune_step.StepSpec.from_config(config)
+    run = finetune_step.setup(spec, mesh, encoder)
     state = sharding.with_shardings(run.abstract_state, run.state_shardings)
-    spec = encoder.spec
-    n = (config.data.image_size // spec['patch']) ** 2
-    model_flops = config.batch_size * flops_lib.finetune_step_flops(
-        spec['width'], spec['depth'], spec['mlp_dim'], n, spec['patch'],
-        int(config.data.num_classes))
-    batch = finetune_step.abstract_batch(config, mesh)
+    enc = encoder.spec
+    n = (spec.image_size // enc['patch']) ** 2
+    model_flops = spec.batch_size * flops_lib.finetune_step_flops(
+        enc['width'], enc['depth'], enc['mlp_dim'], n, enc['patch'], spec.num_classes)
+    batch = sharding.abstract_batch(spec.batch_size, spec.image_size, mesh)
     return (run.jitted_step, (state, batch), model_flops,
-            dict(batch_size=config.batch_size, depth=encoder.num_layers, scan=encoder.scan))
+            dict(batch_size=spec.batch_size, depth=encoder.num_layers, scan=encoder.scan))
   # The probe's feature extraction: the encoder forward on one sharded batch.
   encoder, info = _random_encoder(config)
   kinds = features_lib.feature_kinds(config.features)
@@ -156,7 +160,7 @@ def compile_for_slice(config: ml_collections.ConfigDict, tpu_slice: aot.Slice,
   """
   task = task or task_of(config)
   devices = devices if devices is not None else aot.slice_devices(tpu_slice)
-  mesh = sharding.make_mesh(config, devices)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config), devices)
   jitted, args, model_flops, facts = program(config, mesh, task)
   hbm = tpu_slice.chip.hbm_gib * aot.GIB
   result = aot.compile_program(jitted, *args, hbm_bytes=hbm)

@@ -18,9 +18,12 @@ learn what one key does.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
+import os
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -267,6 +270,39 @@ def validate_finetune(config: ml_collections.ConfigDict) -> None:
   _validate_data(config.data)
 
 
+# What of `model.*` a pretrained checkpoint fixes for fine-tuning (the rest: dtype, remat,
+# attention, drop path, comes from the fine-tuning config).
+FINETUNE_FROM_CHECKPOINT = ('variant', 'depth', 'scan')
+
+
+def resolve_finetune(config: ml_collections.ConfigDict, model: Mapping[str, Any],
+                     image_size: int | None = None, checkpoint: str = ''
+                     ) -> ml_collections.ConfigDict:
+  """A copy of the fine-tuning `config` with the variant, depth and scan of its encoder's
+  checkpoint (`model`: the checkpoint's saved `model.*`).
+
+  `image_size`: the resolution the checkpoint (`checkpoint`, for the message) was pretrained at,
+  which the config must keep (position embeddings and the patch grid follow it); None: not
+  checked.
+
+  Raises:
+    ValueError: the image sizes differ (one line naming --config.data.image_size).
+  """
+  if image_size is not None and image_size != config.data.image_size:
+    raise ValueError(
+        f'The checkpoint {checkpoint} was pretrained at image size {image_size} '
+        f'but config.data.image_size={config.data.image_size}; fine-tune at '
+        f'--config.data.image_size={image_size} (position embeddings and patch grid '
+        'follow the pretraining resolution).')
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    for key in FINETUNE_FROM_CHECKPOINT:
+      if key in model:
+        out.model[key] = model[key]
+    out.model.depth = int(out.model.depth or 0)
+  return out
+
+
 def set_cifar10_image_folder(data: ml_collections.ConfigDict) -> None:
   """CIFAR-10 as the image folder `data/cifar10/{train,test}/<class>/*.jpg` (shared tarballs).
 
@@ -400,7 +436,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Resume: which keys may change between the starts of one run.
+# Resume: which keys may change between the starts of one run, and the workdir's config.json.
 
 # Keys whose change changes the train state's shapes or structure: a checkpoint saved with the
 # old value cannot be restored. (mesh.* may change: checkpoints restore onto any mesh.)
@@ -455,10 +491,11 @@ def finetune_state_signature(flat: dict[str, Any]) -> dict[str, Any]:
   return sig
 
 
-def resume_changes(saved: dict[str, Any], new: ml_collections.ConfigDict,
+def resume_changes(saved: dict[str, Any], new: ml_collections.ConfigDict | dict[str, Any],
                    state_signature: Any = None
                    ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
-  """Compares a checkpoint's saved config with the config of a resuming start.
+  """Compares a checkpoint's saved config with the config of a resuming start (`new`: a config,
+  or its `flatten`ed keys).
 
   `state_signature(flat config) -> dict`: what shapes the state; default: pretraining's
   (`finetune_state_signature` for fine-tuning).
@@ -481,6 +518,23 @@ def resume_changes(saved: dict[str, Any], new: ml_collections.ConfigDict,
     if old[key] != value:
       meaning[key] = (old[key], value)
   return shape, meaning
+
+
+def save_json(text: str, workdir: str, start_step: int = 0) -> None:
+  """Writes `text` (a config's JSON) as `workdir/config.json`; a different earlier one is kept
+  as `config.<start_step>.json`.
+
+  The trainers call it once a start has run its first step cleanly, so config.json always
+  describes the checkpoints written since; `config.<N>.json` is the config that ran up to step N.
+  """
+  path = os.path.join(workdir, 'config.json')
+  if os.path.exists(path):
+    with open(path, encoding='utf-8') as f:
+      if f.read() == text:
+        return
+    os.replace(path, os.path.join(workdir, f'config.{start_step}.json'))
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,8 +16,10 @@ layer-wise lr decay, drop path, Mixup / CutMix and label smoothing (finetune_ste
 The eval split's centre crops are scored by the `classify` evaluator (evals/classify.py) every
 `evals.classify.every_steps` and at the end (top-1 / top-5, `eval_*` in metrics.jsonl).
 
-This module builds fine-tuning's task; the loop that runs it (restore or init, saves, the best
-checkpoint, preemption, the finite check) is pretraining's, cjepa_jax/loop.py.
+This module is where a fine-tuning config enters: `finetuning_task` resolves it against the
+encoder's checkpoint and reads it once, into the frozen specs the layers below take, and builds
+fine-tuning's task; the loop that runs it (restore or init, saves, the best checkpoint,
+preemption, the finite check) is pretraining's, cjepa_jax/loop.py.
 
 Writes DIR/config.json, DIR/metrics.jsonl, TensorBoard events in DIR, the latest checkpoints in
 DIR/checkpoints/<step>/ and the best one (eval top-1) in DIR/best/checkpoints/<step>/; both are
@@ -49,8 +51,9 @@ from cjepa_jax import config as config_lib
 from cjepa_jax import finetune_step as step_lib
 from cjepa_jax import flops as flops_lib
 from cjepa_jax import loop
-from cjepa_jax import optim
 from cjepa_jax import sharding
+from cjepa_jax.data.spec import DataSpec
+from cjepa_jax.evals import base as evals_base
 from cjepa_jax.evals import features as features_lib
 from cjepa_jax.evals import registry as evals_registry
 from cjepa_jax.models import jepa
@@ -58,37 +61,13 @@ from cjepa_jax.models import jepa
 _FLAGS: dict[str, Any] = {}  # Defined by `run()`, not at import.
 BEST_DIR = loop.BEST_DIR
 _LAST_VALUE = ('lr',)
-# What of `model.*` a pretrained checkpoint fixes (the rest: dtype, remat, attention, drop path,
-# comes from the fine-tuning config).
-_FROM_CHECKPOINT = ('variant', 'depth', 'scan')
-
-
-def _resolved_config(config: ml_collections.ConfigDict, info: dict[str, Any]
-                     ) -> ml_collections.ConfigDict:
-  """`config` with the encoder's variant, depth and scan that the checkpoint brings."""
-  out = copy.deepcopy(config)
-  with out.unlocked():
-    for key in _FROM_CHECKPOINT:
-      if key in info['model']:
-        out.model[key] = info['model'][key]
-    out.model.depth = int(out.model.depth or 0)
-  return out
-
-
-def _check_image_size(config: ml_collections.ConfigDict, info: dict[str, Any]) -> None:
-  if info['checkpoint'] != features_lib.RANDOM and info['image_size'] != config.data.image_size:
-    raise ValueError(
-        f"The checkpoint {info['checkpoint']} was pretrained at image size {info['image_size']} "
-        f'but config.data.image_size={config.data.image_size}; fine-tune at '
-        f"--config.data.image_size={info['image_size']} (position embeddings and patch grid "
-        'follow the pretraining resolution).')
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) fine-tuning; returns the last logged metrics with the final evaluation.
 
   Raises:
-    ValueError (config, data, checkpoint problems), loop.NonFiniteError, preemption.Preempted.
+    ValueError (config, data, checkpoint problems), metrics.NonFiniteError, preemption.Preempted.
   """
   config_lib.validate_finetune(config)
   return loop.run(finetuning_task(config, workdir), workdir)
@@ -96,38 +75,64 @@ def finetune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 def finetuning_task(config: ml_collections.ConfigDict, workdir: str) -> loop.Task:
   """The classifier over the encoder `config.pretrained` (or the workdir's own checkpoints)
-  names, its jitted step and evaluation, checked; compiles nothing."""
+  names, its jitted step and evaluation, checked; compiles nothing.
+
+  `config` is read here once, into the specs of the step, the data, the mesh, the evaluators and
+  the loop. The encoder's checkpoint fixes only the config's `model.*` variant, depth and scan
+  (`config_lib.resolve_finetune`), which the step, the data and the mesh do not read; the
+  resolved config is what the run records (DIR/config.json, each checkpoint) and resumes by.
+  """
   from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
-  mesh = sharding.make_mesh(config)
-  saved = _workdir_config(workdir)
-  if saved is not None:   # The workdir's own checkpoints say which encoder; `pretrained` is unread.
-    encoder = jepa.encoder_from_model_config(saved['model'])
-    info = dict(saved.get('finetune_source') or {})
-    resolved = copy.deepcopy(config)
-    if config.pretrained != features_lib.RANDOM:
-      resolved = _resolved_config(config, dict(model=saved['model']))
-  else:
-    encoder, info = features_lib.resolve_encoder(config)
-    _check_image_size(config, info)
-    resolved = _resolved_config(config, info)
-  run = step_lib.setup(resolved, mesh, encoder)
-  input_pipeline.check_dataset(resolved)
-  input_pipeline.check_label_splits(resolved)  # Same classes in both splits, num_classes of them.
-  evaluators = evals_registry.monitors(resolved, mesh, run.model)
+  encoder, info, checkpoint_model, checkpoint_size = _encoder(config, workdir)
+  step_spec = step_lib.StepSpec.from_config(config)
+  data = DataSpec.from_config(config)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config))
+  seed = config.seed
+  run = step_lib.setup(step_spec, mesh, encoder)
+  input_pipeline.check_dataset(data)
+  input_pipeline.check_label_splits(data)  # Same classes in both splits, num_classes of them.
+
+  resolved = config_lib.resolve_finetune(config, checkpoint_model, checkpoint_size,
+                                         info.get('checkpoint', ''))
+  run_spec = loop.RunSpec.from_config(resolved)
+  evals = evals_base.EvalsSpec.from_config(resolved)
+  # Saved with each checkpoint: the resolved config and where the encoder came from.
+  saved_config = dict(resolved.to_dict(),
+                      finetune_source={k: v for k, v in info.items() if k != 'model'})
+  evaluators = evals_registry.monitors(evals, data, mesh, run.model)
   spec = encoder.spec
-  num_patches = (resolved.data.image_size // spec['patch']) ** 2
-  flops_per_step = resolved.batch_size * flops_lib.finetune_step_flops(
+  num_patches = (data.image_size // spec['patch']) ** 2
+  flops_per_step = data.batch_size * flops_lib.finetune_step_flops(
       spec['width'], spec['depth'], spec['mlp_dim'], num_patches, spec['patch'],
-      int(resolved.data.num_classes))
+      int(data.num_classes))
   return loop.Task(
-      config=resolved, mesh=mesh, setup=run,
-      init_state=lambda: initial_state(run, resolved, encoder, info, mesh),
-      saved_config=_saved_config(resolved, info), evaluators=evaluators,
+      run=run_spec, mesh=mesh, setup=run,
+      init_state=lambda: initial_state(run, seed, encoder, info, mesh),
+      saved_config=saved_config, data=data, evaluators=evaluators,
       eval_params=lambda state: state['params'], flops_per_step=flops_per_step,
       last_value_keys=_LAST_VALUE, lr_key='optim.base_lr',
       state_signature=config_lib.finetune_state_signature, keep_best='eval_top1',
-      describe=f'; peak lr {optim.finetune_peak_lr(resolved):.3g}')
+      describe=f'; peak lr {step_spec.optim.peak_lr:.3g}')
+
+
+def _encoder(config: ml_collections.ConfigDict, workdir: str
+             ) -> tuple[Any, dict[str, Any], dict[str, Any], int | None]:
+  """(the encoder, where its weights are: `features.resolve_encoder`'s info, the `model.*` its
+  checkpoint fixes, the image size the config must keep: None when free).
+
+  A workdir with checkpoints of its own says which encoder in its saved config; `pretrained` is
+  then not read again.
+  """
+  saved = _workdir_config(workdir)
+  if saved is not None:
+    info = dict(saved.get('finetune_source') or {})
+    fixed = {} if config.pretrained == features_lib.RANDOM else saved['model']
+    return jepa.encoder_from_model_config(saved['model']), info, fixed, None
+  source = features_lib.EncoderSource.from_config(config)
+  encoder, info = features_lib.resolve_encoder(source)
+  pretrained = info['checkpoint'] != features_lib.RANDOM
+  return encoder, info, info['model'], info['image_size'] if pretrained else None
 
 
 def _workdir_config(workdir: str) -> dict[str, Any] | None:
@@ -140,29 +145,27 @@ def _workdir_config(workdir: str) -> dict[str, Any] | None:
     return None
 
 
-def _saved_config(config: ml_collections.ConfigDict, info: dict[str, Any]) -> dict[str, Any]:
-  """The config saved with each checkpoint: the resolved config and where the encoder came from."""
-  out = config.to_dict()
-  out['finetune_source'] = {k: v for k, v in info.items() if k != 'model'}
-  return out
-
-
-def initial_state(run: step_lib.Setup, config: ml_collections.ConfigDict, encoder: Any,
-                  info: dict[str, Any], mesh: jax.sharding.Mesh) -> dict[str, Any]:
+def initial_state(run: step_lib.Setup, seed: int, encoder: Any, info: dict[str, Any],
+                  mesh: jax.sharding.Mesh) -> dict[str, Any]:
   """A fresh state (step 0, new head, new optimizer state) around the encoder `info` locates.
 
-  Only the encoder's weights are read from a checkpoint (`features.load_encoder_params`), then
-  laid out with the state's shardings.
+  Only the encoder's weights are read from a checkpoint (`features.load_encoder_params`; a
+  `random` encoder is initialised with `seed`), then laid out with the state's shardings.
   """
   state = run.init_fn()
-  encoder_params = features_lib.load_encoder_params(config, encoder, info,
+  encoder_params = features_lib.load_encoder_params(seed, encoder, info,
                                                     sharding.replicated(mesh))
   if info['checkpoint'] != features_lib.RANDOM:
     logging.info('Encoder: the %s encoder of %s (step %s).', info['encoder'], info['checkpoint'],
                  info['step'])
   encoder_params = jax.device_put(encoder_params, run.state_shardings['params']['encoder'])
-  return jax.jit(lambda s, e: step_lib.with_encoder(s, e, run.tx),
-                 out_shardings=run.state_shardings)(state, encoder_params)
+
+  def with_encoder(state: dict[str, Any], encoder_params: Any) -> dict[str, Any]:
+    """`state` with `params['encoder']` replaced, and a fresh optimizer state for the new params."""
+    params = dict(state['params'], encoder=encoder_params)
+    return dict(state, params=params, opt_state=run.tx.init(params))
+
+  return jax.jit(with_encoder, out_shardings=run.state_shardings)(state, encoder_params)
 
 
 def main(argv: list[str]) -> None:

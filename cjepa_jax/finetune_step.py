@@ -12,11 +12,13 @@ One step, inside one jitted function: Mixup / CutMix and label smoothing of the 
 (mixup.py), the classifier with drop path, soft-target cross-entropy, the AdamW + LLRD update.
 The evaluation of the classifier is an evaluator (evals/classify.py).
 
-This module imports no TensorFlow.
+`StepSpec.from_config(config)` reads what the step and its `setup` need, once, where the config
+enters (the trainer, the compile CLI). This module imports no TensorFlow.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -35,10 +37,35 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What fine-tuning's step and `setup` read of the config (config.py says what each key is)."""
+  optim: optim.LayerDecayAdamW
+  length: optim.RunLength
+  mix: mixup.MixSpec
+  num_classes: int              # data.num_classes: the head's width.
+  image_size: int               # data.image_size
+  batch_size: int               # The global batch.
+  seed: int
+  drop_path_rate: float         # model.drop_path_rate
+  remat_policy: str             # model.remat_policy
+  attention: str                # model.attention
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> StepSpec:
+    """Reads the optimizer, run length, mixing and the classifier's settings of `config`."""
+    m = config.model
+    return cls(optim.LayerDecayAdamW.from_config(config), optim.RunLength.from_config(config),
+               mixup.MixSpec.from_config(config), int(config.data.num_classes),
+               int(config.data.image_size), config.batch_size, config.seed,
+               float(m.drop_path_rate), m.remat_policy, m.attention)
+
+
 def init_state(model: classifier_lib.Classifier, tx: optax.GradientTransformation, seed: int,
                image_size: int) -> State:
-  """A fresh state: the whole classifier initialised from `seed` (the caller then puts the
-  pretrained encoder into `params['encoder']`, see `with_encoder`)."""
+  """A fresh state: the whole classifier initialised from `seed` (fine-tuning then puts the
+  pretrained encoder into `params['encoder']`, with a fresh optimizer state: finetune.py's
+  `initial_state`)."""
   init_key, step_key = jax.random.split(jax.random.PRNGKey(seed))
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   params = model.init(init_key, images)['params']
@@ -46,22 +73,15 @@ def init_state(model: classifier_lib.Classifier, tx: optax.GradientTransformatio
           'opt_state': tx.init(params)}
 
 
-def with_encoder(state: State, encoder_params: Any, tx: optax.GradientTransformation) -> State:
-  """`state` with `params['encoder']` replaced, and a fresh optimizer state for the new params."""
-  params = dict(state['params'], encoder=encoder_params)
-  return dict(state, params=params, opt_state=tx.init(params))
-
-
 def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Mean over the batch of -sum_c targets * log_softmax(logits): [B, C], [B, C] -> []."""
   return jnp.mean(-jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1))
 
 
-def make_train_step(config: ml_collections.ConfigDict, model: classifier_lib.Classifier,
+def make_train_step(spec: mixup.MixSpec, model: classifier_lib.Classifier,
                     tx: optax.GradientTransformation, schedule: optax.Schedule
                     ) -> Callable[[State, Batch], tuple[State, Metrics]]:
-  """Reads the config once; returns the pure `train_step(state, batch) -> (state, metrics)`."""
-  spec = mixup.MixSpec.from_config(config)
+  """The pure `train_step(state, batch) -> (state, metrics)`, batches mixed as `spec` says."""
 
   def train_step(state: State, batch: Batch) -> tuple[State, Metrics]:
     step = state['step']
@@ -87,15 +107,6 @@ def make_train_step(config: ml_collections.ConfigDict, model: classifier_lib.Cla
   return train_step
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-                   ) -> dict[str, jax.ShapeDtypeStruct]:
-  """The step's batch as sharded ShapeDtypeStructs: image [B, S, S, 3] float32, label [B]."""
-  size, s = config.data.image_size, sharding.batch_sharding(mesh)
-  return {'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32,
-                                        sharding=s),
-          'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=s)}
-
-
 class Setup(NamedTuple):
   """What `setup` builds for a fine-tuning run."""
   model: classifier_lib.Classifier
@@ -110,24 +121,21 @@ class Setup(NamedTuple):
   steps_per_epoch: int
 
 
-def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, encoder: vit.Encoder
-          ) -> Setup:
-  """The classifier over `encoder` (its drop path, dtype and kernel set from `config.model`),
-  the optimizer and the jitted step on `mesh`. Compiles nothing."""
-  sharding.check_batch_divisible(config.batch_size, mesh, jax.process_count())
-  m = config.model
-  encoder = encoder.clone(drop_path_rate=float(m.drop_path_rate), remat_policy=m.remat_policy,
-                          attention_impl=m.attention)
-  model = classifier_lib.Classifier(encoder, int(config.data.num_classes))
-  total_steps, steps_per_epoch = optim.run_length(config)
-  schedule = optim.finetune_lr_schedule(config, total_steps, steps_per_epoch)
-  size = int(config.data.image_size)
+def setup(spec: StepSpec, mesh: jax.sharding.Mesh, encoder: vit.Encoder) -> Setup:
+  """The classifier over `encoder` (its drop path, remat and attention kernel from `spec`), the
+  optimizer and the jitted step on `mesh`. Compiles nothing."""
+  sharding.check_batch_divisible(spec.batch_size, mesh, jax.process_count())
+  encoder = encoder.clone(drop_path_rate=spec.drop_path_rate, remat_policy=spec.remat_policy,
+                          attention_impl=spec.attention)
+  model = classifier_lib.Classifier(encoder, spec.num_classes)
+  schedule = optim.finetune_lr_schedule(spec.optim, spec.length)
+  size = spec.image_size
   abstract_params = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)))['params'])
-  tx = optim.make_finetune_optimizer(config, schedule, abstract_params, encoder.num_layers)
-  jitted = sharding.jit_train(lambda: init_state(model, tx, config.seed, size),
-                              make_train_step(config, model, tx, schedule), mesh,
-                              abstract_batch(config, mesh))
+  tx = optim.make_finetune_optimizer(spec.optim, schedule, abstract_params, encoder.num_layers)
+  jitted = sharding.jit_train(lambda: init_state(model, tx, spec.seed, size),
+                              make_train_step(spec.mix, model, tx, schedule), mesh,
+                              sharding.abstract_batch(spec.batch_size, size, mesh))
   return Setup(model, tx, schedule, jitted.state_shardings, jitted.abstract_state,
-               jitted.init_fn, jitted.jitted_step, jitted.trace_count, total_steps,
-               steps_per_epoch)
+               jitted.init_fn, jitted.jitted_step, jitted.trace_count, spec.length.total_steps,
+               spec.length.steps_per_epoch)

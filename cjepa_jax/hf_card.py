@@ -2,7 +2,8 @@
 
 What the encoder is (variant, objective, data, steps: from the checkpoint's saved config and
 `extra`), how to load it in `transformers`, and, when the checkpoint was probed, the probe
-results as a table with their protocol (`hf.find_probe_results` finds them).
+results as a table with their protocol (`hf.find_probe_results` finds them; each evaluator's
+rows and protocol clause are its type's, evals/registry.py `result_types`).
 """
 
 from __future__ import annotations
@@ -14,63 +15,23 @@ from typing import Any
 import ml_collections
 
 from cjepa_jax import optim
+from cjepa_jax.evals import registry
+from cjepa_jax.evals import units
 from cjepa_jax.models import vit
 
 
-def _g(value: Any) -> str:
-  return f'{value:g}' if isinstance(value, (int, float)) else str(value)
-
-
-def percent_scale(results: Mapping[str, Any]) -> float:
-  """What turns probe_results.json's accuracies into percent: 1 for files that say
-  `"unit": "percent"`, 100 for the others (which hold fractions in [0, 1])."""
-  unit = results.get('unit', results.get('accuracy_units', 'fraction'))
-  return 1.0 if unit == 'percent' else 100.0
-
-
 def _probe_section(results: Mapping[str, Any]) -> list[str]:
-  """The model card's evaluation table (percent) and protocol, from probe_results.json."""
-  scale = percent_scale(results)
-
-  def pct(value: float | None) -> str:
-    return '' if value is None else f'{scale * float(value):.1f}'
-
-  rows = []
-  if 'linear' in results:
-    r = results['linear']
-    rows.append(('linear', r.get('features', ''), pct(r.get('top1')), pct(r.get('top5')),
-                 f'lr {_g(r.get("best_lr"))}, wd {_g(r.get("best_wd"))}'))
-  if 'knn' in results:
-    r = results['knn']
-    rows.append((f'kNN (k={r.get("k")}, T={r.get("temperature")})', r.get('features', ''),
-                 pct(r.get('top1')), pct(r.get('top5')), ''))
-  if 'fewshot' in results:
-    r = results['fewshot']
-    for shots, top1 in (r.get('top1') or {}).items():
-      std = (r.get('top1_std') or {}).get(shots)
-      rows.append((f'{shots}-shot ridge', r.get('features', ''), pct(top1), '',
-                   f'+- {pct(std)} over {r.get("seeds")} seeds' if std is not None else ''))
-  if 'lowshot' in results:
-    r = results['lowshot']
-    for label, f in (r.get('fractions') or {}).items():
-      rows.append((f'linear, {label} labels', r.get('features', ''), pct(f.get('top1')),
-                   pct(f.get('top5')), f'{f.get("num_train", "?")} examples'))
-  if 'attentive' in results:
-    r = results['attentive']
-    rows.append(('attentive probe', 'tokens', pct(r.get('top1')), pct(r.get('top5')), ''))
+  """The model card's evaluation table (percent) and protocol, from probe_results.json (any
+  version: older files hold fractions); each evaluator's rows and protocol clause are its type's
+  (`base.Type.card_rows`, `.card_protocol`)."""
+  results = units.read_probe_results(dict(results))
+  types = registry.result_types(results)
+  rows = [row for name, type_ in types.items() if type_.card_rows
+          for row in type_.card_rows(name, results[name])]
   lines = ['| evaluator | features | top-1 % | top-5 % | notes |',
            '| --- | --- | --- | --- | --- |']
   lines += [f'| {" | ".join(str(c) for c in row)} |' for row in rows]
-  how = {
-      'linear': 'linear: a softmax classifier on standardised pre-extracted features (Adam, cosine '
-                'lr), its lr and weight decay chosen on a held-out part of the train split',
-      'knn': 'kNN: cosine similarity to every train image, the k nearest vote with weight '
-             'exp(sim / T)',
-      'fewshot': "few-shot: ridge regression on k images per class, big_vision's fixed l2",
-      'lowshot': 'low-shot: the linear probe fitted on a class-balanced fraction of the train '
-                 'labels',
-      'attentive': 'attentive: a cross-attention pooling head trained on the frozen tokens, its lr '
-                   'and weight decay chosen on a held-out part of the train split'}
+  how = dict.fromkeys(t.card_protocol for t in types.values() if t.card_protocol)
   protocol = (
       f'Protocol (`cjepa-probe`, frozen {results.get("encoder") or "target"} encoder, step '
       f'{results.get("step")}): {results.get("dataset")} `{results.get("train_split")}` '
@@ -79,7 +40,7 @@ def _probe_section(results: Mapping[str, Any]) -> list[str]:
       "Features: 'last' = the average-pooled final tokens, 'last4' = the last 4 blocks' tokens "
       'through the final LayerNorm, pooled and concatenated, the kind chosen on a held-out part '
       'of the train split (never on the test split); '
-      + '; '.join(v for k, v in how.items() if k in results) + '.')
+      + '; '.join(how) + '.')
   if results.get('complete') is False:
     protocol += ' The probe run was not complete: only the evaluators above had finished.'
   return lines + ['', protocol]
@@ -162,7 +123,8 @@ def model_card(saved: Mapping[str, Any], info: Mapping[str, Any],
     step = int(info['step'])
     batch = saved.get('batch_size')
     try:
-      total, per_epoch = optim.run_length(ml_collections.ConfigDict(dict(saved)))
+      run = optim.RunLength.from_config(ml_collections.ConfigDict(dict(saved)))
+      total, per_epoch = run.total_steps, run.steps_per_epoch
       length = (f'step {step} of {total}: {step / per_epoch:.2f} epochs of batch {batch} '
                 f'({per_epoch} steps per epoch)')
     except (AttributeError, KeyError, TypeError, ValueError):   # No run length: the step alone.

@@ -3,25 +3,28 @@
   run(task, workdir)             the whole run: the workdir's lock, restore or init, the steps,
                                  evaluations, saves; returns the last logged metrics.
   Task                           what a kind of training gives the loop (its setup, fresh state,
-                                 evaluators, metrics to log).
-  is_log_step(step, config, n)   the steps the loop logs after.
+                                 data, evaluators, metrics to log).
+  RunSpec.from_config(config)    what the loop reads of a config (cadences, keeping, the start's
+                                 switches, the config's record), read where the config enters.
 
 What it does once for both:
   * nothing is written before every check has passed (the entry point's task is built, which
-    checks the models, the data and the evaluators) and the workdir's lock is held (one trainer per workdir, `workdir_lock.py`); a
-    failed first start leaves no empty workdir behind;
+    checks the models, the data and the evaluators) and the workdir's lock is held (one trainer
+    per workdir, `workdir_lock.py`); a failed first start leaves no empty workdir behind;
   * restore the latest complete checkpoint (refusing a config that changes the state's shapes, or
     without `allow_config_change` its meaning) or start a fresh state; a run whose latest
     checkpoint is its last step says so and returns `{'step', 'already_complete': True}`;
   * the metrics window (`metrics.LogWindow`: metrics.jsonl, TensorBoard, the progress line), rows
     an interrupted start logged past its checkpoint dropped first;
   * the finite check one step late (the device runs the next step meanwhile), at once on steps
-    that log or save: a NaN / inf stops the run (`NonFiniteError`) naming the last good save;
+    that log or save: a NaN / inf stops the run (`metrics.NonFiniteError`) naming the last good
+    save;
   * evaluators at their cadence (`every_steps`, and at the last step), on log steps; a task's
     `keep_best` evaluator result keeps its best checkpoint in DIR/best (fine-tuning's best model);
   * periodic, final and preemption saves (SIGTERM / SIGINT: save this step, raise
     `preemption.Preempted`, which the CLIs turn into exit code 75);
-  * a warning when the step compiled more than once.
+  * config.json once the first step ran (`config.save_json`), and a warning when the step
+    compiled more than once.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
@@ -43,14 +45,39 @@ from cjepa_jax import metrics as metrics_lib
 from cjepa_jax import preemption
 from cjepa_jax import sharding
 from cjepa_jax import workdir_lock
+from cjepa_jax.data.spec import DataSpec
 from cjepa_jax.evals import registry as evals_registry
 
 State = dict[str, Any]
 BEST_DIR = 'best'   # DIR/best/checkpoints/<step>: the checkpoint of a task's best evaluation.
 
 
-class NonFiniteError(FloatingPointError):
-  """The loss or the gradients became NaN or inf."""
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """What the loop reads of a run's config (config.py says what each key is)."""
+  batch_size: int
+  stop_at_step: int             # > 0: this start stops (saved) there.
+  log_every_steps: int
+  ckpt_every_steps: int
+  keep_ckpts: int
+  keep_every_steps: int
+  peak_tflops: float
+  force_unlock: bool
+  allow_config_change: bool
+  config_json: str              # DIR/config.json's text: the config this start runs.
+  settings: dict[str, Any]      # That config as a dict: compared with a checkpoint's on resume.
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> RunSpec:
+    """Reads `config`'s cadences, keeping and switches, and records the config itself."""
+    return cls(
+        batch_size=config.batch_size, stop_at_step=int(config.get('stop_at_step', 0) or 0),
+        log_every_steps=config.log_every_steps, ckpt_every_steps=config.ckpt_every_steps,
+        keep_ckpts=config.keep_ckpts, keep_every_steps=config.keep_every_steps,
+        peak_tflops=config.peak_tflops, force_unlock=config.force_unlock,
+        allow_config_change=config.allow_config_change,
+        config_json=config.to_json_best_effort(indent=2, sort_keys=True),
+        settings=config.to_dict())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +88,12 @@ class Task:
   and shardings, the jitted step `(state, batch) -> (state, metrics, *aux)`, its trace count and
   the run's length.
   """
-  config: ml_collections.ConfigDict   # The config the run runs (saved as DIR/config.json).
+  run: RunSpec                        # Cadences, keeping, the config it runs (DIR/config.json).
   mesh: jax.sharding.Mesh
   setup: Any
   init_state: Callable[[], State]     # A fresh, sharded state (step 0).
-  saved_config: Any                   # Saved with every checkpoint (a ConfigDict or a dict).
+  saved_config: dict[str, Any]        # Saved with every checkpoint.
+  data: DataSpec                      # The training input.
   evaluators: Sequence[evals_registry.Monitor]   # Run on log steps at their cadence.
   eval_params: Callable[[State], Any]  # What the evaluators evaluate: the encoder, the classifier.
   flops_per_step: float               # Of the whole batch (MFU).
@@ -78,20 +106,6 @@ class Task:
   describe: str = ''                  # Appended to the start-up line (e.g. the peak lr).
 
 
-def is_log_step(step: int, config: ml_collections.ConfigDict, total_steps: int) -> bool:
-  """Whether the loop logs after update number `step` (1 after the first update).
-
-  Every `log_every_steps`, every step an evaluator of `config.evals` is due and the last step.
-  """
-  return _log_step(step, config.log_every_steps, evals_registry.periods(config).values(),
-                   total_steps)
-
-
-def _log_step(step: int, log_every: int, periods: Sequence[int], total_steps: int) -> bool:
-  return bool(step % log_every == 0 or step == total_steps
-              or any(step % every == 0 for every in periods))
-
-
 def run(task: Task, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) `task` in `workdir`; returns the last logged metrics, or
   `{'step': N, 'already_complete': True}` when the latest checkpoint is the last step.
@@ -100,18 +114,18 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
   writes anything in `workdir`.
 
   Raises:
-    ValueError (config, data, checkpoint problems), NonFiniteError, preemption.Preempted
+    ValueError (config, data, checkpoint problems), metrics.NonFiniteError, preemption.Preempted
     (SIGTERM / SIGINT: the current step was saved).
   """
   created = not os.path.exists(workdir)
-  config = task.config
+  spec = task.run
   try:
     # Nothing is written in the workdir before its lock is held (process 0 holds it for the job).
-    with locked(workdir, force=config.force_unlock) as lock:
+    with locked(workdir, force=spec.force_unlock) as lock:
       # Opens (creating) WORKDIR/checkpoints and checks that it is writable, before any compile.
       ckpt = ckpt_manager.Checkpointer(
-          workdir, keep=config.keep_ckpts, keep_every_steps=config.keep_every_steps,
-          save_every_steps=config.ckpt_every_steps)
+          workdir, keep=spec.keep_ckpts, keep_every_steps=spec.keep_every_steps,
+          save_every_steps=spec.ckpt_every_steps)
       best = (ckpt_manager.Checkpointer(os.path.join(workdir, BEST_DIR), keep=1)
               if task.keep_best else None)
       try:
@@ -122,33 +136,8 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
         ckpt.close()
   except BaseException:
     if created and jax.process_index() == 0:
-      remove_if_empty(workdir)   # A failed first start leaves no empty workdir behind.
+      workdir_lock.remove_if_empty(workdir)   # A failed first start leaves no empty workdir.
     raise
-
-
-class _Best:
-  """The best value so far of the result `key` and its step, and its checkpoint manager."""
-
-  def __init__(self, key: str | None, ckpt: ckpt_manager.Checkpointer | None,
-               extra: dict[str, Any]):
-    self.key, self.ckpt = key, ckpt
-    self.name = 'best_' + key.removeprefix('eval_') if key else ''
-    self.value = float(extra.get(self.name, float('-inf')))
-    self.step = extra.get('best_step')
-    self.improved = False
-
-  def observe(self, step: int, results: dict[str, Any]) -> dict[str, Any]:
-    """`results` with the best value and its step; notes whether `step` improved on it."""
-    if self.key is None or self.key not in results:
-      return results
-    if results[self.key] > self.value:
-      self.value, self.step, self.improved = results[self.key], step, True
-    logging.info('eval at step %d: %s %.4g (best %.4g at step %s).', step, self.key,
-                 results[self.key], self.value, self.step)
-    return dict(results, **{self.name: self.value, 'best_step': self.step})
-
-  def extra(self) -> dict[str, Any]:
-    return {self.name: self.value, 'best_step': self.step} if self.key else {}
 
 
 def _restore_or_init(task: Task, ckpt: ckpt_manager.Checkpointer, workdir: str
@@ -157,7 +146,7 @@ def _restore_or_init(task: Task, ckpt: ckpt_manager.Checkpointer, workdir: str
   latest = ckpt.latest_step()
   if latest is None:
     return task.init_state(), {}, None
-  check_resume_config(ckpt.restore_config(latest), task.config,
+  check_resume_config(ckpt.restore_config(latest), task.run,
                       str(ckpt.directory / str(latest)), task.state_signature)
   start_step, state = ckpt.restore_latest(
       sharding.with_shardings(task.setup.abstract_state, task.setup.state_shardings))
@@ -172,7 +161,7 @@ def _loop(task: Task, workdir: str, ckpt: ckpt_manager.Checkpointer,
   caller."""
   from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
-  config, run = task.config, task.setup
+  spec, run = task.run, task.setup
   is_main = jax.process_index() == 0
   total_steps = run.total_steps
   managers = [c for c in (ckpt, best_ckpt) if c is not None]
@@ -182,7 +171,7 @@ def _loop(task: Task, workdir: str, ckpt: ckpt_manager.Checkpointer,
   start_step = int(jax.device_get(state['step']))
   # `stop_at_step` ends this start early, inside the schedules of the whole run (which stay laid
   # over `total_steps`): a budget cut for tuning that a later start resumes exactly.
-  stop = int(config.get('stop_at_step', 0) or 0)
+  stop = spec.stop_at_step
   end = min(stop, total_steps) if stop > 0 else total_steps
   if start_step >= end:
     logging.info('Already complete at step %d (of %d%s) in %s: nothing to do.', start_step,
@@ -190,16 +179,16 @@ def _loop(task: Task, workdir: str, ckpt: ckpt_manager.Checkpointer,
     return {'step': start_step, 'already_complete': True}
   logging.info('Mesh %s over %d devices (%d processes); %d steps of batch %d (%d per epoch)%s.',
                dict(task.mesh.shape),
-               jax.device_count(), jax.process_count(), total_steps, config.batch_size,
+               jax.device_count(), jax.process_count(), total_steps, spec.batch_size,
                run.steps_per_epoch, task.describe)
-  best = _Best(task.keep_best, best_ckpt, extra)
+  best = metrics_lib.BestResult(task.keep_best, extra)
 
   # Rows and events an interrupted start logged past `start_step` go first: each step once.
   writer = metrics_lib.MetricWriter(workdir, enabled=is_main, start_step=start_step)
   batch_sharding = sharding.batch_sharding(task.mesh)
-  data = input_pipeline.make_train_iterator(config, start_step=start_step)
-  peak = flops_lib.peak_tflops(override=config.peak_tflops) * 1e12 * jax.device_count()
-  log = metrics_lib.LogWindow(config.batch_size, total_steps, run.steps_per_epoch,
+  data = input_pipeline.make_train_iterator(task.data, start_step=start_step)
+  peak = flops_lib.peak_tflops(override=spec.peak_tflops) * 1e12 * jax.device_count()
+  log = metrics_lib.LogWindow(spec.batch_size, total_steps, run.steps_per_epoch,
                               task.flops_per_step, peak, writer,
                               last_value_keys=task.last_value_keys)
   pending: tuple[int, jax.Array] | None = None   # (step, finite flag), checked one step late.
@@ -217,22 +206,23 @@ def _loop(task: Task, workdir: str, ckpt: ckpt_manager.Checkpointer,
         state, step_metrics, *aux = run.jitted_step(state, batch)
         if step == start_step + 1 and is_main:
           # Compiled and running: this start is good.
-          save_config(config, workdir, start_step)
+          config_lib.save_json(spec.config_json, workdir, start_step)
         for c in managers:
           c.check()   # A background save that failed stops the run here, with its cause.
         lock.check()   # Another trainer forced the lock over: stop before writing again.
         # Check the previous step's flag now, while the device is already busy with this step.
         if pending is not None:
-          check_finite(*pending, last_good, workdir, task.lr_key)
+          metrics_lib.check_finite(*pending, last_good, workdir, task.lr_key)
         pending = (step, step_metrics['finite'])
         log.add(step, step_metrics)
 
         evals_now = [m for m in task.evaluators if step % m.every_steps == 0 or step == end]
-        log_now = _log_step(step, config.log_every_steps, periods, end)
-        save_now = step % config.ckpt_every_steps == 0 or step == end
+        log_now = metrics_lib.is_log_step(step, spec.log_every_steps, periods, end)
+        save_now = step % spec.ckpt_every_steps == 0 or step == end
         preempted = preempt.reached(step)
         if log_now or save_now or preempted:
-          check_finite(*pending, last_good, workdir, task.lr_key)   # Never log or save NaNs.
+          # Never log or save NaNs.
+          metrics_lib.check_finite(*pending, last_good, workdir, task.lr_key)
           pending = None
         best.improved = False
         if log_now:
@@ -270,7 +260,8 @@ def _loop(task: Task, workdir: str, ckpt: ckpt_manager.Checkpointer,
 
 
 # ------------------------------------------------------------------------------------------------
-# The workdir around the checkpoints: its lock, its config.json, resume checks, failed starts.
+# The workdir around the checkpoints: its lock, and a checkpoint's saved config against this
+# start's.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -293,26 +284,10 @@ def locked(workdir: str, force: bool = False) -> Iterator[workdir_lock.WorkdirLo
     yield lock
 
 
-def save_config(config: ml_collections.ConfigDict, workdir: str, start_step: int = 0) -> None:
-  """Writes `workdir/config.json`; a different earlier one is kept as `config.<start_step>.json`.
-
-  Called once a start has run its first step cleanly, so config.json always describes the
-  checkpoints written since; `config.<N>.json` is the config that ran up to step N.
-  """
-  path = os.path.join(workdir, 'config.json')
-  text = config.to_json_best_effort(indent=2, sort_keys=True)
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      if f.read() == text:
-        return
-    os.replace(path, os.path.join(workdir, f'config.{start_step}.json'))
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write(text)
-
-
-def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict,
-                        step_dir: str, state_signature: Any = None) -> None:
-  """Refuses a resume whose config changes the state's shapes, or (unless allowed) its meaning.
+def check_resume_config(saved: dict[str, Any], spec: RunSpec, step_dir: str,
+                        state_signature: Any = None) -> None:
+  """Refuses a resume whose config (`spec.settings`) changes the state's shapes, or (unless
+  `spec.allow_config_change`) its meaning.
 
   `state_signature`: what of a flat config shapes the state (`config_lib.resume_changes`);
   default: pretraining's.
@@ -320,7 +295,7 @@ def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict
   Raises:
     ValueError: naming the keys that differ (saved -> now) and how to continue.
   """
-  shape, meaning = config_lib.resume_changes(saved, config, state_signature)
+  shape, meaning = config_lib.resume_changes(saved, spec.settings, state_signature)
   def listing(changes):
     return '; '.join(f'{k}: {a!r} -> {b!r}' for k, a, b in
                      ((k, *v) for k, v in sorted(changes.items())))
@@ -329,7 +304,7 @@ def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict
         f'The checkpoint {step_dir} was saved with another model ({listing(shape)}), so this '
         'config cannot resume it: use a new --workdir, or start a new workdir from its weights '
         'with --config.init_from=<this workdir> (the checkpoint is kept).')
-  if meaning and not config.allow_config_change:
+  if meaning and not spec.allow_config_change:
     raise ValueError(
         f'Resuming {step_dir} with a config that changes the run ({listing(meaning)}): pass the '
         'saved values again, use a new --workdir, or add --config.allow_config_change=True to '
@@ -337,27 +312,3 @@ def check_resume_config(saved: dict[str, Any], config: ml_collections.ConfigDict
   for key, (old, new) in sorted(meaning.items()):
     logging.warning('Resuming with a changed config (allow_config_change): %s %r -> %r.',
                     key, old, new)
-
-
-def remove_if_empty(workdir: str) -> None:
-  """Removes a workdir this start created when a failed start left nothing in it but empty dirs."""
-  for root, dirs, files in os.walk(workdir):
-    if files:
-      return
-    del root, dirs
-  shutil.rmtree(workdir, ignore_errors=True)
-
-
-def check_finite(step: int, finite: jax.Array, last_good: int | None, workdir: str,
-                 lr_key: str = 'optim.lr') -> None:
-  """NonFiniteError naming the step, the last good checkpoint and what to try, unless `finite`."""
-  if not bool(jax.device_get(finite)):
-    if last_good is None:
-      kept = 'No checkpoint was written before it.'
-    else:
-      kept = (f'The last good checkpoint (step {last_good}) in {workdir}/checkpoints is kept and '
-              'nothing later was saved.')
-    raise NonFiniteError(
-        f'Non-finite loss or gradients at step {step}. {kept} Lower --config.{lr_key}, set '
-        '--config.optim.grad_clip=1.0, or use --config.model.dtype=float32 to find the cause, '
-        'then restart with the same --workdir.')

@@ -1,7 +1,9 @@
 """Metric writers: `DIR/metrics.jsonl`, TensorBoard event files in DIR, and a console line.
 
 `LogWindow` is the trainers' (pretraining and fine-tuning) window of step metrics: averaged,
-timed (img/s, MFU) and written at each log step.
+timed (img/s, MFU) and written at each log step (`is_log_step`). `check_finite` stops a run
+whose step metrics went NaN or inf (`NonFiniteError`); `BestResult` follows the best value of one
+evaluation result (fine-tuning keeps that step's checkpoint).
 
 Metrics that match the state: a trainer that resumes from the checkpoint of step S (the latest, or
 an earlier one after a damaged one, a SIGKILL or a crash) logs steps S+1, ... again, so
@@ -29,7 +31,7 @@ import math
 import os
 import struct
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from absl import logging
 
@@ -267,6 +269,17 @@ class Progress:
       logging.info('%s: %s done in %s.', self.what, f'{self.count:,}', took)
 
 
+def is_log_step(step: int, log_every_steps: int, periods: Iterable[int], total_steps: int
+                ) -> bool:
+  """Whether a run logs after update number `step` (1 after the first update).
+
+  Every `log_every_steps`, every step an evaluator is due (`periods`: their `every_steps`, as
+  `EvalsSpec.periods()` gives them) and the last step.
+  """
+  return bool(step % log_every_steps == 0 or step == total_steps
+              or any(step % every == 0 for every in periods))
+
+
 class LogWindow:
   """Collects step metrics on the device; averages, times and writes them at each log step.
 
@@ -330,3 +343,53 @@ class LogWindow:
                                        per_step * (self.total_steps - step)))
     self.last = dict(scalars, step=step)
     self.window, self.timed_steps, self.t_window = [], 0, time.perf_counter()
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or the gradients became NaN or inf."""
+
+
+def check_finite(step: int, finite: Any, last_good: int | None, workdir: str,
+                 lr_key: str = 'optim.lr') -> None:
+  """NonFiniteError naming the step, the last good checkpoint and what to try, unless `finite`
+  (the step's flag, a scalar array: fetched here)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if not bool(jax.device_get(finite)):
+    if last_good is None:
+      kept = 'No checkpoint was written before it.'
+    else:
+      kept = (f'The last good checkpoint (step {last_good}) in {workdir}/checkpoints is kept and '
+              'nothing later was saved.')
+    raise NonFiniteError(
+        f'Non-finite loss or gradients at step {step}. {kept} Lower --config.{lr_key}, set '
+        '--config.optim.grad_clip=1.0, or use --config.model.dtype=float32 to find the cause, '
+        'then restart with the same --workdir.')
+
+
+class BestResult:
+  """The best value so far of the evaluation result `key` (higher is better) and its step.
+
+  `extra` is what a checkpoint kept of it (`best_<name>`, `best_step`), so a resumed run goes on
+  comparing with the best of the run, not of the start. `key` None: nothing is followed.
+  """
+
+  def __init__(self, key: str | None, extra: Mapping[str, Any]):
+    self.key = key
+    self.name = 'best_' + key.removeprefix('eval_') if key else ''
+    self.value = float(extra.get(self.name, float('-inf')))
+    self.step = extra.get('best_step')
+    self.improved = False
+
+  def observe(self, step: int, results: dict[str, Any]) -> dict[str, Any]:
+    """`results` with the best value and its step; notes whether `step` improved on it."""
+    if self.key is None or self.key not in results:
+      return results
+    if results[self.key] > self.value:
+      self.value, self.step, self.improved = results[self.key], step, True
+    logging.info('eval at step %d: %s %.4g (best %.4g at step %s).', step, self.key,
+                 results[self.key], self.value, self.step)
+    return dict(results, **{self.name: self.value, 'best_step': self.step})
+
+  def extra(self) -> dict[str, Any]:
+    """What a checkpoint keeps of it."""
+    return {self.name: self.value, 'best_step': self.step} if self.key else {}

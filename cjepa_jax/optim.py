@@ -1,5 +1,7 @@
 """The optimizers: pretraining's AdamW with the reference I-JEPA schedules (lr, weight decay, EMA
-momentum) and the EMA update; fine-tuning's AdamW with layer-wise lr decay (MAE / BEiT).
+momentum) and the EMA update; fine-tuning's AdamW with layer-wise lr decay (MAE / BEiT). Each
+takes its frozen spec (`AdamW`, `LayerDecayAdamW`, the run's `RunLength`), which the trainers
+read once from the config (`from_config`).
 
 Step convention: every schedule here is a function of the 0-based optimizer step k, which is
 optax's update count (0 for the first update) and the trainer's step counter before the update.
@@ -8,7 +10,7 @@ uses the scheduler value at its internal step k + 1; our lr and weight-decay sch
 +1 and match the reference update for update. Its EMA momentum generator starts at i = 0, so the
 momentum after update k is ema_schedule(k), no shift.
 
-Lengths (reference `init_opt`/`train.py`, T = the run's length in steps, see `run_length`):
+Lengths (reference `init_opt`/`train.py`, T = the run's length in steps, see `RunLength`):
   * lr: linear warmup start_lr -> lr over W steps, then cosine lr -> final_lr over
     int(ipe_scale * T) - W steps (the reference stretches the lr schedule by ipe_scale too).
   * weight decay: cosine weight_decay -> final_weight_decay over int(ipe_scale * T) steps.
@@ -25,6 +27,7 @@ the head.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -33,27 +36,65 @@ import ml_collections
 import optax
 
 
-def run_length(config: ml_collections.ConfigDict) -> tuple[int, int]:
-  """Returns (total_steps, steps_per_epoch).
+@dataclasses.dataclass(frozen=True)
+class RunLength:
+  """The run's length in steps, and how the recipe gave it (`from_config`, read once).
 
   steps_per_epoch = data.num_train_examples // batch_size (at least 1; the reference loader drops
-  the last partial batch). total_steps = config.total_steps if > 0, else epochs * steps_per_epoch.
+  the last partial batch). total_steps = config.total_steps if > 0, else
+  epochs * steps_per_epoch.
   """
-  if config.batch_size <= 0:
-    raise ValueError(f'batch_size must be > 0; got {config.batch_size}.')
-  steps_per_epoch = max(1, int(config.data.num_train_examples) // int(config.batch_size))
-  if config.total_steps > 0:
-    total = int(config.total_steps)
-  elif config.epochs > 0:
-    total = int(round(config.epochs * steps_per_epoch))
-  else:
-    raise ValueError('Set config.total_steps > 0 or config.epochs > 0 to define the run length; '
-                     f'got total_steps={config.total_steps}, epochs={config.epochs}.')
-  return total, steps_per_epoch
+  total_steps: int
+  steps_per_epoch: int
+  epochs: float = 0.0        # config.epochs (the warm-up keeps its share of them).
+  by_steps: bool = False     # Whether config.total_steps (> 0) gave the length.
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> RunLength:
+    """Reads `batch_size`, `data.num_train_examples`, `total_steps` and `epochs`.
+
+    Raises:
+      ValueError: a batch size <= 0, or neither total_steps nor epochs > 0.
+    """
+    if config.batch_size <= 0:
+      raise ValueError(f'batch_size must be > 0; got {config.batch_size}.')
+    steps_per_epoch = max(1, int(config.data.num_train_examples) // int(config.batch_size))
+    if config.total_steps > 0:
+      total = int(config.total_steps)
+    elif config.epochs > 0:
+      total = int(round(config.epochs * steps_per_epoch))
+    else:
+      raise ValueError('Set config.total_steps > 0 or config.epochs > 0 to define the run length; '
+                       f'got total_steps={config.total_steps}, epochs={config.epochs}.')
+    return cls(total, steps_per_epoch, float(config.epochs), config.total_steps > 0)
 
 
-def warmup_steps(config: ml_collections.ConfigDict, total_steps: int,
-                 steps_per_epoch: int) -> int:
+@dataclasses.dataclass(frozen=True)
+class AdamW:
+  """Pretraining's optimizer and schedules: `config.optim.*` and `ipe_scale`, read once."""
+  lr: float
+  start_lr: float
+  final_lr: float
+  warmup_epochs: float
+  warmup_steps: int
+  weight_decay: float
+  final_weight_decay: float
+  b1: float
+  b2: float
+  eps: float
+  grad_clip: float
+  ema: tuple[float, float]
+  ipe_scale: float = 1.0
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> AdamW:
+    o = config.optim
+    return cls(o.lr, o.start_lr, o.final_lr, o.warmup_epochs, o.warmup_steps, o.weight_decay,
+               o.final_weight_decay, o.b1, o.b2, o.eps, o.grad_clip, tuple(o.ema),
+               config.ipe_scale)
+
+
+def warmup_steps(o: AdamW, length: RunLength) -> int:
   """Number of linear-warmup steps W, capped at total_steps.
 
   * optim.warmup_steps > 0: taken as is.
@@ -61,26 +102,26 @@ def warmup_steps(config: ml_collections.ConfigDict, total_steps: int,
     fraction, int(warmup_epochs / epochs * total_steps), so short runs keep the schedule's shape.
   * else: int(warmup_epochs * steps_per_epoch), as the reference (truncation, like its int()).
   """
-  o = config.optim
+  total_steps = length.total_steps
   if o.warmup_steps > 0:
     w = int(o.warmup_steps)
-  elif config.total_steps > 0 and config.epochs > 0:
-    w = int(o.warmup_epochs / config.epochs * total_steps)
+  elif length.by_steps and length.epochs > 0:
+    w = int(o.warmup_epochs / length.epochs * total_steps)
   else:
-    w = int(o.warmup_epochs * steps_per_epoch)
+    w = int(o.warmup_epochs * length.steps_per_epoch)
   return max(0, min(w, total_steps))
 
 
-def _check_ipe_scale(config: ml_collections.ConfigDict) -> None:
-  if config.ipe_scale <= 0:
+def _check_ipe_scale(o: AdamW) -> None:
+  if o.ipe_scale <= 0:
     raise ValueError(
-        f'ipe_scale must be > 0 (1.0 in every reference recipe); got {config.ipe_scale}.')
+        f'ipe_scale must be > 0 (1.0 in every reference recipe); got {o.ipe_scale}.')
 
 
-def _schedule_length(config: ml_collections.ConfigDict, total_steps: int) -> int:
+def _schedule_length(o: AdamW, total_steps: int) -> int:
   """The reference's T_max = int(ipe_scale * epochs * ipe) of the lr and wd schedules."""
-  _check_ipe_scale(config)
-  return max(1, int(config.ipe_scale * total_steps))
+  _check_ipe_scale(o)
+  return max(1, int(o.ipe_scale * total_steps))
 
 
 def _cosine(start: float, end: float, steps: int) -> optax.Schedule:
@@ -89,37 +130,35 @@ def _cosine(start: float, end: float, steps: int) -> optax.Schedule:
   return lambda count: end + (start - end) * unit(count)
 
 
-def lr_schedule(config: ml_collections.ConfigDict, total_steps: int,
-                steps_per_epoch: int) -> optax.Schedule:
+def lr_schedule(o: AdamW, length: RunLength) -> optax.Schedule:
   """Learning rate at optimizer step k (reference WarmupCosineSchedule at its step s = k + 1).
 
   s < W: start_lr + s / W * (lr - start_lr); else
   final_lr + (lr - final_lr) * 0.5 * (1 + cos(pi * min(1, (s - W) / (T_max - W)))).
   """
-  o = config.optim
-  w = warmup_steps(config, total_steps, steps_per_epoch)
-  t_max = _schedule_length(config, total_steps)
+  w = warmup_steps(o, length)
+  t_max = _schedule_length(o, length.total_steps)
   base = _cosine(o.lr, o.final_lr, t_max - w)
   if w > 0:
     base = optax.join_schedules([optax.linear_schedule(o.start_lr, o.lr, w), base], [w])
   return lambda step: base(step + 1)
 
 
-def wd_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+def wd_schedule(o: AdamW, length: RunLength) -> optax.Schedule:
   """Weight decay at optimizer step k (reference CosineWDSchedule at its step s = k + 1).
 
   final_wd + (wd - final_wd) * 0.5 * (1 + cos(pi * min(1, s / T_max))): 0.04 rising to 0.4.
   """
-  o = config.optim
-  base = _cosine(o.weight_decay, o.final_weight_decay, _schedule_length(config, total_steps))
+  base = _cosine(o.weight_decay, o.final_weight_decay,
+                 _schedule_length(o, length.total_steps))
   return lambda step: base(step + 1)
 
 
-def ema_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+def ema_schedule(o: AdamW, length: RunLength) -> optax.Schedule:
   """EMA momentum used after optimizer step k: ema[0] + k * (ema[1] - ema[0]) / (T * ipe_scale)."""
-  m0, m1 = config.optim.ema
-  _check_ipe_scale(config)
-  return optax.linear_schedule(m0, m1, transition_steps=total_steps * config.ipe_scale)
+  m0, m1 = o.ema
+  _check_ipe_scale(o)
+  return optax.linear_schedule(m0, m1, transition_steps=length.total_steps * o.ipe_scale)
 
 
 def _leaf_name(path: tuple[Any, ...]) -> str:
@@ -157,23 +196,19 @@ class Schedules(NamedTuple):
   ema: optax.Schedule
 
 
-def make_schedules(config: ml_collections.ConfigDict, total_steps: int,
-                   steps_per_epoch: int) -> Schedules:
-  """The lr, weight-decay and EMA-momentum schedules of a run of `total_steps` steps."""
-  return Schedules(lr=lr_schedule(config, total_steps, steps_per_epoch),
-                   weight_decay=wd_schedule(config, total_steps),
-                   ema=ema_schedule(config, total_steps))
+def make_schedules(o: AdamW, length: RunLength) -> Schedules:
+  """The lr, weight-decay and EMA-momentum schedules of a run of `length.total_steps` steps."""
+  return Schedules(lr=lr_schedule(o, length), weight_decay=wd_schedule(o, length),
+                   ema=ema_schedule(o, length))
 
 
-def make_optimizer(config: ml_collections.ConfigDict,
-                   schedules: Schedules) -> optax.GradientTransformation:
+def make_optimizer(o: AdamW, schedules: Schedules) -> optax.GradientTransformation:
   """AdamW with the scheduled lr and decoupled, scheduled, masked weight decay.
 
   optax.adamw's update is -lr * (adam_step + wd * p), i.e. p <- p - lr * wd * p - lr * adam_step,
   which is torch.optim.AdamW exactly (it multiplies the decay by lr too). Optional global-norm
   clipping first when optim.grad_clip > 0 (the reference does not clip).
   """
-  o = config.optim
   adamw = optax.adamw(
       learning_rate=schedules.lr,
       b1=o.b1, b2=o.b2, eps=o.eps,
@@ -230,22 +265,46 @@ def scale_by_tree(multipliers: Any) -> optax.GradientTransformation:
 # ------------------------------------------------------------------------------------------------
 
 
-def finetune_peak_lr(config: ml_collections.ConfigDict) -> float:
-  """MAE's linear scaling rule: base_lr * batch_size / 256."""
-  return float(config.optim.base_lr) * config.batch_size / 256
+@dataclasses.dataclass(frozen=True)
+class LayerDecayAdamW:
+  """Fine-tuning's optimizer and lr schedule: its `config.optim.*` and `batch_size`, read once."""
+  base_lr: float
+  batch_size: int
+  final_lr: float
+  warmup_epochs: float
+  warmup_steps: int
+  weight_decay: float
+  layer_decay: float
+  b1: float
+  b2: float
+  eps: float
+  grad_clip: float
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> LayerDecayAdamW:
+    o = config.optim
+    return cls(o.base_lr, config.batch_size, o.final_lr, o.warmup_epochs, o.warmup_steps,
+               o.weight_decay, o.layer_decay, o.b1, o.b2, o.eps, o.grad_clip)
+
+  @property
+  def peak_lr(self) -> float:
+    """MAE's linear scaling rule: base_lr * batch_size / 256."""
+    return float(self.base_lr) * self.batch_size / 256
 
 
-def finetune_lr_schedule(config: ml_collections.ConfigDict, total_steps: int,
-                         steps_per_epoch: int) -> optax.Schedule:
-  """Linear warm-up 0 -> finetune_peak_lr over W steps, then cosine to final_lr at total_steps.
+def finetune_lr_schedule(o: LayerDecayAdamW, length: RunLength) -> optax.Schedule:
+  """Linear warm-up 0 -> peak_lr over W steps, then cosine to final_lr at total_steps.
 
   W = optim.warmup_steps if > 0, else round(warmup_epochs * steps_per_epoch), capped at the run.
   """
-  o = config.optim
-  w = int(o.warmup_steps) if o.warmup_steps > 0 else int(round(o.warmup_epochs * steps_per_epoch))
+  total_steps = length.total_steps
+  if o.warmup_steps > 0:
+    w = int(o.warmup_steps)
+  else:
+    w = int(round(o.warmup_epochs * length.steps_per_epoch))
   w = max(0, min(w, total_steps - 1))
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=finetune_peak_lr(config), warmup_steps=w,
+      init_value=0.0, peak_value=o.peak_lr, warmup_steps=w,
       decay_steps=max(total_steps, w + 1), end_value=float(o.final_lr))
 
 
@@ -257,14 +316,13 @@ def llrd_multipliers(params: Any, depth: int, layer_decay: float) -> Any:
           for name, tree in params.items()}
 
 
-def make_finetune_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
-                            abstract_params: Any, depth: int) -> optax.GradientTransformation:
+def make_finetune_optimizer(o: LayerDecayAdamW, schedule: optax.Schedule, abstract_params: Any,
+                            depth: int) -> optax.GradientTransformation:
   """AdamW (masked decoupled weight decay) with the lr schedule, then the LLRD multipliers.
 
   Every update, weight decay included (as a torch param group's lr scales both), is multiplied
   by its parameter's multiplier; `optim.layer_decay` = 1 leaves the multipliers out.
   """
-  o = config.optim
   parts = []
   if o.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(o.grad_clip))

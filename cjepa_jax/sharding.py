@@ -6,15 +6,18 @@ over `fsdp`: each large array is split along its largest dimension that `fsdp` d
 replicated over `data`. XLA inserts the all-gathers (forward) and reduce-scatters (gradients) that
 this implies. With `fsdp = 1` this is plain data parallelism; on one device everything is local.
 
-`jit_train` lays a train state and its step out on the mesh the same way for both trainers
-(pretraining's train_step.py, fine-tuning's finetune_step.py).
+`make_mesh` takes a `MeshSpec` (`config.mesh.*`, read once where the config enters); `jit_train`
+lays a train state and its step out on the mesh the same way for both trainers (pretraining's
+train_step.py, fine-tuning's finetune_step.py), over the batch of `abstract_batch`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import mesh_utils
@@ -25,9 +28,20 @@ BATCH_AXES = ('data', 'fsdp')   # The batch dimension is split over both axes.
 FSDP_MIN_SIZE = 2**14           # Arrays smaller than this stay replicated: gathering costs more.
 
 
-def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int]:
-  """Resolves `config.mesh.{data,fsdp}` (-1: all remaining devices) against a device count."""
-  data, fsdp = int(config.mesh.data), int(config.mesh.fsdp)
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+  """The mesh's axis sizes, `config.mesh.{data,fsdp}` (-1: all the devices the other leaves)."""
+  data: int = -1
+  fsdp: int = 1
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> MeshSpec:
+    return cls(int(config.mesh.data), int(config.mesh.fsdp))
+
+
+def mesh_shape(spec: MeshSpec, num_devices: int) -> tuple[int, int]:
+  """Resolves the spec's sizes (-1: all remaining devices) against a device count."""
+  data, fsdp = spec.data, spec.fsdp
   if data == -1 and fsdp == -1:
     raise ValueError('config.mesh.data and config.mesh.fsdp cannot both be -1; set one of them.')
   for name, value in (('data', data), ('fsdp', fsdp)):
@@ -48,10 +62,10 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int
   return data, fsdp
 
 
-def make_mesh(config: ml_collections.ConfigDict, devices: list[Any] | None = None) -> Mesh:
-  """Builds the `('data', 'fsdp')` mesh over all (or the given) devices."""
+def make_mesh(spec: MeshSpec, devices: list[Any] | None = None) -> Mesh:
+  """Builds the `('data', 'fsdp')` mesh of `spec` over all (or the given) devices."""
   devices = jax.devices() if devices is None else devices
-  shape = mesh_shape(config, len(devices))
+  shape = mesh_shape(spec, len(devices))
   num_slices = len({getattr(d, 'slice_index', 0) for d in devices})
   if num_slices > 1:
     # Multi-slice: only the data axis crosses the data-centre network (one gradient all-reduce
@@ -106,8 +120,10 @@ def fsdp_shardings(mesh: Mesh, abstract_tree: Any, min_size: int = FSDP_MIN_SIZE
       abstract_tree)
 
 
-def check_batch_divisible(global_batch: int, mesh: Mesh, process_count: int) -> None:
-  """Raises a ValueError naming the fix when the global batch can't be split evenly."""
+def check_batch_divisible(global_batch: int, mesh: Mesh, process_count: int,
+                          accum_steps: int = 1) -> None:
+  """Raises a ValueError naming the fix when the global batch can't be split evenly over the
+  batch shards, the processes and (`accum_steps` > 1) into micro-batches of equal shares."""
   shards = mesh.shape['data'] * mesh.shape['fsdp']
   if global_batch % shards:
     raise ValueError(
@@ -117,6 +133,40 @@ def check_batch_divisible(global_batch: int, mesh: Mesh, process_count: int) -> 
   if global_batch % process_count:
     raise ValueError(f'batch_size={global_batch} is not divisible by the {process_count} '
                      'processes; use a multiple of the process count.')
+  if global_batch % (shards * accum_steps):
+    raise ValueError(
+        f'batch_size={global_batch} cannot be split into accum_steps={accum_steps} micro-batches '
+        f'of equal shares on the {shards} batch shards: use a batch_size that is a multiple of '
+        f'{shards * accum_steps} (e.g. --config.batch_size='
+        f'{max(1, global_batch // (shards * accum_steps)) * shards * accum_steps}), or another '
+        'accum_steps.')
+
+
+def split_micro(x: jax.Array, accum_steps: int, mesh: Mesh | None = None) -> jax.Array:
+  """[B, ...] -> [A, B / A, ...]: micro-batch a holds rows a, A + a, 2A + a, ...
+
+  Strided, not contiguous: each device holds a contiguous slice of the sharded batch, so every
+  micro-batch keeps an equal share on every device and the split moves no data. With `mesh`,
+  the micro-batches' rows stay pinned to the batch axes.
+  """
+  out = jnp.swapaxes(x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]), 0, 1)
+  if mesh is None:
+    return out
+  return jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P(None, BATCH_AXES)))
+
+
+def merge_micro(x: jax.Array) -> jax.Array:
+  """The inverse of `split_micro`: [A, B / A, ...] -> [B, ...] in the batch's order."""
+  return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def abstract_batch(batch_size: int, image_size: int, mesh: Mesh
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """A training batch as sharded ShapeDtypeStructs: image [B, S, S, 3] float32, label [B] int32."""
+  s = batch_sharding(mesh)
+  return {'image': jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32,
+                                        sharding=s),
+          'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=s)}
 
 
 def with_shardings(abstract_tree: Any, shardings: Any) -> Any:

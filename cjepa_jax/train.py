@@ -20,13 +20,15 @@ refused, one that changes the run's meaning needs `--config.allow_config_change=
 is already complete says so and exits 0; a second trainer on a workdir fails at once naming the
 first; every data and label check runs before the workdir is created.
 
-This module builds pretraining's task (`pretraining_task`: models, the jitted step, RankMe on log
-steps, the monitors of `config.evals`); the loop that runs it is cjepa_jax/loop.py, which
-fine-tuning runs too.
+This module is where a pretraining config enters: `pretraining_task` reads it once, into the
+frozen specs the layers below take (the mesh's, the step's, the data's, the evaluators', the
+loop's), and builds the task (models, the jitted step, RankMe on log steps, the monitors of
+`config.evals`); the loop that runs it is cjepa_jax/loop.py, which fine-tuning runs too.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import Any
 
@@ -43,6 +45,8 @@ from cjepa_jax import flops as flops_lib
 from cjepa_jax import loop
 from cjepa_jax import sharding
 from cjepa_jax import train_step as step_lib
+from cjepa_jax.data.spec import DataSpec
+from cjepa_jax.evals import base as evals_base
 from cjepa_jax.evals import registry as evals_registry
 
 _FLAGS: dict[str, Any] = {}  # Defined by `run()`, not at import.
@@ -59,7 +63,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   checkpoint is the run's last step.
 
   Raises:
-    ValueError (config, data, checkpoint problems), loop.NonFiniteError, preemption.Preempted
+    ValueError (config, data, checkpoint problems), metrics.NonFiniteError, preemption.Preempted
     (SIGTERM / SIGINT: the current step was saved).
   """
   config_lib.validate(config)
@@ -67,21 +71,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def pretraining_task(config: ml_collections.ConfigDict) -> loop.Task:
-  """The models, the jitted step and the monitors of `config`, checked; compiles nothing."""
+  """The models, the jitted step and the monitors of `config`, checked; compiles nothing.
+
+  `config` is read here once, into the specs of the loop, the evaluators, the step, the data and
+  the mesh; what is built from them takes the specs.
+  """
   from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
-  mesh = sharding.make_mesh(config)
-  run = step_lib.setup(config, mesh)   # Builds and checks the models; compiles nothing.
-  input_pipeline.check_dataset(config)  # Fails fast, naming how to prepare the data.
+  run_spec = loop.RunSpec.from_config(config)
+  evals = evals_base.EvalsSpec.from_config(config)
+  step_spec = step_lib.StepSpec.from_config(config)   # Checks the model, masks and objective.
+  data = DataSpec.from_config(config)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config))
+  init_from, saved_config = config.init_from, json.loads(config.to_json_best_effort())
+
+  run = step_lib.setup(step_spec, mesh)   # Builds the models; compiles nothing.
+  input_pipeline.check_dataset(data)  # Fails fast, naming how to prepare the data.
   # The evaluators of `config.evals` run during pretraining (kNN, few-shot monitors). Made now:
   # they check their splits' labels before anything is written.
-  evaluators = evals_registry.monitors(config, mesh, run.models.encoder)
+  evaluators = evals_registry.monitors(evals, data, mesh, run.models.encoder)
   rank_fn = jax.jit(lambda x: step_lib.effective_rank(x - jnp.mean(x, axis=0)))
 
   def init_state() -> dict[str, Any]:
     state = run.init_fn()
-    if config.init_from:
-      state = ckpt_reading.load_init_from(config.init_from, state, run.state_shardings)
+    if init_from:
+      state = ckpt_reading.load_init_from(init_from, state, run.state_shardings)
     return state
 
   def diagnostics(state: dict[str, Any], aux: tuple[Any, ...]) -> dict[str, float]:
@@ -91,9 +105,10 @@ def pretraining_task(config: ml_collections.ConfigDict) -> loop.Task:
     return {'target_effective_rank': float(rank_fn(pooled))}
 
   return loop.Task(
-      config=config, mesh=mesh, setup=run, init_state=init_state, saved_config=config,
-      evaluators=evaluators, eval_params=step_lib.target_encoder_params,
-      flops_per_step=flops_lib.step_flops(run.models.step_shape()) * config.batch_size,
+      run=run_spec, mesh=mesh, setup=run, init_state=init_state, saved_config=saved_config,
+      data=data, evaluators=evaluators,
+      eval_params=step_lib.target_encoder_params,
+      flops_per_step=flops_lib.step_flops(run.models.step_shape()) * data.batch_size,
       last_value_keys=_LAST_VALUE, lr_key='optim.lr', diagnostics=diagnostics)
 
 

@@ -22,11 +22,15 @@ The train state is a plain dict pytree:
                                      under stop_gradient (EMA momentum 0), with no second copy.
   opt_state      optax state of `params`.
 
+`StepSpec.from_config(config)` reads what the step and its `setup` need, once, where the config
+enters (the trainer, the compile CLI, the benchmarks); everything here takes that spec.
+
 This module imports no TensorFlow, so the step can be benchmarked on synthetic batches alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable, NamedTuple
 
@@ -45,10 +49,59 @@ State = dict[str, Any]
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What pretraining's step and `setup` read of the config (config.py says what each key is)."""
+  model: jepa.ModelSpec
+  optim: optim.AdamW
+  length: optim.RunLength
+  loss_kind: str               # loss.kind
+  vicreg: losses.VICRegSpec
+  sigreg: losses.SIGRegSpec
+  use_ema: bool
+  accum_steps: int             # Micro-batches per step (1: no gradient accumulation).
+  batch_size: int              # The global batch.
+  seed: int
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> StepSpec:
+    """Reads and checks the model, masks, loss, optimizer and run length of `config`; warns
+    (once: the trainer reads its config once) when gradient accumulation changes the objective's
+    batch statistics. How the batch splits over the mesh is `setup`'s check.
+
+    Raises:
+      ValueError: one line naming the key of a value no run can mean.
+    """
+    accum = config.get('accum_steps', 1)
+    if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
+      raise ValueError(f'config.accum_steps={accum!r} is invalid: must be an integer >= 1 '
+                       '(1: no gradient accumulation).')
+    spec = cls(
+        model=jepa.ModelSpec.from_config(config), optim=optim.AdamW.from_config(config),
+        length=optim.RunLength.from_config(config), loss_kind=config.loss.kind,
+        vicreg=losses.VICRegSpec.from_config(config.vicreg),
+        sigreg=losses.SIGRegSpec.from_config(config.get('sigreg')),
+        use_ema=bool(config.get('use_ema', True)), accum_steps=accum,
+        batch_size=config.batch_size, seed=config.seed)
+    batch_stats = [name for name, on in (('VICReg', spec.vicreg.weight > 0),
+                                          ('SIGReg', spec.sigreg.weight > 0)) if on]
+    if accum > 1 and batch_stats:
+      logging.warning(
+          'accum_steps=%d with %s: its batch statistics are computed per micro-batch of %d '
+          'images and the loss averaged over the micro-batches; that is not the full-batch '
+          'objective.', accum, ' and '.join(batch_stats), spec.batch_size // accum)
+    return spec
+
+
 def _dummy_inputs(models: jepa.Models, batch_size: int = 1):
+  """Zero images and masks of the step's shapes: parameters depend on the input shapes alone."""
   spec = models.mask_spec
   images = jnp.zeros((batch_size, models.image_size, models.image_size, 3), jnp.float32)
-  m = masks_lib.sample_masks(jax.random.key(0), batch_size, spec)
+  ctx = (batch_size, spec.num_context)
+  tgt = (batch_size, spec.npred, spec.max_target)
+  m = masks_lib.Masks(jnp.zeros(ctx, jnp.int32), jnp.zeros(ctx, jnp.bool_),
+                      jnp.zeros(tgt, jnp.int32), jnp.zeros(tgt, jnp.bool_))
   return images, m
 
 
@@ -99,49 +152,31 @@ def effective_rank(x: jax.Array) -> jax.Array:
   return jnp.exp(-jnp.sum(p * jnp.log(p)))
 
 
-def split_micro(x: jax.Array, accum_steps: int) -> jax.Array:
-  """[B, ...] -> [A, B / A, ...]: micro-batch a holds rows a, A + a, 2A + a, ...
-
-  Strided, not contiguous: each device holds a contiguous slice of the sharded batch, so every
-  micro-batch keeps an equal share on every device and the split moves no data.
-  """
-  return jnp.swapaxes(x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]), 0, 1)
-
-
-def merge_micro(x: jax.Array) -> jax.Array:
-  """The inverse of `split_micro`: [A, B / A, ...] -> [B, ...] in the batch's order."""
-  return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
-
-
-def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
-                    tx: optax.GradientTransformation, schedules: optim.Schedules,
-                    mesh: jax.sharding.Mesh | None = None
+def make_train_step(spec: StepSpec, models: jepa.Models, tx: optax.GradientTransformation,
+                    schedules: optim.Schedules, mesh: jax.sharding.Mesh | None = None
                     ) -> Callable[[State, Batch], tuple[State, Metrics, jax.Array]]:
-  """Reads the config once and returns the pure `train_step(state, batch)`.
+  """The pure `train_step(state, batch)` of `spec`'s objective.
 
   The step returns `(new_state, metrics, pooled)`: `metrics` are scalars for the trainer's
   window averages; `pooled` [B, D] float32 are the mean-pooled target features of the batch, from
   which the trainer computes RankMe on the steps it logs (`effective_rank`), so the step itself
   knows nothing of the log cadence.
 
-  Gradient accumulation (`config.accum_steps` = A > 1): the masks are drawn for the whole batch
+  Gradient accumulation (`spec.accum_steps` = A > 1): the masks are drawn for the whole batch
   as without accumulation, then the batch and its masks are split into A micro-batches
-  (`split_micro`) and a `lax.scan` runs the target encoder, the forward and the backward pass of
-  one micro-batch at a time, summing the gradients; one optimizer update and one EMA update
-  follow, on the mean gradient. Only one micro-batch's activations are live at once. The JEPA
+  (`sharding.split_micro`) and a `lax.scan` runs the target encoder, the forward and the
+  backward pass of one micro-batch at a time, summing the gradients; one optimizer update and
+  one EMA update follow, on the mean gradient. Only one micro-batch's activations are live at once. The JEPA
   loss is a mean over equally many valid tokens per image (one block size per batch), so the
   accumulated step equals the full-batch step to float rounding. Terms built on batch statistics
   (VICReg's variance / covariance, SIGReg, the 'blocks' projector's BatchNorm) are computed per
   micro-batch and averaged: a different (noisier) objective, as with a smaller per-device batch.
   `mesh` (optional) pins the micro-batches' sharding to the batch axes.
   """
-  loss_kind = config.loss.kind
-  vicreg = losses.VICRegSpec.from_config(config.vicreg)
-  sigreg = losses.SIGRegSpec.from_config(config.get('sigreg'))
-  use_ema = bool(config.get('use_ema', True))
+  loss_kind, vicreg, sigreg, use_ema = spec.loss_kind, spec.vicreg, spec.sigreg, spec.use_ema
   use_blocks = models.projector is not None
-  spec = models.mask_spec
-  accum = int(config.get('accum_steps', 1))
+  mask_spec = models.mask_spec
+  accum = int(spec.accum_steps)
 
   def micro_loss(params, target, images, m, step_key):
     """Loss, terms, gradients and pooled target features [b, D] of one (micro-)batch."""
@@ -172,12 +207,7 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
 
   def accumulated_loss(params, target, images, m, step_key):
     """`micro_loss` over A micro-batches in a scan: mean loss, terms and gradients."""
-    micro_sharding = None
-    if mesh is not None:
-      micro_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
-          None, sharding.BATCH_AXES))
-    split = lambda x: (split_micro(x, accum) if micro_sharding is None else
-                       jax.lax.with_sharding_constraint(split_micro(x, accum), micro_sharding))
+    split = lambda x: sharding.split_micro(x, accum, mesh)
     xs = (split(images), jax.tree.map(split, m))
 
     def body(carry, x):
@@ -190,14 +220,14 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
     zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zeros)
     (loss, terms, grads), pooled = jax.lax.scan(body, zeros, xs)
     loss, terms, grads = jax.tree.map(lambda a: a / accum, (loss, terms, grads))
-    return loss, terms, grads, merge_micro(pooled)
+    return loss, terms, grads, sharding.merge_micro(pooled)
 
   def train_step(state: State, batch: Batch) -> tuple[State, Metrics, jax.Array]:
     images = batch['image']
     step = state['step']
     step_key = jax.random.fold_in(state['rng'], step)
     with jax.named_scope('masks'):  # Named scopes only label the ops for profiles.
-      m = masks_lib.sample_masks(step_key, images.shape[0], spec)
+      m = masks_lib.sample_masks(step_key, images.shape[0], mask_spec)
     forward = micro_loss if accum == 1 else accumulated_loss
     loss, terms, grads, pooled = forward(state['params'], target_encoder_params(state), images,
                                          m, step_key)
@@ -232,42 +262,6 @@ def make_train_step(config: ml_collections.ConfigDict, models: jepa.Models,
   return train_step
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
-                   ) -> dict[str, jax.ShapeDtypeStruct]:
-  """The step's batch as sharded ShapeDtypeStructs: image [B, S, S, 3] float32, label [B]."""
-  size = config.data.image_size
-  s = sharding.batch_sharding(mesh)
-  return {
-      'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.float32, sharding=s),
-      'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32, sharding=s),
-  }
-
-
-def check_accumulation(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
-  """Refuses an `accum_steps` that does not split every device's share of the batch evenly, and
-  warns (once per run: `setup` calls it once) when it changes the objective's batch statistics."""
-  accum = config.get('accum_steps', 1)
-  if not isinstance(accum, int) or isinstance(accum, bool) or accum < 1:
-    raise ValueError(f'config.accum_steps={accum!r} is invalid: must be an integer >= 1 '
-                     '(1: no gradient accumulation).')
-  shards = mesh.shape['data'] * mesh.shape['fsdp']
-  if config.batch_size % (shards * accum):
-    raise ValueError(
-        f'batch_size={config.batch_size} cannot be split into accum_steps={accum} micro-batches '
-        f'of equal shares on the {shards} batch shards: use a batch_size that is a multiple of '
-        f'{shards * accum} (e.g. --config.batch_size='
-        f'{max(1, config.batch_size // (shards * accum)) * shards * accum}), or another '
-        'accum_steps.')
-  batch_stats = [name for name, on in (('VICReg', config.vicreg.weight > 0),
-                                        ('SIGReg', config.get('sigreg', {}).get('weight', 0) > 0))
-                 if on]
-  if accum > 1 and batch_stats:
-    logging.warning(
-        'accum_steps=%d with %s: its batch statistics are computed per micro-batch of %d images '
-        'and the loss averaged over the micro-batches; that is not the full-batch objective.',
-        accum, ' and '.join(batch_stats), config.batch_size // accum)
-
-
 class Setup(NamedTuple):
   """What `setup` builds for a run (also what benchmarks/step.py times)."""
   models: jepa.Models
@@ -282,24 +276,21 @@ class Setup(NamedTuple):
   steps_per_epoch: int
 
 
-def setup(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Setup:
-  """Models, schedules, optimizer, state shardings and the jitted step for `config` on `mesh`.
+def setup(spec: StepSpec, mesh: jax.sharding.Mesh) -> Setup:
+  """Models, schedules, optimizer, state shardings and the jitted step of `spec` on `mesh`.
 
-  Validates the config on the way (every error names the key); compiles nothing. Needs no absl
-  flags and no TensorFlow.
+  Checks the batch's split (and its micro-batches') over `mesh` on the way (every error names
+  the key); compiles nothing. Needs no absl flags and no TensorFlow.
   """
-  sharding.check_batch_divisible(config.batch_size, mesh, jax.process_count())
-  check_accumulation(config, mesh)
-  models = jepa.build_models(config)
-  total_steps, steps_per_epoch = optim.run_length(config)
-  schedules = optim.make_schedules(config, total_steps, steps_per_epoch)
-  tx = optim.make_optimizer(config, schedules)
-
-  use_ema = bool(config.get('use_ema', True))
+  models = jepa.build_models(spec.model)
+  schedules = optim.make_schedules(spec.optim, spec.length)
+  tx = optim.make_optimizer(spec.optim, schedules)
+  sharding.check_batch_divisible(spec.batch_size, mesh, jax.process_count(), spec.accum_steps)
+  init = lambda: init_state(models, tx, spec.seed, spec.use_ema)
+  step = make_train_step(spec, models, tx, schedules, mesh)
   jitted = sharding.jit_train(
-      lambda: init_state(models, tx, config.seed, use_ema),
-      make_train_step(config, models, tx, schedules, mesh), mesh, abstract_batch(config, mesh),
+      init, step, mesh, sharding.abstract_batch(spec.batch_size, spec.model.image_size, mesh),
       aux_shardings=(sharding.batch_sharding(mesh),))
   return Setup(models, tx, schedules, jitted.state_shardings, jitted.abstract_state,
-               jitted.init_fn, jitted.jitted_step, jitted.trace_count, total_steps,
-               steps_per_epoch)
+               jitted.init_fn, jitted.jitted_step, jitted.trace_count, spec.length.total_steps,
+               spec.length.steps_per_epoch)

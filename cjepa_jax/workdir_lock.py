@@ -36,6 +36,9 @@ only use checkpoints whose commit marker exists (checkpoint/layout.py), so they 
 step. Workdirs on object stores (gs://) are not locked: they have no atomic link; the lock is
 skipped with a warning.
 
+`remove_if_empty(workdir)` takes away the workdir a failed first start created (the lock's
+directory) and left empty.
+
 Nothing here runs at import.
 """
 
@@ -49,6 +52,7 @@ import socket
 import sys
 import threading
 import time
+import shutil
 import uuid
 from typing import Any
 
@@ -344,3 +348,12 @@ class WorkdirLock:
 
   def __exit__(self, *exc_info) -> None:
     self.release()
+
+
+def remove_if_empty(workdir: str) -> None:
+  """Removes a workdir this start created when a failed start left nothing in it but empty dirs."""
+  for root, dirs, files in os.walk(workdir):
+    if files:
+      return
+    del root, dirs
+  shutil.rmtree(workdir, ignore_errors=True)

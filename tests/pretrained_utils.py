@@ -24,8 +24,9 @@ def save_pretraining_checkpoint(workdir: pathlib.Path, config, step: int,
   target to move, pass `lambda s: s`). Running real train steps would
   only add a compile. Returns the saved state (host numpy arrays).
   """
-  models = jepa.build_models(config)
-  tx = optim.make_optimizer(config, optim.make_schedules(config, *optim.run_length(config)))
+  models = jepa.build_models(jepa.ModelSpec.from_config(config))
+  tx = optim.make_optimizer(optim.AdamW.from_config(config), optim.make_schedules(
+      optim.AdamW.from_config(config), optim.RunLength.from_config(config)))
   state = jax.device_get(jax.jit(
       lambda: step_lib.init_state(models, tx, config.seed, config.use_ema))())
   state = move(state)

@@ -25,8 +25,8 @@ from test_train_step import tiny_config
 
 def _run(config, devices, batches):
   """Steps `batches` from a fresh state: (final state, per-step metrics, pooled, compiles)."""
-  mesh = sharding.make_mesh(config, devices)
-  run = step_lib.setup(config, mesh)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config), devices)
+  run = step_lib.setup(step_lib.StepSpec.from_config(config), mesh)
   state = run.init_fn()
   out_metrics, out_pooled = [], []
   for batch in batches:
@@ -54,11 +54,11 @@ def _assert_trees_close(a, b, rtol=2e-5, atol=2e-6):
 
 def test_split_and_merge_micro_are_inverse_and_strided():
   x = jnp.arange(12 * 2).reshape(12, 2)
-  micro = step_lib.split_micro(x, 3)
+  micro = sharding.split_micro(x, 3)
   assert micro.shape == (3, 4, 2)
   # Micro-batch a holds rows a, A + a, 2A + a, ...: an equal share of every device's slice.
   np.testing.assert_array_equal(micro[1][:, 0], np.arange(1, 12, 3) * 2)
-  np.testing.assert_array_equal(step_lib.merge_micro(micro), x)
+  np.testing.assert_array_equal(sharding.merge_micro(micro), x)
 
 
 @pytest.mark.parametrize('accum', [4])
@@ -96,7 +96,7 @@ def test_accumulated_sharded_equals_single_device():
 
 def _reference_micro_losses(config, state, batch, accum):
   """Each micro-batch's C-JEPA loss, computed outside the step from the step's own masks."""
-  models = jepa.build_models(config)
+  models = jepa.build_models(jepa.ModelSpec.from_config(config))
   images = jnp.asarray(batch['image'])
   step_key = jax.random.fold_in(state['rng'], state['step'])
   m = jax.jit(masks_lib.sample_masks, static_argnums=(1, 2))(
@@ -126,8 +126,8 @@ def test_vicreg_accumulation_averages_per_micro_batch_losses():
   accum = 4
   config = _config(accum, vicreg_weight=0.5)
   batch = fixed_batch(config)
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  run = step_lib.setup(config, mesh)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config), jax.devices()[:1])
+  run = step_lib.setup(step_lib.StepSpec.from_config(config), mesh)
   state = run.init_fn()
   before = jax.device_get(state)
   _, metrics, _ = run.jitted_step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
@@ -140,19 +140,20 @@ def test_vicreg_accumulation_averages_per_micro_batch_losses():
 
 def test_batch_statistics_warning_once_and_bad_values(caplog):
   config = _config(2, vicreg_weight=0.5)
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config), jax.devices()[:1])
   with caplog.at_level(logging.WARNING):
-    step_lib.setup(config, mesh)
+    step_lib.setup(step_lib.StepSpec.from_config(config), mesh)
   warned = [r for r in caplog.records if 'accum_steps=2 with VICReg' in r.getMessage()]
   assert len(warned) == 1
   caplog.clear()
   with caplog.at_level(logging.WARNING):
-    step_lib.setup(_config(2), mesh)   # Plain I-JEPA: exact, nothing to warn about.
+    # Plain I-JEPA: exact, nothing to warn about.
+    step_lib.setup(step_lib.StepSpec.from_config(_config(2)), mesh)
   assert not [r for r in caplog.records if 'accum_steps' in r.getMessage()]
 
   bad = _config(3)   # 16 images do not split into 3 micro-batches.
   with pytest.raises(ValueError, match=r'accum_steps=3 .*multiple of 3'):
-    step_lib.setup(bad, mesh)
+    step_lib.setup(step_lib.StepSpec.from_config(bad), mesh)
   zero = _config(1)
   zero.accum_steps = 0
   with pytest.raises(ValueError, match=r'config\.accum_steps=0 is invalid'):

@@ -98,7 +98,7 @@ def _cfg(*argv):
 def test_encoder_forward_flops_match_xla():
   """The per-block formula alone: a float32 encoder forward on all patches, matmuls dominate."""
   config = _cfg('--variant', 'S/8', '--depth', '2', '--image_size', '64', '--dtype', 'float32')
-  models = jepa.build_models(config)
+  models = jepa.build_models(jepa.ModelSpec.from_config(config))
   images = jax.ShapeDtypeStruct((4, 64, 64, 3), jnp.float32)
   params = jax.eval_shape(models.encoder.init, jax.random.key(0), images)['params']
   compiled = jax.jit(lambda p, x: models.encoder.apply({'params': p}, x)).lower(
@@ -163,8 +163,8 @@ def test_small_grid_gets_the_cifar_min_keep():
 def test_context_tokens_flag_sets_the_mask_budget():
   # 0 keeps the reference-matching default (11 at 32/4 with min_keep 4); > 0 is the budget Kc.
   small = ('--variant', 'Ti/4', '--image_size', '32')
-  assert jepa.build_models(_cfg(*small)).mask_spec.num_context == 11
-  models = jepa.build_models(_cfg(*small, '--context_tokens', '22'))
+  assert jepa.build_models(jepa.ModelSpec.from_config(_cfg(*small))).mask_spec.num_context == 11
+  models = jepa.build_models(jepa.ModelSpec.from_config(_cfg(*small, '--context_tokens', '22')))
   assert models.mask_spec.num_context == 22 and models.step_shape().context_tokens == 22
 
 
@@ -375,7 +375,7 @@ def test_reference_collator_tokens_match_the_project(tmp_path):
   finally:
     sys.path.remove(ref)
   collator = MaskCollator(**rs.mask_settings(4))
-  shape = jepa.build_models(_cifar_config()).step_shape()
+  shape = jepa.build_models(jepa.ModelSpec.from_config(_cifar_config())).step_shape()
   for _ in range(5):
     _, enc, pred = collator([(torch.zeros(3, 32, 32), 0) for _ in range(16)])
     assert len(enc) == 1 and len(pred) == 4

@@ -256,14 +256,14 @@ def test_two_slices_put_the_data_axis_across_them():
   config = tiny_config(fsdp=2)
   report = compile_lib.compile_for_slice(config, s, devices=devices)
   assert report['chips'] == 8 and report['mesh'] == {'data': 4, 'fsdp': 2} and report['fits']
-  mesh = compile_lib.sharding.make_mesh(config, devices)
+  mesh = compile_lib.sharding.make_mesh(compile_lib.sharding.MeshSpec.from_config(config), devices)
   # Every fsdp group lies within one slice; the data axis crosses them.
   slices = jax.numpy.array([[d.slice_index for d in row] for row in mesh.devices])
   assert all(len(set(row.tolist())) == 1 for row in slices)
   assert len(set(slices[:, 0].tolist())) == 2
   bad = tiny_config(fsdp=8)   # data = 1 cannot span 2 slices.
   with pytest.raises(ValueError, match='multiple of the 2 slices'):
-    compile_lib.sharding.make_mesh(bad, devices)
+    compile_lib.sharding.make_mesh(compile_lib.sharding.MeshSpec.from_config(bad), devices)
 
 
 @pytest.mark.slow

@@ -16,8 +16,9 @@ from jax.sharding import Mesh
 from PIL import Image
 
 from cjepa_jax import sharding
-from cjepa_jax import loop
+from cjepa_jax import metrics as metrics_lib
 from cjepa_jax.evals import attentive as attentive_lib
+from cjepa_jax.evals import base
 from cjepa_jax.evals import features as features_lib
 from cjepa_jax.evals import fewshot as fewshot_lib
 from cjepa_jax.evals import linear as linear_lib
@@ -309,10 +310,14 @@ def test_in_training_periods_make_log_steps():
   c = recipe.get_config()
   c.log_every_steps = 20
   c.evals.knn.every_steps, c.evals.fewshot.every_steps = 0, 3
-  assert loop.is_log_step(3, c, 100) and loop.is_log_step(20, c, 100)
-  assert not loop.is_log_step(5, c, 100) and loop.is_log_step(100, c, 100)
+  def log_step(step):
+    periods = base.EvalsSpec.from_config(c).periods().values()
+    return metrics_lib.is_log_step(step, c.log_every_steps, periods, 100)
+
+  assert log_step(3) and log_step(20)
+  assert not log_step(5) and log_step(100)
   c.evals.fewshot.every_steps = 0
-  assert not loop.is_log_step(3, c, 100)
+  assert not log_step(3)
   assert features_lib.TOKENS not in features_lib.FEATURE_KINDS  # Pooled kinds stay pooled.
 
 

@@ -133,8 +133,9 @@ def test_no_mixing_is_label_smoothing_only():
 def test_lr_schedule_warms_up_from_zero_then_cosine_to_final():
   c = tiny_config(**{'optim.warmup_steps': 4, 'optim.base_lr': 2e-3, 'optim.final_lr': 1e-5})
   peak = 2e-3 * 16 / 256
-  assert optim.finetune_peak_lr(c) == pytest.approx(peak)
-  sched = optim.finetune_lr_schedule(c, 20, 10)
+  adamw = optim.LayerDecayAdamW.from_config(c)
+  assert adamw.peak_lr == pytest.approx(peak)
+  sched = optim.finetune_lr_schedule(adamw, optim.RunLength(20, 10))
   for k in range(21):
     if k < 4:
       want = peak * k / 4
@@ -146,8 +147,9 @@ def test_lr_schedule_warms_up_from_zero_then_cosine_to_final():
 def test_every_update_is_scaled_by_its_layer_multiplier():
   """The optimizer's update of each parameter = AdamW's update x decay^(depth + 1 - layer)."""
   c = tiny_config(**{'model.depth': 3, 'optim.layer_decay': 0.5, 'optim.warmup_steps': 0})
-  encoder, _ = features_lib.resolve_encoder(c)
-  run = step_lib.setup(c, Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES),
+  encoder, _ = features_lib.resolve_encoder(features_lib.EncoderSource.from_config(c))
+  run = step_lib.setup(step_lib.StepSpec.from_config(c),
+                       Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES),
                        encoder)
   params = run.init_fn()['params']
   grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.01, params)
@@ -205,9 +207,9 @@ def _batch(config, seed):
 
 def _steps(config, devices, mesh_shape, n):
   mesh = Mesh(np.asarray(devices).reshape(mesh_shape), sharding.MESH_AXES)
-  encoder, info = features_lib.resolve_encoder(config)
-  run = step_lib.setup(config, mesh, encoder)
-  state = finetune.initial_state(run, config, encoder, info, mesh)
+  encoder, info = features_lib.resolve_encoder(features_lib.EncoderSource.from_config(config))
+  run = step_lib.setup(step_lib.StepSpec.from_config(config), mesh, encoder)
+  state = finetune.initial_state(run, config.seed, encoder, info, mesh)
   losses = []
   for s in range(n):
     batch = {k: jax.device_put(v, sharding.batch_sharding(mesh))
@@ -256,10 +258,11 @@ def test_only_the_encoder_is_restored(pretrained, which, key):
   workdir, saved = pretrained
   config = tiny_config(pretrained=str(workdir), encoder=which, **{'model.depth': 3})
   mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2), sharding.MESH_AXES)
-  encoder, info = features_lib.resolve_encoder(config)
+  encoder, info = features_lib.resolve_encoder(features_lib.EncoderSource.from_config(config))
   assert info['step'] == 7 and encoder.num_layers == 1  # The checkpoint's depth, not 3.
-  run = step_lib.setup(finetune._resolved_config(config, info), mesh, encoder)
-  state = jax.device_get(finetune.initial_state(run, config, encoder, info, mesh))
+  resolved = config_lib.resolve_finetune(config, info['model'])
+  run = step_lib.setup(step_lib.StepSpec.from_config(resolved), mesh, encoder)
+  state = jax.device_get(finetune.initial_state(run, config.seed, encoder, info, mesh))
   want = saved
   for k in key:
     want = want[k]
@@ -421,14 +424,15 @@ def test_a_run_without_ema_gives_its_context_encoder_as_the_target(tmp_path):
   target encoder get the online (context) encoder, which is what the targets came from."""
   c = load_recipe_pretrain()
   c.use_ema = False
-  models = jepa.build_models(c)
-  tx = optim.make_optimizer(c, optim.make_schedules(c, 10, 10))
+  models = jepa.build_models(jepa.ModelSpec.from_config(c))
+  adamw = optim.AdamW.from_config(c)
+  tx = optim.make_optimizer(adamw, optim.make_schedules(adamw, optim.RunLength(10, 10)))
   state = pretrained_utils.save_pretraining_checkpoint(tmp_path, c, 3, lambda s: s)
   assert 'target_params' not in state
   config = tiny_config(pretrained=str(tmp_path))
-  encoder, info = features_lib.resolve_encoder(config)
+  encoder, info = features_lib.resolve_encoder(features_lib.EncoderSource.from_config(config))
   assert info['encoder'] == 'context'
-  params = features_lib.load_encoder_params(config, encoder, info, sharding.replicated(
+  params = features_lib.load_encoder_params(config.seed, encoder, info, sharding.replicated(
       Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding.MESH_AXES)))
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(state['params']['encoder']),
                   strict=True):
@@ -451,15 +455,15 @@ def test_probing_a_finetuning_workdir_takes_its_encoder_or_says_how(straight):
   workdir, _ = straight
   config = ml_collections.ConfigDict({'pretrained': str(workdir), 'encoder': 'target', 'seed': 0})
   with pytest.raises(ValueError) as e:
-    features_lib.resolve_encoder(config)
+    features_lib.resolve_encoder(features_lib.EncoderSource.from_config(config))
   message = str(e.value)
   assert '\n' not in message and 'is a fine-tuning checkpoint (cjepa-finetune)' in message
   assert '--config.encoder=context' in message and '--config.pretrained=' in message
   config.encoder = 'context'
-  encoder, info = features_lib.resolve_encoder(config)
+  encoder, info = features_lib.resolve_encoder(features_lib.EncoderSource.from_config(config))
   assert info['encoder'] == 'context' and info['step'] == 6
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  params = features_lib.load_encoder_params(config, encoder, info, device)
+  params = features_lib.load_encoder_params(config.seed, encoder, info, device)
   want = ckpt_reading.restore_subtree(str(workdir), ('params', 'encoder'))
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -18,6 +18,7 @@ from cjepa_jax.data import augment
 from cjepa_jax.data import image_folder
 from cjepa_jax.data import input_pipeline as ip
 from cjepa_jax.data import sources
+from cjepa_jax.data.spec import DataSpec
 
 from multiprocess_utils import xla_flags
 
@@ -66,6 +67,11 @@ def _config(data_dir, **data):
   return c
 
 
+
+def _data(config):
+  """The input's spec of `config`, as the trainers read it."""
+  return DataSpec.from_config(config)
+
 def _take(it, n):
   return [next(it) for _ in range(n)]
 
@@ -82,31 +88,32 @@ def test_global_shuffle_covers_each_epoch_once_across_processes(folder):
   c = _config(folder)  # 24 examples, global batch 6: 4 steps per epoch.
   steps = {}
   for p in (0, 1):
-    batches = _take(ip.make_train_iterator(c, process_index=p, process_count=2), 8)
+    batches = _take(ip.make_train_iterator(_data(c), process_index=p, process_count=2), 8)
     steps[p] = [_ids(b['image']) for b in batches]
     for b in batches:
       np.testing.assert_array_equal(b['label'], _ids(b['image']) % 3)
-  one = [_take(ip.make_train_iterator(c, process_index=0, process_count=1), 8)]
+  one = [_take(ip.make_train_iterator(_data(c), process_index=0, process_count=1), 8)]
   for s in range(8):  # Step s's global batch is the same whatever the process count.
     np.testing.assert_array_equal(np.concatenate([steps[0][s], steps[1][s]]),
                                   _ids(one[0][s]['image']))
-    np.testing.assert_array_equal(one[0][s]['image'][:3], _take(ip.make_train_iterator(
-        c, start_step=s, process_index=0, process_count=2), 1)[0]['image'])
+    resumed = ip.make_train_iterator(_data(c), start_step=s, process_index=0, process_count=2)
+    np.testing.assert_array_equal(one[0][s]['image'][:3], _take(resumed, 1)[0]['image'])
   epoch0 = np.concatenate([_ids(b['image']) for b in one[0][:4]])
   epoch1 = np.concatenate([_ids(b['image']) for b in one[0][4:]])
   assert sorted(epoch0) == sorted(epoch1) == list(range(24))  # Each example once per epoch.
   assert not np.array_equal(epoch0, epoch1)  # A fresh permutation per epoch.
   c.seed = 1
   other = np.concatenate([_ids(b['image']) for b in _take(
-      ip.make_train_iterator(c, process_index=0, process_count=1), 4)])
+      ip.make_train_iterator(_data(c), process_index=0, process_count=1), 4)])
   assert not np.array_equal(other, epoch0)
 
 
 def test_exact_resume_with_augmentations_and_worker_count(folder):
   c = _config(folder, flip=True, color_jitter=0.4, grayscale=0.3, blur=0.5, image_size=12)
-  full = _take(ip.make_train_iterator(c, process_index=1, process_count=2), 7)
+  full = _take(ip.make_train_iterator(_data(c), process_index=1, process_count=2), 7)
   c.data.workers = 1  # Other thread count: same batches.
-  resumed = _take(ip.make_train_iterator(c, start_step=5, process_index=1, process_count=2), 2)
+  resumed = _take(
+      ip.make_train_iterator(_data(c), start_step=5, process_index=1, process_count=2), 2)
   for a, b in zip(full[5:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
@@ -137,7 +144,7 @@ def test_train_crop_equals_pil_reference_of_the_same_box(tmp_path):
   Image.fromarray(image).save(tmp_path / 'train' / 'b' / 'y.png')
   c = _config(tmp_path, image_size=16, interpolation='bicubic')
   c.batch_size = 2
-  got = next(ip.make_train_iterator(c, process_index=0, process_count=1))['image']
+  got = next(ip.make_train_iterator(_data(c), process_index=0, process_count=1))['image']
   for g in range(2):
     rng = np.random.default_rng([c.seed, augment._AUGMENT, g])  # pylint: disable=protected-access
     top, left, h, w = augment.random_resized_crop_window(37, 45, rng, scale=c.data.crop_scale,
@@ -155,26 +162,28 @@ def test_corrupt_images_keep_their_slot_are_counted_and_resume(tmp_path):
     path.write_bytes(b'not an image')
   c = _config(tmp_path)
   c.batch_size = 4
-  batches = _take(ip.make_train_iterator(c, process_index=0, process_count=1), 6)
+  batches = _take(ip.make_train_iterator(_data(c), process_index=0, process_count=1), 6)
   assert batches[-1]['data_skipped'] == 4  # 2 corrupt files, 2 epochs.
   for b in batches:
     assert set(_ids(b['image'])) <= set(range(12)) - {0, 3}  # Slots filled from the same batch.
-  resumed = _take(ip.make_train_iterator(c, start_step=3, process_index=0, process_count=1), 3)
+  resumed = _take(
+      ip.make_train_iterator(_data(c), start_step=3, process_index=0, process_count=1), 3)
   for a, b in zip(batches[3:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
-  evals = list(ip.make_eval_iterator(c, 'train', batch_size=5, process_index=0, process_count=1))
+  evals = list(ip.make_eval_iterator(_data(c), 'train', batch_size=5, process_index=0,
+                                     process_count=1))
   assert sum(int(b['valid'].sum()) for b in evals) == 10 and evals[-1]['data_skipped'] == 2
 
 
 def test_eval_pads_covers_once_and_matches_pil(folder):
   c = _config(folder)
-  assert ip.num_examples(c, 'val') == 11
+  assert ip.num_examples(_data(c), 'val') == 11
   paths = image_folder.list_images(str(folder), 'val')[0]
   id_of_pos = np.array([int(pathlib.Path(f).stem) for f in paths])
   pos = []
   counts = []
   for p in (0, 1):
-    batches = list(ip.make_eval_iterator(c, 'val', batch_size=8, process_index=p,
+    batches = list(ip.make_eval_iterator(_data(c), 'val', batch_size=8, process_index=p,
                                          process_count=2))
     counts.append(len(batches))
     for b in batches:
@@ -183,24 +192,24 @@ def test_eval_pads_covers_once_and_matches_pil(folder):
       assert (b['pos'][~v] == -1).all()
       pos.extend(b['pos'][v])
   assert counts == [2, 2] and sorted(pos) == list(range(11))
-  sub = list(ip.make_eval_iterator(c, 'val', batch_size=4, process_index=0, process_count=1,
+  sub = list(ip.make_eval_iterator(_data(c), 'val', batch_size=4, process_index=0, process_count=1,
                                    num_examples=5))
   assert sum(int(b['valid'].sum()) for b in sub) == 5
   # Short side 20 -> round(256 * 8 / 224) = 9, long 24 -> int(9 * 24 / 20) = 10, centre 8x8.
   image = np.random.default_rng(2).integers(0, 256, (20, 24, 3), dtype=np.uint8)
   ref = Image.fromarray(image).resize((10, 9), Image.BILINEAR).crop((1, 0, 9, 8))
-  out = augment.eval_transform(dict(pixels=image), augment.Preprocess.from_config(c.data),
-                               ip.eval_resize_size(c))
+  out = augment.eval_transform(dict(pixels=image), augment.Preprocess.from_spec(_data(c)),
+                               ip.eval_resize_size(_data(c)))
   np.testing.assert_allclose(out, (np.asarray(ref, np.float32) / 255 - MEAN) / STD, atol=1e-6)
 
 
 def test_synthetic_is_a_function_of_position():
   c = _config('', dataset='synthetic', num_classes=10)
-  a = _take(ip.make_train_iterator(c, process_index=0, process_count=1), 3)
-  b = _take(ip.make_train_iterator(c, start_step=2, process_index=0, process_count=1), 1)
+  a = _take(ip.make_train_iterator(_data(c), process_index=0, process_count=1), 3)
+  b = _take(ip.make_train_iterator(_data(c), start_step=2, process_index=0, process_count=1), 1)
   np.testing.assert_array_equal(a[2]['image'], b[0]['image'])
-  assert ip.num_examples(c, 'validation') == sources.SYNTHETIC_EVAL_EXAMPLES
-  ev = list(ip.make_eval_iterator(c, 'validation', batch_size=4, num_examples=6,
+  assert ip.num_examples(_data(c), 'validation') == sources.SYNTHETIC_EVAL_EXAMPLES
+  ev = list(ip.make_eval_iterator(_data(c), 'validation', batch_size=4, num_examples=6,
                                   process_index=0, process_count=1))
   assert [int(x['valid'].sum()) for x in ev] == [4, 2]
 
@@ -219,41 +228,44 @@ def test_image_folder_to_array_record_converter(folder, tmp_path):
   assert counts == {'train': 24, 'val': 11}
   assert len(list(dst.glob('flat-train.array_record-*-of-00003'))) == 3
   c = _config(dst, dataset='array_record')
-  assert ip.class_names(c, 'train') == ['class_0', 'class_1', 'class_2']
-  assert ip.check_label_splits(c) == ['class_0', 'class_1', 'class_2']
-  assert ip.num_examples(c, 'train') == 24
-  ip.check_dataset(c)
-  batches = _take(ip.make_train_iterator(c, process_index=0, process_count=1), 4)
+  assert ip.class_names(_data(c), 'train') == ['class_0', 'class_1', 'class_2']
+  assert ip.check_label_splits(_data(c)) == ['class_0', 'class_1', 'class_2']
+  assert ip.num_examples(_data(c), 'train') == 24
+  ip.check_dataset(_data(c))
+  batches = _take(ip.make_train_iterator(_data(c), process_index=0, process_count=1), 4)
   ids = np.concatenate([_ids(b['image']) for b in batches])
   assert sorted(ids) == list(range(24))
   np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]), ids % 3)
-  evals = list(ip.make_eval_iterator(c, 'val', batch_size=4, process_index=0, process_count=1))
+  evals = list(ip.make_eval_iterator(_data(c), 'val', batch_size=4, process_index=0,
+                                     process_count=1))
   valid = np.concatenate([b['valid'] for b in evals])
   labels = np.concatenate([b['label'] for b in evals])[valid]
   images = np.concatenate([b['image'] for b in evals])[valid]
   np.testing.assert_array_equal(labels, _ids(images) % 3)
   with pytest.raises(ValueError, match='loader=grain'):
-    ip.make_train_iterator(_config(dst, dataset='array_record', loader='tf'))
+    ip.make_train_iterator(_data(_config(dst, dataset='array_record', loader='tf')))
   with pytest.raises(ValueError, match='No ArrayRecord shards'):
-    ip.check_dataset(_config(tmp_path, dataset='array_record'))
+    ip.check_dataset(_data(_config(tmp_path, dataset='array_record')))
 
 
 def test_grain_path_never_imports_tensorflow(folder):
   code = BLOCK_TF + f'''
 from cjepa_jax import config as config_lib
 from cjepa_jax.data import input_pipeline as ip, lazy_tf
+from cjepa_jax.data.spec import DataSpec
+_data = DataSpec.from_config
 c = config_lib.default_config()
 c.data.update(dataset='image_folder', data_dir={str(folder)!r}, image_size=8, loader='grain',
               num_classes=3, eval_split='val')
 c.batch_size = 4
 lazy_tf.hide_accelerators_from_tf()
-ip.check_dataset(c); ip.check_label_splits(c)
-next(ip.make_train_iterator(c, process_index=0, process_count=1))
-list(ip.make_eval_iterator(c, 'val', batch_size=4, process_index=0, process_count=1))
+ip.check_dataset(_data(c)); ip.check_label_splits(_data(c))
+next(ip.make_train_iterator(_data(c), process_index=0, process_count=1))
+list(ip.make_eval_iterator(_data(c), 'val', batch_size=4, process_index=0, process_count=1))
 assert 'tensorflow' not in sys.modules
 c.data.loader = 'tf'
 try:
-  ip.check_dataset(c)
+  ip.check_dataset(_data(c))
 except ValueError as e:  # One line for the command lines (cli.USER_ERRORS).
   print('ERROR', e)
 '''
@@ -413,15 +425,17 @@ def test_tfds_array_record_data_source(tmp_path):
   CjepaGrainFlat(data_dir=str(tmp_path)).download_and_prepare(
       file_format='array_record', download_config=tfds.download.DownloadConfig(num_shards=None))
   c = _config(tmp_path, dataset='cjepa_grain_flat', eval_split='test')
-  assert ip.num_examples(c, 'train') == 24 and ip.check_label_splits(c) == ['0', '1', '2']
-  batches = _take(ip.make_train_iterator(c, process_index=0, process_count=1), 4)
+  assert ip.num_examples(_data(c), 'train') == 24
+  assert ip.check_label_splits(_data(c)) == ['0', '1', '2']
+  batches = _take(ip.make_train_iterator(_data(c), process_index=0, process_count=1), 4)
   ids = np.concatenate([_ids(b['image']) for b in batches])
   assert sorted(ids) == list(range(24))
   np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]), ids % 3)
   shards = _config(tmp_path / 'cjepa_grain_flat' / '1.0.0', dataset='array_record')
-  assert ip.class_names(shards, 'train') == ['0', '1', '2']
+  assert ip.class_names(_data(shards), 'train') == ['0', '1', '2']
   np.testing.assert_array_equal(
-      next(ip.make_train_iterator(shards, process_index=0, process_count=1))['image'],
+      next(ip.make_train_iterator(_data(shards), process_index=0, process_count=1))['image'],
       batches[0]['image'])
-  evals = list(ip.make_eval_iterator(c, 'test', batch_size=4, process_index=0, process_count=1))
+  evals = list(ip.make_eval_iterator(_data(c), 'test', batch_size=4, process_index=0,
+                                     process_count=1))
   assert [int(b['valid'].sum()) for b in evals] == [4, 1]

@@ -350,10 +350,10 @@ def test_imported_checkpoint_feeds_probe_finetune_and_init_from(imported):
   hf_params = ckpt_reading.restore_subtree(str(imported), ('target_params',))
   for which in ('target', 'context'):   # The probes' and fine-tuning's restore.
     config = ml_collections.ConfigDict(dict(pretrained=str(imported), encoder=which, seed=0))
-    encoder, info = features_lib.resolve_encoder(config)
+    encoder, info = features_lib.resolve_encoder(features_lib.EncoderSource.from_config(config))
     assert (encoder.variant, encoder.num_layers, info['image_size']) == (VARIANT, DEPTH, IMAGE)
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    assert_trees_equal(features_lib.load_encoder_params(config, encoder, info, dev), hf_params)
+    assert_trees_equal(features_lib.load_encoder_params(config.seed, encoder, info, dev), hf_params)
   # init_from: both encoders from the file, the predictor stays as the run initialised it.
   images = jax.ShapeDtypeStruct((1, IMAGE, IMAGE, 3), jnp.float32)
   enc = jax.eval_shape(vit.Encoder(VARIANT, depth=DEPTH).init, jax.random.key(0),

@@ -21,6 +21,7 @@ from cjepa_jax.data import input_pipeline as ip
 from cjepa_jax.data import sources
 from cjepa_jax.data import tf_augment
 from cjepa_jax.data import tf_loader
+from cjepa_jax.data.spec import DataSpec
 
 CLASSES = ('ant', 'bee', 'cat')
 SIZES = ((40, 30), (64, 48))  # (width, height), alternating.
@@ -64,6 +65,11 @@ def _ids(images: np.ndarray) -> np.ndarray:
   return np.round((red - 5) / 7).astype(int)
 
 
+
+def _data(config):
+  """The input's spec of `config`, as the trainers read it."""
+  return DataSpec.from_config(config)
+
 def _take(it, n):
   return [next(it) for _ in range(n)]
 
@@ -91,7 +97,7 @@ def textured_folder(tmp_path_factory):
 
 def test_train_batch_values_and_labels(flat_folder):
   root, files, _ = flat_folder
-  it = ip.make_train_iterator(_config(root), process_index=0, process_count=1)
+  it = ip.make_train_iterator(_data(_config(root)), process_index=0, process_count=1)
   for batch in _take(it, 2):
     image, label = batch['image'], batch['label']
     assert image.shape == (6, 8, 8, 3) and image.dtype == np.float32
@@ -109,7 +115,7 @@ def test_train_crop_and_resize_match_pil(textured_folder):
   # The only crop of aspect 64/48 with area 1 is the whole image: the output is a plain resize.
   c = _config(root, image_size=16, crop_scale=(1.0, 1.0), crop_ratio=(64 / 48, 64 / 48))
   c.batch_size = 2
-  image = next(ip.make_train_iterator(c, process_index=0, process_count=1))['image'][0]
+  image = next(ip.make_train_iterator(_data(c), process_index=0, process_count=1))['image'][0]
   reference = np.asarray(Image.fromarray(pixels).resize((16, 16), Image.BILINEAR), np.float64)
   reference = (reference / 255 - MEAN) / STD
   # PIL rounds its output to uint8 and uses fixed-point weights: within ~1.5 / 255.
@@ -156,7 +162,7 @@ def test_processes_read_disjoint_parts_covering_everything(flat_folder):
   c = _config(root)  # Global batch 6: 3 per process; 18 files per process = 6 steps an epoch.
   seen = []
   for process_index in (0, 1):
-    it = ip.make_train_iterator(c, process_index=process_index, process_count=2)
+    it = ip.make_train_iterator(_data(c), process_index=process_index, process_count=2)
     ids = np.concatenate([_ids(b['image']) for b in _take(it, 12)])  # Two epochs.
     epoch0, epoch1 = ids[:18], ids[18:]
     assert sorted(epoch0) == sorted(set(epoch0)) == sorted(epoch1)  # Each file once per epoch.
@@ -169,13 +175,13 @@ def test_processes_read_disjoint_parts_covering_everything(flat_folder):
 def test_determinism_and_seed(flat_folder, textured_folder):
   root, _, _ = flat_folder
   c = _config(root, flip=True)
-  first = _take(ip.make_train_iterator(c, process_index=0, process_count=1), 3)
-  again = _take(ip.make_train_iterator(c, process_index=0, process_count=1), 3)
+  first = _take(ip.make_train_iterator(_data(c), process_index=0, process_count=1), 3)
+  again = _take(ip.make_train_iterator(_data(c), process_index=0, process_count=1), 3)
   for a, b in zip(first, again):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
   c.seed = 1
-  other = _take(ip.make_train_iterator(c, process_index=0, process_count=1), 3)
+  other = _take(ip.make_train_iterator(_data(c), process_index=0, process_count=1), 3)
   assert not np.array_equal(_ids(np.concatenate([b['image'] for b in first])),
                             _ids(np.concatenate([b['image'] for b in other])))
   # Augmentations alone also follow the seed (one image: only the crops can differ).
@@ -185,7 +191,7 @@ def test_determinism_and_seed(flat_folder, textured_folder):
     c = _config(root, image_size=16)
     c.seed = seed
     c.batch_size = 4
-    crops.append(next(ip.make_train_iterator(c, process_index=0, process_count=1))['image'])
+    crops.append(next(ip.make_train_iterator(_data(c), process_index=0, process_count=1))['image'])
   assert np.abs(crops[0] - crops[1]).max() > 0.1
   assert np.abs(crops[0][0] - crops[0][1]).max() > 0.1  # Each position its own crop.
 
@@ -206,8 +212,9 @@ def test_exact_resume_with_augmentations(flat_folder, textured_folder, tmp_path)
   # offset 14) and step 6 crosses into epoch 2.
   c.batch_size = 16
   n, k = 4, 3
-  full = _take(ip.make_train_iterator(c, process_index=1, process_count=2), n + k)
-  resumed = _take(ip.make_train_iterator(c, start_step=n, process_index=1, process_count=2), k)
+  full = _take(ip.make_train_iterator(_data(c), process_index=1, process_count=2), n + k)
+  resumed = _take(
+      ip.make_train_iterator(_data(c), start_step=n, process_index=1, process_count=2), k)
   for a, b in zip(full[n:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
@@ -221,7 +228,7 @@ def test_corrupt_images_skipped_counted_and_resumable(tmp_path):
   (root / 'train' / 'cat' / 'truncated.jpg').write_bytes(good[:len(good) // 3])
   c = _config(root)
   c.batch_size = 4  # 8 files, 2 of them bad: 2 steps per epoch.
-  batches = _take(ip.make_train_iterator(c, process_index=0, process_count=1), 6)
+  batches = _take(ip.make_train_iterator(_data(c), process_index=0, process_count=1), 6)
   assert [b['data_skipped'] for b in batches][1::2] == [2, 4, 6]  # Two per epoch, counted.
   for b in batches:
     assert b['image'].shape == (4, 8, 8, 3)
@@ -230,22 +237,24 @@ def test_corrupt_images_skipped_counted_and_resumable(tmp_path):
     assert (np.abs(b['image'] - b['image'][:, :1, :1]).max() < 1e-4)  # All flat images.
   epoch = np.concatenate([_ids(b['image']) for b in batches[:2]])
   assert set(epoch) == set(range(6))  # Every good image still seen once per epoch.
-  resumed = _take(ip.make_train_iterator(c, start_step=3, process_index=0, process_count=1), 3)
+  resumed = _take(
+      ip.make_train_iterator(_data(c), start_step=3, process_index=0, process_count=1), 3)
   for a, b in zip(batches[3:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
   # Evaluation marks them invalid (no padding here: 8 inputs, batch 4) and counts them.
-  evals = list(ip.make_eval_iterator(c, 'train', batch_size=4, process_index=0, process_count=1))
+  evals = list(ip.make_eval_iterator(_data(c), 'train', batch_size=4, process_index=0,
+                                     process_count=1))
   assert sum(int(b['valid'].sum()) for b in evals) == 6 and evals[-1]['data_skipped'] == 2
 
 
 def test_eval_pads_last_batch_and_covers_once(flat_folder):
   root, _, val = flat_folder
   c = _config(root)
-  assert ip.num_examples(c, 'val') == 12
+  assert ip.num_examples(_data(c), 'val') == 12
   ids, labels = [], []
   for process_index in (0, 1):
     # 12 examples, 2 processes, local batch 4: 6 each -> 2 batches, the second half padding.
-    batches = list(ip.make_eval_iterator(c, 'val', batch_size=8, process_index=process_index,
+    batches = list(ip.make_eval_iterator(_data(c), 'val', batch_size=8, process_index=process_index,
                                          process_count=2))
     assert len(batches) == 2
     for b in batches:
@@ -261,10 +270,11 @@ def test_eval_pads_last_batch_and_covers_once(flat_folder):
   for i, y in zip(ids, labels):
     assert CLASSES[y] == val[i].parent.name
   # Uneven split: 12 examples over 5 processes of local batch 1 -> 3 steps on every process.
-  counts = [len(list(ip.make_eval_iterator(c, 'val', batch_size=5, process_index=p,
+  counts = [len(list(ip.make_eval_iterator(_data(c), 'val', batch_size=5, process_index=p,
                                            process_count=5))) for p in (0, 4)]
   assert counts == [3, 3]
-  subset = list(ip.make_eval_iterator(c, 'val', batch_size=4, process_index=0, process_count=1,
+  subset = list(ip.make_eval_iterator(_data(c), 'val', batch_size=4, process_index=0,
+                                      process_count=1,
                                       num_examples=5))
   assert sum(b['valid'].sum() for b in subset) == 5
 
@@ -272,8 +282,8 @@ def test_eval_pads_last_batch_and_covers_once(flat_folder):
 def test_eval_resize_and_centre_crop_match_pil(textured_folder):
   root, pixels = textured_folder
   c = _config(root, image_size=16)
-  assert ip.eval_resize_size(c) == 18  # round(256 * 16 / 224)
-  b = next(ip.make_eval_iterator(c, 'val', batch_size=1, process_index=0, process_count=1))
+  assert ip.eval_resize_size(_data(c)) == 18  # round(256 * 16 / 224)
+  b = next(ip.make_eval_iterator(_data(c), 'val', batch_size=1, process_index=0, process_count=1))
   resized = Image.fromarray(pixels).resize((24, 18), Image.BILINEAR)  # Short side 48 -> 18.
   reference = np.asarray(resized, np.float64)[1:17, 4:20]  # Centre 16x16.
   reference = (reference / 255 - MEAN) / STD
@@ -286,7 +296,7 @@ def test_to_global_array():
   c.data.dataset = 'synthetic'
   c.data.image_size = 4
   c.batch_size = 16
-  batch = next(ip.make_train_iterator(c))
+  batch = next(ip.make_train_iterator(_data(c)))
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   out = ip.to_global_array(batch, sharding)
@@ -306,9 +316,9 @@ def test_synthetic():
   c.data.image_size = 8
   c.data.num_classes = 5
   c.batch_size = 4
-  a = _take(ip.make_train_iterator(c, process_index=0, process_count=2), 3)
-  b = _take(ip.make_train_iterator(c, process_index=1, process_count=2), 3)
-  r = _take(ip.make_train_iterator(c, start_step=2, process_index=0, process_count=2), 1)
+  a = _take(ip.make_train_iterator(_data(c), process_index=0, process_count=2), 3)
+  b = _take(ip.make_train_iterator(_data(c), process_index=1, process_count=2), 3)
+  r = _take(ip.make_train_iterator(_data(c), start_step=2, process_index=0, process_count=2), 1)
   np.testing.assert_array_equal(a[2]['image'], r[0]['image'])
   assert not np.array_equal(a[0]['image'], b[0]['image'])
   labels = np.concatenate([x['label'] for x in a + b])
@@ -316,9 +326,9 @@ def test_synthetic():
   lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
   image = a[0]['image']
   assert (image >= lo - 1e-5).all() and (image <= hi + 1e-5).all()
-  assert ip.num_examples(c, 'validation') == sources.SYNTHETIC_EVAL_EXAMPLES
+  assert ip.num_examples(_data(c), 'validation') == sources.SYNTHETIC_EVAL_EXAMPLES
   # The eval pipeline reads synthetic images too (the in-training kNN uses it in smoke tests).
-  ev = list(ip.make_eval_iterator(c, 'validation', batch_size=4, num_examples=6,
+  ev = list(ip.make_eval_iterator(_data(c), 'validation', batch_size=4, num_examples=6,
                                   process_index=0, process_count=1))
   assert [int(e['valid'].sum()) for e in ev] == [4, 2]
   assert ev[0]['image'].shape == (4, 8, 8, 3) and np.isfinite(ev[0]['image']).all()
@@ -334,9 +344,10 @@ def test_tfds_mock(monkeypatch):
   c.data.shuffle_buffer = 8
   c.batch_size = 4
   with tfds.testing.mock_data(num_examples=5):
-    full = _take(ip.make_train_iterator(c, process_index=0, process_count=1), 5)
-    resumed = _take(ip.make_train_iterator(c, start_step=3, process_index=0, process_count=1), 2)
-    evals = list(ip.make_eval_iterator(c, 'test', batch_size=4, process_index=0,
+    full = _take(ip.make_train_iterator(_data(c), process_index=0, process_count=1), 5)
+    resumed = _take(ip.make_train_iterator(_data(c), start_step=3, process_index=0,
+                                           process_count=1), 2)
+    evals = list(ip.make_eval_iterator(_data(c), 'test', batch_size=4, process_index=0,
                                        process_count=1))
   lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
   for b in full:
@@ -382,7 +393,8 @@ def test_tfds_real_builder(tmp_path, monkeypatch):
   c.batch_size = 10  # 20 examples per process, local batch 5: 4 steps per epoch.
   seen = []
   for process_index in (0, 1):
-    batches = _take(ip.make_train_iterator(c, process_index=process_index, process_count=2), 8)
+    batches = _take(
+        ip.make_train_iterator(_data(c), process_index=process_index, process_count=2), 8)
     red = np.concatenate([b['image'][..., 0].mean(axis=(1, 2)) for b in batches])
     ids = np.round(((red * STD[0] + MEAN[0]) * 255 - 5) / 3).astype(int)
     np.testing.assert_array_equal(np.concatenate([b['label'] for b in batches]), ids % 3)
@@ -390,38 +402,40 @@ def test_tfds_real_builder(tmp_path, monkeypatch):
     assert not np.array_equal(ids[:20], ids[20:])
     seen.append(set(ids[:20]))
   assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(40))
-  resumed = _take(ip.make_train_iterator(c, start_step=5, process_index=1, process_count=2), 3)
+  resumed = _take(
+      ip.make_train_iterator(_data(c), start_step=5, process_index=1, process_count=2), 3)
   for a, b in zip(batches[5:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
-  assert ip.num_examples(c, 'test') == 11
-  evals = list(ip.make_eval_iterator(c, 'test', batch_size=8, process_index=1, process_count=2))
+  assert ip.num_examples(_data(c), 'test') == 11
+  evals = list(ip.make_eval_iterator(_data(c), 'test', batch_size=8, process_index=1,
+                                     process_count=2))
   assert [int(b['valid'].sum()) for b in evals] == [4, 1]  # 5 of 11 on process 1, padded.
 
 
 def test_clear_errors(flat_folder, tmp_path):
   root, _, _ = flat_folder
   with pytest.raises(ValueError, match='needs config.data.data_dir'):
-    ip.make_train_iterator(_config(''))
+    ip.make_train_iterator(_data(_config('')))
   with pytest.raises(ValueError, match='<split>/<class name>'):
-    ip.make_train_iterator(_config(root, train_split='nope'))
+    ip.make_train_iterator(_data(_config(root, train_split='nope')))
   with pytest.raises(ValueError, match='No images'):
     (tmp_path / 'empty' / 'train' / 'x').mkdir(parents=True)
-    ip.make_train_iterator(_config(tmp_path / 'empty'))
+    ip.make_train_iterator(_data(_config(tmp_path / 'empty')))
   with pytest.raises(ValueError, match='multiple of the number of processes'):
-    ip.make_train_iterator(_config(root), process_index=0, process_count=4)
+    ip.make_train_iterator(_data(_config(root)), process_index=0, process_count=4)
   with pytest.raises(ValueError, match='Unknown dataset'):
-    ip.make_train_iterator(_config(root, dataset='no_such_dataset_xyz'))
+    ip.make_train_iterator(_data(_config(root, dataset='no_such_dataset_xyz')))
   with pytest.raises(ValueError, match='tfds build imagenet2012'):
-    ip.make_train_iterator(_config(tmp_path, dataset='cifar10'))
+    ip.make_train_iterator(_data(_config(tmp_path, dataset='cifar10')))
   with pytest.raises(ValueError, match='tfds build imagenet2012'):
-    ip.check_dataset(_config(tmp_path, dataset='imagenet2012'))
+    ip.check_dataset(_data(_config(tmp_path, dataset='imagenet2012')))
   with pytest.raises(ValueError, match='<split>/<class name>'):
-    ip.check_dataset(_config(root, train_split='validation'))
-  ip.check_dataset(_config(root))  # Fine as configured.
+    ip.check_dataset(_data(_config(root, train_split='validation')))
+  ip.check_dataset(_data(_config(root)))  # Fine as configured.
   with pytest.raises(ValueError, match='crop_scale'):
-    ip.make_train_iterator(_config(root, crop_scale=(0.5, 0.2)))
+    ip.make_train_iterator(_data(_config(root, crop_scale=(0.5, 0.2))))
   with pytest.raises(ValueError, match='eval_resize'):
-    ip.eval_resize_size(_config(root, eval_resize=200))
+    ip.eval_resize_size(_data(_config(root, eval_resize=200)))
 
 
 def _write_classes(root: pathlib.Path, split: str, classes) -> None:
@@ -435,22 +449,22 @@ def test_label_splits_of_image_folders(flat_folder, tmp_path):
   root, _, _ = flat_folder
   c = _config(root, num_classes=3)
   # The names in label order: the order the pipeline numbers the sorted class folders in.
-  assert ip.class_names(c, 'train') == ip.class_names(c, 'val') == list(CLASSES)
-  assert ip.check_label_splits(c) == list(CLASSES)
+  assert ip.class_names(_data(c), 'train') == ip.class_names(_data(c), 'val') == list(CLASSES)
+  assert ip.check_label_splits(_data(c)) == list(CLASSES)
   with pytest.raises(ValueError, match=r'has 3 classes but config\.data\.num_classes=1000; set '
                                        r'config\.data\.num_classes=3'):
-    ip.check_label_splits(_config(root))
+    ip.check_label_splits(_data(_config(root)))
 
   _write_classes(tmp_path / 'one', 'train', ['ant'])
   _write_classes(tmp_path / 'one', 'val', ['ant'])
   with pytest.raises(ValueError, match=r"train has 1 class\(es\) \('ant'\).*at least 2"):
-    ip.check_label_splits(_config(tmp_path / 'one', num_classes=1))
+    ip.check_label_splits(_data(_config(tmp_path / 'one', num_classes=1)))
 
   _write_classes(tmp_path / 'renamed', 'train', ['ant', 'bee', 'cat'])
   _write_classes(tmp_path / 'renamed', 'val', ['ant', 'bee', 'cow'])
   train_dir, val_dir = tmp_path / 'renamed' / 'train', tmp_path / 'renamed' / 'val'
   with pytest.raises(ValueError) as e:
-    ip.check_label_splits(_config(tmp_path / 'renamed', num_classes=3))
+    ip.check_label_splits(_data(_config(tmp_path / 'renamed', num_classes=3)))
   message = str(e.value)
   assert '\n' not in message
   assert f"{train_dir} has class 'cat' that {val_dir} lacks" in message
@@ -459,24 +473,25 @@ def test_label_splits_of_image_folders(flat_folder, tmp_path):
   _write_classes(tmp_path / 'fewer', 'train', ['ant', 'bee', 'cat'])
   _write_classes(tmp_path / 'fewer', 'val', ['ant', 'cat'])
   with pytest.raises(ValueError, match="has class 'bee' that .* lacks"):
-    ip.check_label_splits(_config(tmp_path / 'fewer', num_classes=3))
+    ip.check_label_splits(_data(_config(tmp_path / 'fewer', num_classes=3)))
 
 
 def test_label_splits_of_synthetic_and_tfds():
   c = config_lib.default_config()
   c.data.loader = 'tf'
   c.data.update(dataset='synthetic', num_classes=4, eval_split='validation')
-  assert ip.check_label_splits(c) == ['class_0', 'class_1', 'class_2', 'class_3']
+  assert ip.check_label_splits(_data(c)) == ['class_0', 'class_1', 'class_2', 'class_3']
   c.data.num_classes = 1
   with pytest.raises(ValueError, match='set config.data.num_classes >= 2'):
-    ip.check_label_splits(c)
+    ip.check_label_splits(_data(c))
   # tfds: the names come from the builder's metadata (nothing needs to be prepared).
   c.data.update(dataset='cifar10', data_dir='/nonexistent/tfds', num_classes=10,
                 eval_split='test')
-  assert len(ip.check_label_splits(c)) == 10  # Names ('0'.. until prepared): one list per split.
+  # Names ('0'.. until prepared): one list per split.
+  assert len(ip.check_label_splits(_data(c))) == 10
   c.data.num_classes = 100
   with pytest.raises(ValueError, match="split 'train' of tfds dataset 'cifar10' has 10 classes"):
-    ip.check_label_splits(c)
+    ip.check_label_splits(_data(c))
 
 
 def test_shared_cifar10(shared_cifar10_tarballs, tmp_path):
@@ -487,11 +502,11 @@ def test_shared_cifar10(shared_cifar10_tarballs, tmp_path):
     tar.extractall(tmp_path, members=members, filter='data')
   c = _config(tmp_path, train_split='test', image_size=32)
   c.batch_size = 32
-  assert ip.num_examples(c, 'test') == 200
-  batch = next(ip.make_train_iterator(c, process_index=0, process_count=1))
+  assert ip.num_examples(_data(c), 'test') == 200
+  batch = next(ip.make_train_iterator(_data(c), process_index=0, process_count=1))
   assert batch['image'].shape == (32, 32, 32, 3) and batch['data_skipped'] == 0
   assert batch['image'].std() > 0.5  # Real photographs, normalised.
-  evals = list(ip.make_eval_iterator(c, 'test', batch_size=100, process_index=0,
+  evals = list(ip.make_eval_iterator(_data(c), 'test', batch_size=100, process_index=0,
                                      process_count=1))
   labels = np.concatenate([b['label'] for b in evals])
   assert all(b['valid'].all() for b in evals)

@@ -218,8 +218,9 @@ def test_checkpoint_of_two_processes_restores_in_one(job):
   step_dir = str(job.workdir / 'checkpoints' / '4')
   state = ckpt_reading.restore_subtree(step_dir, ())
   assert int(state['step']) == 4
-  models = jepa.build_models(config)
-  tx = optim.make_optimizer(config, optim.make_schedules(config, *optim.run_length(config)))
+  models = jepa.build_models(jepa.ModelSpec.from_config(config))
+  tx = optim.make_optimizer(optim.AdamW.from_config(config), optim.make_schedules(
+      optim.AdamW.from_config(config), optim.RunLength.from_config(config)))
   abstract = jax.eval_shape(lambda: step_lib.init_state(models, tx, config.seed))
   for key in ('params', 'target_params'):
     shapes = jax.tree.map(lambda x: x.shape, state[key])
@@ -240,7 +241,7 @@ def test_two_process_checkpoint_resumes_on_one_device(job):
   config = _config(job.data_dir)
   config.mesh.fsdp = 1
   mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), sharding_lib.MESH_AXES)
-  run = step_lib.setup(config, mesh)
+  run = step_lib.setup(step_lib.StepSpec.from_config(config), mesh)
   with ckpt_manager.Checkpointer(str(job.workdir)) as ckpt:
     step, state = ckpt.restore_latest(sharding_lib.with_shardings(run.abstract_state,
                                                                   run.state_shardings))

@@ -29,6 +29,8 @@ import pytest
 from cjepa_jax.checkpoint import manager as ckpt_manager
 from cjepa_jax.checkpoint import reading as ckpt_reading
 from cjepa_jax import sharding as sharding_lib
+from cjepa_jax.data.spec import DataSpec
+from cjepa_jax.evals import base
 from cjepa_jax.evals import registry
 from cjepa_jax.models import jepa
 from multiprocess_utils import (ROOT, TIMEOUT_S, cpu_env, free_port, gloo_unavailable_reason,
@@ -182,14 +184,15 @@ def test_two_processes_finetune_as_one_job(tmp_path, pretrained, data_dir):
   config = ml_collections.ConfigDict({k: v for k, v in saved.items() if k != 'finetune_source'})
   config.mesh.data, config.mesh.fsdp = 1, 1
   mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
-  run = finetune_step.setup(config, mesh, encoder)
+  run = finetune_step.setup(finetune_step.StepSpec.from_config(config), mesh, encoder)
   ckpt = ckpt_manager.Checkpointer(str(workdir))
   try:
     _, state = ckpt.restore_latest(
         sharding_lib.with_shardings(run.abstract_state, run.state_shardings))
   finally:
     ckpt.close()
-  one = registry.build('classify', config, mesh, run.model).evaluate(state['params'])
+  one = registry.build('classify', base.EvalsSpec.from_config(config), DataSpec.from_config(config),
+                       mesh, run.model).evaluate(state['params'])
   assert one['eval_examples'] == 20
   assert abs(one['eval_top1'] - rows[-1]['eval_top1']) <= 100 / 20 + 1e-9
   np.testing.assert_allclose(one['eval_loss'], rows[-1]['eval_loss'], rtol=1e-4)

@@ -42,6 +42,16 @@ def ref_momentum(i, t, ipe_scale, m0=0.996, m1=1.0):
   return m0 + i * (m1 - m0) / (t * ipe_scale)
 
 
+def specs(c):
+  """The optimizer's and the run length's specs, as the trainer reads them from `c`."""
+  return optim.AdamW.from_config(c), optim.RunLength.from_config(c)
+
+
+def run_length(c):
+  length = optim.RunLength.from_config(c)
+  return length.total_steps, length.steps_per_epoch
+
+
 def values(schedule, n):
   return np.asarray(jax.jit(jax.vmap(schedule))(jnp.arange(n)), np.float64)
 
@@ -51,24 +61,24 @@ def values(schedule, n):
 
 def test_run_length_and_warmup():
   c = small_config()
-  assert optim.run_length(c) == (100, 10)
-  assert optim.warmup_steps(c, 100, 10) == 20  # int(2 epochs * 10).
+  assert run_length(c) == (100, 10)
+  assert optim.warmup_steps(*specs(c)) == 20  # int(2 epochs * 10).
   c.optim.warmup_epochs = 1.55
-  assert optim.warmup_steps(c, 100, 10) == 15  # Truncated, as the reference's int().
+  assert optim.warmup_steps(*specs(c)) == 15  # Truncated, as the reference's int().
   # Explicit total_steps: the warmup keeps its fraction of the run (2/10 of 30).
   c = small_config(total_steps=30)
-  assert optim.run_length(c) == (30, 10)
-  assert optim.warmup_steps(c, 30, 10) == 6
+  assert run_length(c) == (30, 10)
+  assert optim.warmup_steps(*specs(c)) == 6
   c.optim.warmup_steps = 7
-  assert optim.warmup_steps(c, 30, 10) == 7
+  assert optim.warmup_steps(*specs(c)) == 7
   c.optim.warmup_steps = 70
-  assert optim.warmup_steps(c, 30, 10) == 30  # Capped at the run.
+  assert optim.warmup_steps(*specs(c)) == 30  # Capped at the run.
   c = small_config()
   c.data.num_train_examples = 3
-  assert optim.run_length(c) == (10, 1)  # At least one step per epoch.
+  assert run_length(c) == (10, 1)  # At least one step per epoch.
   c = small_config(epochs=0)
   with pytest.raises(ValueError, match='total_steps'):
-    optim.run_length(c)
+    run_length(c)
 
 
 # ----------------------------------------- schedules
@@ -76,7 +86,7 @@ def test_run_length_and_warmup():
 
 def test_lr_schedule_matches_reference_and_closed_forms():
   c = small_config()
-  sched = optim.lr_schedule(c, 100, 10)
+  sched = optim.lr_schedule(*specs(c))
   got = values(sched, 130)
   start, ref, final, w, t = 2e-4, 1e-3, 1e-6, 20, 100
   want = np.array([ref_lr(k + 1, w, t, start, ref, final) for k in range(100)])
@@ -92,7 +102,7 @@ def test_lr_schedule_matches_reference_and_closed_forms():
 
 def test_lr_schedule_ipe_scale_and_no_warmup():
   c = small_config(ipe_scale=1.25, warmup_epochs=0.0)
-  got = values(optim.lr_schedule(c, 100, 10), 100)
+  got = values(optim.lr_schedule(*specs(c)), 100)
   want = [ref_lr(k + 1, 0, 125, 2e-4, 1e-3, 1e-6) for k in range(100)]
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # Stretched: the run ends at cosine progress 100/125, well above final_lr, as the reference.
@@ -102,7 +112,7 @@ def test_lr_schedule_ipe_scale_and_no_warmup():
 
 def test_wd_schedule():
   c = small_config()
-  got = values(optim.wd_schedule(c, 100), 120)
+  got = values(optim.wd_schedule(*specs(c)), 120)
   want = [ref_wd(k + 1, 100, 0.04, 0.4) for k in range(100)]
   np.testing.assert_allclose(got[:100], want, rtol=1e-5)
   np.testing.assert_allclose(got[0], 0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi / 100)),
@@ -111,24 +121,24 @@ def test_wd_schedule():
   np.testing.assert_allclose(got[99], 0.4, rtol=1e-6)
   np.testing.assert_allclose(got[100:], 0.4, rtol=1e-6)
   c.ipe_scale = 1.25
-  got = values(optim.wd_schedule(c, 100), 100)
+  got = values(optim.wd_schedule(*specs(c)), 100)
   np.testing.assert_allclose(got, [ref_wd(k + 1, 125, 0.04, 0.4) for k in range(100)], rtol=1e-5)
 
 
 def test_ema_schedule():
   c = small_config()
-  got = values(optim.ema_schedule(c, 100), 110)
+  got = values(optim.ema_schedule(*specs(c)), 110)
   np.testing.assert_allclose(got[:101], [ref_momentum(i, 100, 1.0) for i in range(101)],
                              rtol=1e-7)
   assert got[0] == pytest.approx(0.996, abs=1e-7) and got[100] == pytest.approx(1.0, abs=1e-7)
   np.testing.assert_allclose(got[101:], 1.0)
   c.ipe_scale = 1.25
-  got = values(optim.ema_schedule(c, 100), 101)
+  got = values(optim.ema_schedule(*specs(c)), 101)
   np.testing.assert_allclose(got, [ref_momentum(i, 100, 1.25) for i in range(101)], rtol=1e-7)
   np.testing.assert_allclose(got[100], 0.996 + 0.004 / 1.25, rtol=1e-7)
   c.ipe_scale = 0.0
   with pytest.raises(ValueError, match='ipe_scale'):
-    optim.ema_schedule(c, 100)
+    optim.ema_schedule(*specs(c))
 
 
 # ----------------------------------------- decay mask
@@ -194,14 +204,15 @@ def np_torch_adamw(params, grads_seq, lrs, wds, decay, b1=0.9, b2=0.999, eps=1e-
 @pytest.mark.parametrize('clip', [0.0, 0.5])
 def test_adamw_steps_match_numpy(clip):
   c = small_config(epochs=2, spe=3, warmup_epochs=1.0, **{'optim.grad_clip': clip})
-  total, spe = optim.run_length(c)
+  total, spe = run_length(c)
   assert (total, spe) == (6, 3)
   rng = np.random.default_rng(0)
   params = {'kernel': rng.normal(size=(3, 4)).astype(np.float32),
             'bias': rng.normal(size=(4,)).astype(np.float32)}
   grads_seq = [{k: rng.normal(size=x.shape).astype(np.float32) for k, x in params.items()}
                for _ in range(3)]
-  tx = optim.make_optimizer(c, optim.make_schedules(c, total, spe))
+  adamw, length = specs(c)
+  tx = optim.make_optimizer(adamw, optim.make_schedules(adamw, length))
   state = tx.init(params)
   p = jax.tree.map(jnp.asarray, params)
 

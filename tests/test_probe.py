@@ -14,6 +14,8 @@ from PIL import Image
 from cjepa_jax import config as config_lib
 from cjepa_jax import sharding
 from cjepa_jax.data import image_folder as image_folder_lib
+from cjepa_jax.data.spec import DataSpec
+from cjepa_jax.evals import base
 from cjepa_jax.evals import features as features_lib
 from cjepa_jax.evals import knn as knn_lib
 from cjepa_jax.evals import linear as linear_lib
@@ -27,6 +29,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CLASSES = ('apple', 'grass', 'sky')           # Sorted: labels 0, 1, 2.
 COLOURS = ((200, 40, 40), (40, 180, 40), (50, 80, 220))
 PER_CLASS = 20
+
+
+def monitors(config, mesh, model):
+  """The trainer's monitors of `config`, made from its specs as the trainers make them."""
+  return registry.monitors(base.EvalsSpec.from_config(config), DataSpec.from_config(config), mesh,
+                           model)
 
 
 def mesh8():
@@ -220,7 +228,7 @@ def pretrained(tmp_path_factory):
     return state
 
   state = pretrained_utils.save_pretraining_checkpoint(workdir, config, 2, move)
-  models = jepa.build_models(config)
+  models = jepa.build_models(jepa.ModelSpec.from_config(config))
   return workdir, state, config, models
 
 
@@ -260,11 +268,12 @@ def probe_config(pretrained_path, data_dir):
 def test_probe_restores_the_checkpoint_and_writes_results(pretrained, image_folder, tmp_path):
   workdir, state, _, _ = pretrained
   config = probe_config(workdir, image_folder)
-  mesh = sharding.make_mesh(config)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config))
   for name, want in (('target', state['target_params']),
                      ('context', state['params']['encoder'])):
     config.encoder = name
-    encoder, params, info = features_lib.restore_encoder(config, mesh)
+    encoder, params, info = features_lib.restore_encoder(
+        features_lib.EncoderSource.from_config(config), mesh)
     assert info['step'] == 2 and info['image_size'] == 32 and encoder.num_layers == 1
     assert jax.tree.structure(params) == jax.tree.structure(want)
     for got, ref in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
@@ -322,19 +331,20 @@ def test_knn_evaluator_for_the_trainer(pretrained, image_folder):
   config.data.dataset = 'image_folder'
   config.data.data_dir = str(image_folder)
   config.data.eval_split = 'test'
-  mesh = sharding.make_mesh(config)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config))
   params = jax.device_put(state['target_params'], sharding.replicated(mesh))
   config.evals.knn.every_steps = 1
-  [monitor] = registry.monitors(config, mesh, models.encoder)
+  [monitor] = monitors(config, mesh, models.encoder)
   first, second = monitor.evaluate(params), monitor.evaluate(params)
   assert first == second and set(first) == {'knn_top1', 'knn_top5', 'unit'}
   feature_fn = monitor.features.feature_fn(('last',))
   assert feature_fn._cache_size() == 1  # pylint: disable=protected-access
 
   extract = features_lib.extract_features
-  train_f, train_y = extract(feature_fn, params, config, 'train', mesh=mesh,
+  data = DataSpec.from_config(config)
+  train_f, train_y = extract(feature_fn, params, data, 'train', mesh=mesh,
                              batch_size=8, num_examples=48)
-  test_f, test_y = extract(feature_fn, params, config, 'test', mesh=mesh,
+  test_f, test_y = extract(feature_fn, params, data, 'test', mesh=mesh,
                            batch_size=8, num_examples=24)
   assert train_f['last'].shape == (48, 192) and test_f['last'].shape == (24, 192)
   want = knn_numpy(train_f['last'], train_y, test_f['last'], 3, 20, 0.07)
@@ -346,11 +356,11 @@ def test_in_training_is_the_knn_monitor_every_knn_every_steps(image_folder):
   """What the trainer runs: nothing by default, else the kNN monitor with its period."""
   config = pretrain_config()
   config.data.update(dataset='image_folder', data_dir=str(image_folder), eval_split='test')
-  mesh = sharding.make_mesh(config)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config))
   encoder = jepa.encoder_from_model_config(config.model)
-  assert registry.monitors(config, mesh, encoder) == []
+  assert monitors(config, mesh, encoder) == []
   config.evals.knn.every_steps = 5
-  [monitor] = registry.monitors(config, mesh, encoder)
+  [monitor] = monitors(config, mesh, encoder)
   assert (monitor.name, monitor.every_steps) == ('knn', 5) and callable(monitor.evaluate)
   assert monitor.features is not None  # Its own features, of its own subsets.
 
@@ -363,7 +373,7 @@ def test_in_training_monitors_log_percent(monkeypatch):
   fractions = {'knn': {'last': {'top1': 0.5472, 'top5': 0.9401}},
                'fewshot': {'last': {'top1': {1: 0.14506666666666665, 10: 1.0}}}}
   got = {name: (every, registry.type_of(name, config.evals[name]).logged(fractions[name]))
-         for name, every in registry.periods(config).items()}
+         for name, every in base.EvalsSpec.from_config(config).periods().items()}
   assert got == {
       'knn': (5, {'knn_top1': 54.72, 'knn_top5': 94.01, 'unit': 'percent'}),
       'fewshot': (10, {'fewshot_1shot': 14.5066666667, 'fewshot_10shot': 100.0,
@@ -410,15 +420,15 @@ def test_knn_evaluator_checks_the_splits_when_made(tmp_path):
   write_classes(tmp_path / 'data', 'test', CLASSES)
   config = pretrain_config()
   config.data.update(dataset='image_folder', data_dir=str(tmp_path / 'data'), eval_split='test')
-  mesh = sharding.make_mesh(config)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config))
   encoder = jepa.encoder_from_model_config(config.model)
   config.evals.knn.every_steps = 5
   with pytest.raises(ValueError, match=r'train has 1 class\(es\)'):
-    registry.monitors(config, mesh, encoder)
+    monitors(config, mesh, encoder)
   write_classes(tmp_path / 'data', 'train', CLASSES[1:])  # Now the same 3 classes as 'test'.
   # pylint: disable-next=protected-access
   image_folder_lib.list_classes.cache_clear()  # Listings are cached per process.
-  assert callable(registry.monitors(config, mesh, encoder)[0].evaluate)
+  assert callable(monitors(config, mesh, encoder)[0].evaluate)
 
 
 def test_bad_config_values_are_named(image_folder, tmp_path):
@@ -441,12 +451,13 @@ def test_bad_config_values_are_named(image_folder, tmp_path):
 
 def test_unknown_evaluator_is_one_line_naming_the_known(image_folder):
   config = probe_config('random', image_folder)
-  mesh = sharding.make_mesh(config)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config))
   encoder = jepa.encoder_from_model_config(config.model)
   assert registry.names() == ('attentive', 'classify', 'fewshot', 'knn', 'linear', 'lowshot')
   known = 'known: attentive, classify, fewshot, knn, linear, lowshot'
   with pytest.raises(ValueError, match=rf"^Unknown evaluator 'svm' in config.evals; {known}\.$"):
-    registry.build('svm', config, mesh, encoder)
+    registry.build('svm', base.EvalsSpec.from_config(config), DataSpec.from_config(config), mesh,
+                   encoder)
   known = 'known: attentive, fewshot, knn, linear, lowshot'   # The probe config's entries.
   config.probes = 'linear,svm'
   with pytest.raises(ValueError, match=rf"^Unknown evaluator\(s\) 'svm' in config.evals; {known}"):
@@ -467,12 +478,15 @@ def test_evaluators_share_one_extraction_per_split(image_folder, monkeypatch):
   monkeypatch.setattr(features_lib, 'extract_features', fake_extract)
   config = probe_config('random', image_folder)
   config.evals.linear.update(lrs=(1e-1,), wds=(0.0,), epochs=2)
-  mesh = sharding.make_mesh(config)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config))
   encoder = jepa.encoder_from_model_config(config.model)
-  cache = features_lib.FeatureCache.from_config(config, mesh, encoder)
+  evals, data = base.EvalsSpec.from_config(config), DataSpec.from_config(config)
+  cache = features_lib.FeatureCache.for_probe(encoder, data, mesh,
+                                              train_examples=config.train_examples,
+                                              eval_examples=config.eval_examples)
   params = {'fake': 1}
-  knn = registry.build('knn', config, mesh, encoder, features=cache).evaluate(params)
-  linear = registry.build('linear', config, mesh, encoder, features=cache).evaluate(params)
+  knn = registry.build('knn', evals, data, mesh, encoder, features=cache).evaluate(params)
+  linear = registry.build('linear', evals, data, mesh, encoder, features=cache).evaluate(params)
   assert set(knn) == set(linear) == {'last', 'last4'}
   assert knn['last'] == knn['last4'] and knn['last']['top1'] >= 0.9
   assert calls == [('train', id(params)), ('test', id(params))]

@@ -17,7 +17,9 @@ import pytest
 
 from cjepa_jax.checkpoint import manager as ckpt_manager
 from cjepa_jax.checkpoint import reading as ckpt_reading
+from cjepa_jax import config as config_lib
 from cjepa_jax import loop
+from cjepa_jax import metrics as metrics_lib
 from cjepa_jax import optim
 from cjepa_jax import train
 from cjepa_jax import train_step as step_lib
@@ -51,10 +53,11 @@ def test_every_recipe_builds_and_initialises(path, arg):
   doc = open(path, encoding='utf-8').read().split('"""')[1].strip()
   assert 'python -m cjepa_jax.train --config configs/' + path.name in doc.splitlines()[2] or \
       'python -m cjepa_jax.train --config configs/' + path.name in doc, 'docstring lacks command'
-  models = jepa.build_models(config)
-  total, spe = optim.run_length(config)
-  assert total == config.epochs * (config.data.num_train_examples // config.batch_size)
-  tx = optim.make_optimizer(config, optim.make_schedules(config, total, spe))
+  models = jepa.build_models(jepa.ModelSpec.from_config(config))
+  length = optim.RunLength.from_config(config)
+  assert length.total_steps == config.epochs * (config.data.num_train_examples // config.batch_size)
+  adamw = optim.AdamW.from_config(config)
+  tx = optim.make_optimizer(adamw, optim.make_schedules(adamw, length))
   state = jax.eval_shape(lambda: step_lib.init_state(models, tx, 0, config.use_ema))
   n_enc = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state['params']['encoder']))
   assert n_enc > 0
@@ -98,7 +101,8 @@ def test_cifar_recipe_gives_each_objective_its_tuned_settings():
           'sigreg_noema': (11, 5e-4, 1e-4, 0.0, 0.05, False)}
   for objective, expected in want.items():
     c = load_recipe(ROOT / 'configs' / 'cifar10_vit_tiny.py', objective)
-    got = (jepa.build_models(c).mask_spec.num_context, c.optim.lr, c.optim.start_lr,
+    got = (jepa.build_models(jepa.ModelSpec.from_config(c)).mask_spec.num_context, c.optim.lr,
+           c.optim.start_lr,
            c.vicreg.weight, c.sigreg.weight, c.use_ema)
     assert got == expected, (objective, got)
     assert tuple(c.optim.ema) == (0.996, 1.0) and c.mask.min_keep == 4
@@ -263,7 +267,6 @@ def test_bad_flag_and_bad_value_are_one_line_each(tmp_path):
 
 
 def test_help_lists_every_config_key_with_default_and_meaning():
-  from cjepa_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   result = run_python(['-m', 'cjepa_jax.train', '--help'])
   assert result.returncode == 0, result.stderr[-2000:]
   for key, default, meaning in config_lib.describe_keys():
@@ -313,7 +316,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
   monkeypatch.setattr(input_pipeline, 'make_train_iterator', poisoned)
   config = tiny_cli_config(total_steps=12, ckpt_every_steps=4)
-  with pytest.raises(loop.NonFiniteError, match='step 6') as e:
+  with pytest.raises(metrics_lib.NonFiniteError, match='step 6') as e:
     train.train_and_evaluate(config, str(tmp_path))
   assert 'last good checkpoint (step 4)' in str(e.value)
   assert str(e.value).count('\n') == 0
@@ -333,7 +336,7 @@ def test_non_finite_loss_before_any_checkpoint_names_none(tmp_path, monkeypatch)
       yield dict(batch, image=np.full_like(batch['image'], np.nan))
 
   monkeypatch.setattr(input_pipeline, 'make_train_iterator', poisoned)
-  with pytest.raises(loop.NonFiniteError, match='step 1') as e:
+  with pytest.raises(metrics_lib.NonFiniteError, match='step 1') as e:
     train.train_and_evaluate(tiny_cli_config(total_steps=4, ckpt_every_steps=4), str(tmp_path))
   assert 'No checkpoint was written before it.' in str(e.value)
   assert 'last good' not in str(e.value)
@@ -471,9 +474,9 @@ def test_resume_refuses_config_drift_and_keeps_config_json(tmp_path, straight_ru
   # after its first step), and the old one is kept.
   caplog.set_level('WARNING')
   allowed = tiny_cli_config(**common, **{'optim.lr': 1e-3}, allow_config_change=True)
-  loop.check_resume_config(json.loads(saved), allowed, 'its step dir')
+  loop.check_resume_config(json.loads(saved), loop.RunSpec.from_config(allowed), 'its step dir')
   assert f'changed config (allow_config_change): optim.lr {old_lr} -> 0.001' in caplog.text
-  loop.save_config(allowed, str(workdir), start_step=12)
+  config_lib.save_json(loop.RunSpec.from_config(allowed).config_json, str(workdir), start_step=12)
   assert (workdir / 'config.12.json').read_text() == saved
   assert json.loads((workdir / 'config.json').read_text())['optim']['lr'] == 1e-3
 

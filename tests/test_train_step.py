@@ -9,8 +9,9 @@ from cjepa_jax import config as config_lib
 from cjepa_jax import losses
 from cjepa_jax import optim
 from cjepa_jax import sharding
-from cjepa_jax import loop
+from cjepa_jax import metrics as metrics_lib
 from cjepa_jax import train_step as step_lib
+from cjepa_jax.evals import base as evals_base
 from cjepa_jax.models import jepa
 
 
@@ -47,8 +48,8 @@ def fixed_batch(config, seed=0):
 
 
 def run_steps(config, devices, num_steps, batches):
-  mesh = sharding.make_mesh(config, devices)
-  run = step_lib.setup(config, mesh)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config), devices)
+  run = step_lib.setup(step_lib.StepSpec.from_config(config), mesh)
   state = run.init_fn()
   bs = sharding.batch_sharding(mesh)
   losses = []
@@ -103,8 +104,8 @@ def test_sharded_equals_single_device(mode):
 def test_fsdp_actually_shards_large_params():
   config = tiny_config()
   config.mesh.data, config.mesh.fsdp = 4, 2
-  mesh = sharding.make_mesh(config)
-  run = step_lib.setup(config, mesh)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config))
+  run = step_lib.setup(step_lib.StepSpec.from_config(config), mesh)
   state_shardings, abstract_state = run.state_shardings, run.abstract_state
   specs = jax.tree.leaves(jax.tree.map(lambda s: s.spec, state_shardings,
                                        is_leaf=lambda s: hasattr(s, 'spec')))
@@ -119,11 +120,12 @@ def test_fsdp_actually_shards_large_params():
 def test_ema_target_follows_formula_and_gets_no_gradient():
   config = tiny_config(total_steps=10)
   config.model.depth = 1  # One block shows the EMA; each block adds to two compiles.
-  models = jepa.build_models(config)
-  total, spe = optim.run_length(config)
-  schedules = optim.make_schedules(config, total, spe)
-  tx = optim.make_optimizer(config, schedules)
-  step_fn = step_lib.make_train_step(config, models, tx, schedules)
+  models = jepa.build_models(jepa.ModelSpec.from_config(config))
+  adamw, length = optim.AdamW.from_config(config), optim.RunLength.from_config(config)
+  total = length.total_steps
+  schedules = optim.make_schedules(adamw, length)
+  tx = optim.make_optimizer(adamw, schedules)
+  step_fn = step_lib.make_train_step(step_lib.StepSpec.from_config(config), models, tx, schedules)
   jitted_step = jax.jit(step_fn)
   state = jax.jit(lambda: step_lib.init_state(models, tx, config.seed))()
   batch = jax.tree.map(jnp.asarray, fixed_batch(config))
@@ -165,9 +167,11 @@ def test_metrics_and_the_effective_rank_of_the_pooled_target_features_on_log_ste
   config = tiny_config(vicreg_weight=0.001, total_steps=7)
   config.log_every_steps = 3
   config.evals.knn.every_steps = 5
-  assert [s for s in range(1, 8) if loop.is_log_step(s, config, 7)] == [3, 5, 6, 7]
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  run = step_lib.setup(config, mesh)
+  periods = evals_base.EvalsSpec.from_config(config).periods().values()
+  assert [s for s in range(1, 8)
+          if metrics_lib.is_log_step(s, config.log_every_steps, periods, 7)] == [3, 5, 6, 7]
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config), jax.devices()[:1])
+  run = step_lib.setup(step_lib.StepSpec.from_config(config), mesh)
   state = run.init_fn()
   batch = jax.device_put(fixed_batch(config), sharding.batch_sharding(mesh))
   for i in range(2):
@@ -181,8 +185,8 @@ def test_metrics_and_the_effective_rank_of_the_pooled_target_features_on_log_ste
       # The pooled target features [B, D] for the trainer's RankMe; the step has no log cadence.
       assert pooled.shape == (config.batch_size, 192) and 'target_effective_rank' not in metrics
       # Step 0's logged lr is the one its update used (the reference steps its scheduler first).
-      total, spe = optim.run_length(config)
-      expected_lr = float(optim.lr_schedule(config, total, spe)(0))
+      expected_lr = float(optim.lr_schedule(optim.AdamW.from_config(config),
+                                            optim.RunLength.from_config(config))(0))
       assert float(metrics['lr']) == pytest.approx(expected_lr, rel=1e-6)
       assert config.optim.start_lr < expected_lr < config.optim.lr
     rank = float(step_lib.effective_rank(pooled - jnp.mean(pooled, axis=0)))
@@ -226,8 +230,8 @@ def test_sigreg_objective_logs_its_term_and_trains():
   config.sigreg.weight = 0.05
   config.sigreg.num_slices = 16
   config.use_ema = False
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  run = step_lib.setup(config, mesh)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config), jax.devices()[:1])
+  run = step_lib.setup(step_lib.StepSpec.from_config(config), mesh)
   state = run.init_fn()
   _, metrics, _ = run.jitted_step(state, jax.device_put(fixed_batch(config),
                                                         sharding.batch_sharding(mesh)))

@@ -17,7 +17,7 @@ def _check(name, options):
 
 
 def _build(ctx, options):
-  num_classes = int(ctx.config.data.num_classes)
+  num_classes = int(ctx.data.num_classes)
 
   def probe(train_x, train_y, test_x, test_y):
     del train_x, test_x

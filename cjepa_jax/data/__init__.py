@@ -1,5 +1,6 @@
 """Input data: the API the trainers call (`input_pipeline`) and, behind it, two loaders.
 
+  spec.py             `DataSpec`: what the input reads of a config, read once where it enters.
   input_pipeline.py   The input API: train / eval iterators, dataset checks, class names.
   sources.py          The grain loader's random-access sources (image folder, ArrayRecord, tfds,
                       synthetic).

@@ -15,9 +15,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import ml_collections
 import numpy as np
 from PIL import Image
+
+from cjepa_jax.data.spec import DataSpec
 
 
 # Stream id folded into the augmentation seeds (each random decision has its own stream).
@@ -79,8 +80,8 @@ def _open(ex: dict[str, Any]) -> Image.Image:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-  """The preprocessing parameters, read once from `config.data` (plain values: the per-example
-  functions run ~10^3 times a second per core, where ConfigDict look-ups would show)."""
+  """The preprocessing parameters of a `DataSpec`, as the per-example functions use them (the
+  resample filter looked up, mean and std as arrays: they run ~10^3 times a second per core)."""
   image_size: int
   crop_scale: tuple[float, float]
   crop_ratio: tuple[float, float]
@@ -93,7 +94,7 @@ class Preprocess:
   std: np.ndarray   # float32 [3]
 
   @classmethod
-  def from_config(cls, data: ml_collections.ConfigDict) -> Preprocess:
+  def from_spec(cls, data: DataSpec) -> Preprocess:
     return cls(int(data.image_size), tuple(data.crop_scale), tuple(data.crop_ratio),
                RESAMPLE[data.interpolation], bool(data.flip), float(data.color_jitter),
                float(data.grayscale), float(data.blur), np.asarray(data.mean, np.float32),

@@ -1,6 +1,6 @@
 """The grain loader: a global shuffle, batches of positions, O(1) exact resume; no TensorFlow.
 
-Selected by `config.data.loader = 'grain'` (the default); `input_pipeline` builds the source
+Selected by `data.loader = 'grain'` (the default); `input_pipeline` builds the source
 (`sources`) and calls `train_batches` / `eval_batches` here, with `augment`'s preprocessing.
 
 Training order: a global shuffle. Global position g (step s holds [s*B, (s+1)*B), B the global
@@ -23,11 +23,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from absl import logging
-import ml_collections
 import numpy as np
 
 from cjepa_jax.data import augment
 from cjepa_jax.data import batching
+from cjepa_jax.data.spec import DataSpec
 
 
 # Stream id folded into the order's seeds (each random decision has its own stream).
@@ -73,8 +73,8 @@ def local_to_global(k: int, *, local_batch: int, process_index: int, process_cou
 # ------------------------------------------------------------------------------------------------
 
 
-def _threads(data: ml_collections.ConfigDict) -> int:
-  workers = int(data.get('workers', 0))
+def _threads(data: DataSpec) -> int:
+  workers = int(data.workers)
   if workers > 0:
     return workers
   cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
@@ -117,7 +117,7 @@ def _collate(examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _parallel_batches(fn: Callable[[int], dict[str, Any]], start: int, stop: int,
-                      batch: int, data: ml_collections.ConfigDict) -> Iterator[dict[str, Any]]:
+                      batch: int, data: DataSpec) -> Iterator[dict[str, Any]]:
   """Batches of fn(k) for k in [start, stop), in order: batch j holds k = start + j * batch, ...
 
   grain maps whole batches (a MapDataset over batch numbers), several at once on its reader
@@ -138,19 +138,18 @@ def _parallel_batches(fn: Callable[[int], dict[str, Any]], start: int, stop: int
   return iter(ds)
 
 
-def train_batches(source, config: ml_collections.ConfigDict, *, start_step: int,
+def train_batches(source, data: DataSpec, *, start_step: int,
                   local_batch: int, process_index: int, process_count: int,
                   infinite_source: bool = False) -> Iterator[dict[str, Any]]:
   """Host-local training batches from step `start_step` on (see the module docstring).
 
   Yields dict(image=float32 [b, S, S, 3], label=int32 [b], data_skipped=int).
   """
-  data = config.data
-  order = None if infinite_source else EpochPermutation(config.seed, len(source))
+  order = None if infinite_source else EpochPermutation(data.seed, len(source))
   to_global = functools.partial(local_to_global, local_batch=local_batch,
                                 process_index=process_index, process_count=process_count)
-  pp = augment.Preprocess.from_config(data)
-  seed = int(config.seed)
+  pp = augment.Preprocess.from_spec(data)
+  seed = int(data.seed)
 
   def example(k):
     g = to_global(k)
@@ -170,7 +169,7 @@ def train_batches(source, config: ml_collections.ConfigDict, *, start_step: int,
                label=batching.fill_invalid(batch['label'], valid), data_skipped=skipped)
 
 
-def eval_batches(source, config: ml_collections.ConfigDict, index: np.ndarray, *, total: int,
+def eval_batches(source, data: DataSpec, index: np.ndarray, *, total: int,
                  resize: int, local_batch: int, process_count: int
                  ) -> Iterator[dict[str, Any]]:
   """One pass over `index` (this process's split positions), padded to the common batch count.
@@ -178,8 +177,7 @@ def eval_batches(source, config: ml_collections.ConfigDict, index: np.ndarray, *
   Yields dict(image [b, S, S, 3], label [b], valid [b], pos int32 [b] (-1 on padding),
   data_skipped).
   """
-  data = config.data
-  pp = augment.Preprocess.from_config(data)
+  pp = augment.Preprocess.from_spec(data)
   steps = batching.eval_steps(total, process_count, local_batch)
 
   def example(k):

@@ -1,7 +1,8 @@
 """The input API: training and evaluation batches, dataset checks and class names.
 
-The trainers, the probes and fine-tuning call only this module. Two loaders
-(`config.data.loader`) sit behind the same functions:
+The trainers, the probes and fine-tuning call only this module, with the run's `DataSpec`
+(`spec.py`: `config.data.*` read once where the config enters). Two loaders (`data.loader`) sit
+behind the same functions:
   * 'grain' (the default): `grain_loader` over `sources` (image folder, ArrayRecord, tfds
     prepared as ArrayRecord, synthetic) with `augment` (numpy / PIL); no TensorFlow. A global
     shuffle; a step's examples are a function of (seed, step) alone.
@@ -11,7 +12,7 @@ Both hand host-local numpy batches to the caller, which places them on the devic
 `to_global_array`, and both resume exactly from a step number alone (no iterator state in the
 checkpoint).
 
-`class_names(config, split)` gives the class of each label id; `check_label_splits(config)` (the
+`class_names(data, split)` gives the class of each label id; `check_label_splits(data)` (the
 probes and fine-tuning call it) refuses train / eval splits whose classes differ, so label ids
 never silently mean different classes. Evaluation input (`make_eval_iterator`): resize the short
 side, centre-crop `image_size`, normalise, one pass in file order, the last batch padded with
@@ -27,7 +28,6 @@ from typing import Any
 
 from absl import logging
 import jax
-import ml_collections
 import numpy as np
 
 from cjepa_jax.data import array_record
@@ -38,6 +38,7 @@ from cjepa_jax.data import image_folder
 from cjepa_jax.data import lazy_tf
 from cjepa_jax.data import sources
 from cjepa_jax.data import tf_loader
+from cjepa_jax.data.spec import DataSpec
 
 
 LOADERS = ('tf', 'grain')
@@ -49,7 +50,7 @@ LOADERS = ('tf', 'grain')
 
 
 def make_train_iterator(
-    config: ml_collections.ConfigDict,
+    data: DataSpec,
     *,
     start_step: int = 0,
     process_index: int | None = None,
@@ -58,7 +59,7 @@ def make_train_iterator(
   """Infinite iterator of host-local training batches, starting at step `start_step`.
 
   Args:
-    config: the run config (`config.data.*`, `config.batch_size` = global batch, `config.seed`).
+    data: the run's data (`batch_size` = the global batch, `seed`).
     start_step: the first step to produce; batch k of the iterator is the batch of step
       `start_step + k`, identical to an uninterrupted run's.
     process_index: this process (default `jax.process_index()`).
@@ -67,38 +68,39 @@ def make_train_iterator(
   Yields:
     dict(image=float32 [b, H, W, 3] normalised, label=int32 [b],
          data_skipped=int: corrupt/unreadable images replaced so far by this iterator),
-    with b = batch_size // process_count and H = W = config.data.image_size.
+    with b = batch_size // process_count and H = W = data.image_size.
   """
   process_index, process_count = _process(process_index, process_count)
-  local_batch = batching.local_batch(config.batch_size, process_count)
-  _check_data_config(config)
-  if _loader(config) == 'grain':
-    it = _grain_train_batches(config, start_step, local_batch, process_index, process_count)
+  local_batch = batching.local_batch(data.batch_size, process_count)
+  _check_data_config(data)
+  if _loader(data) == 'grain':
+    it = _grain_train_batches(data, start_step, local_batch, process_index, process_count)
   else:
-    it = tf_loader.train_iterator(config, start_step=start_step, local_batch=local_batch,
+    it = tf_loader.train_iterator(data, start_step=start_step, local_batch=local_batch,
                                   process_index=process_index, process_count=process_count)
   # Once per run (the trainers build one training iterator): whether anything imported TensorFlow.
-  logging.info('Input pipeline: loader=%s, tensorflow_imported=%s', _loader(config),
+  logging.info('Input pipeline: loader=%s, tensorflow_imported=%s', _loader(data),
                isinstance(sys.modules.get('tensorflow'), type(sys)))
   return it
 
 
-def _grain_train_batches(config, start_step, local_batch, process_index, process_count):
-  if config.data.dataset == 'synthetic':  # An endless stream: global position = example id.
-    source = sources.SyntheticSource(config, config.data.train_split, sources.SYNTHETIC_STREAM)
+def _grain_train_batches(data: DataSpec, start_step: int, local_batch: int, process_index: int,
+                         process_count: int) -> Iterator[dict[str, Any]]:
+  if data.dataset == 'synthetic':  # An endless stream: global position = example id.
+    source = sources.SyntheticSource(data, data.train_split, sources.SYNTHETIC_STREAM)
   else:
-    source = sources.grain_source(config, config.data.train_split)
+    source = sources.grain_source(data, data.train_split)
     if not len(source):  # pylint: disable=g-explicit-length-test
-      raise ValueError(f'Split {config.data.train_split!r} of {config.data.dataset!r} has no '
+      raise ValueError(f'Split {data.train_split!r} of {data.dataset!r} has no '
                        'examples; use a split with data.')
   return grain_loader.train_batches(
-      source, config, start_step=start_step, local_batch=local_batch,
+      source, data, start_step=start_step, local_batch=local_batch,
       process_index=process_index, process_count=process_count,
-      infinite_source=config.data.dataset == 'synthetic')
+      infinite_source=data.dataset == 'synthetic')
 
 
 def make_eval_iterator(
-    config: ml_collections.ConfigDict,
+    data: DataSpec,
     split: str,
     *,
     batch_size: int,
@@ -113,11 +115,11 @@ def make_eval_iterator(
   evaluation steps line up across hosts. Corrupt images also come out with `valid = False` (and
   are counted in `data_skipped`).
 
-  Preprocessing: resize the short side (interpolation `config.data.interpolation`, antialiased)
-  to `eval_resize_size(config)` and centre-crop `image_size`, then normalise.
+  Preprocessing: resize the short side (interpolation `data.interpolation`, antialiased)
+  to `eval_resize_size(data)` and centre-crop `image_size`, then normalise.
 
   Args:
-    config: the run config.
+    data: the run's data.
     split: split name (tfds split or sub-folder of an image folder).
     batch_size: the GLOBAL eval batch; each process yields `batch_size // process_count`.
     process_index: this process (default `jax.process_index()`).
@@ -133,64 +135,64 @@ def make_eval_iterator(
   """
   process_index, process_count = _process(process_index, process_count)
   local_batch = batching.local_batch(batch_size, process_count)
-  _check_data_config(config)
-  if _loader(config) == 'grain':
-    source, index = _grain_eval_source(config, split, num_examples)
+  _check_data_config(data)
+  if _loader(data) == 'grain':
+    source, index = _grain_eval_source(data, split, num_examples)
     return grain_loader.eval_batches(
-        source, config, index[process_index::process_count], total=len(index),
-        resize=eval_resize_size(config), local_batch=local_batch, process_count=process_count)
-  return tf_loader.eval_iterator(config, split, num_examples=num_examples,
-                                 resize=eval_resize_size(config), local_batch=local_batch,
+        source, data, index[process_index::process_count], total=len(index),
+        resize=eval_resize_size(data), local_batch=local_batch, process_count=process_count)
+  return tf_loader.eval_iterator(data, split, num_examples=num_examples,
+                                 resize=eval_resize_size(data), local_batch=local_batch,
                                  process_index=process_index, process_count=process_count)
 
 
-def check_dataset(config: ml_collections.ConfigDict, *, process_count: int | None = None) -> None:
+def check_dataset(data: DataSpec, *, process_count: int | None = None) -> None:
   """Fails fast (ValueError naming the fix) if the training data cannot be read as configured.
 
   Checks the data config and the batch split over processes, and that the training split exists
   (tfds: prepared under data_dir; image folder: has images). Cheap: reads metadata or a listing.
   """
-  batching.local_batch(config.batch_size,
+  batching.local_batch(data.batch_size,
                        jax.process_count() if process_count is None else process_count)
-  _check_data_config(config)
-  name, split = config.data.dataset, config.data.train_split
+  _check_data_config(data)
+  name, split = data.dataset, data.train_split
   if name == 'image_folder':
-    image_folder.list_images(config.data.data_dir, split)
-  elif name == 'array_record' or (name != 'synthetic' and _loader(config) == 'grain'):
-    sources.grain_source(config, split)
+    image_folder.list_images(data.data_dir, split)
+  elif name == 'array_record' or (name != 'synthetic' and _loader(data) == 'grain'):
+    sources.grain_source(data, split)
   elif name != 'synthetic':
-    tf_loader.tfds_read(tf_loader.tfds_builder(config), split, add_tfds_id=False)
+    tf_loader.tfds_read(tf_loader.tfds_builder(data), split, add_tfds_id=False)
 
 
-def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
+def num_examples(data: DataSpec, split: str) -> int:
   """Number of examples of `split` over all processes (cheap: metadata or a file listing)."""
-  name = config.data.dataset
+  name = data.dataset
   if name == 'synthetic':
-    return sources.synthetic_size(config, split)
+    return sources.synthetic_size(data, split)
   if name == 'image_folder':
-    return len(image_folder.list_images(config.data.data_dir, split)[0])
-  if name == 'array_record' or _loader(config) == 'grain':
-    return len(sources.grain_source(config, split))
-  builder = tf_loader.tfds_builder(config)
+    return len(image_folder.list_images(data.data_dir, split)[0])
+  if name == 'array_record' or _loader(data) == 'grain':
+    return len(sources.grain_source(data, split))
+  builder = tf_loader.tfds_builder(data)
   return int(tf_loader.tfds_read(builder, split, add_tfds_id=False).cardinality())
 
 
-def class_names(config: ml_collections.ConfigDict, split: str) -> list[str]:
+def class_names(data: DataSpec, split: str) -> list[str]:
   """The class names of `split` in label order: label id i is class `class_names(...)[i]`.
 
   image_folder: the sorted sub-folder names of `data_dir/split`, the order in which the pipeline
   numbers the labels 0..C-1 (empty folders included: they still take a label id). tfds: the names
   of the 'label' ClassLabel feature, one list for every split. synthetic: 'class_0', ...,
-  `config.data.num_classes` of them. Cheap: a directory listing or metadata.
+  `data.num_classes` of them. Cheap: a directory listing or metadata.
   """
-  name = config.data.dataset
+  name = data.dataset
   if name == 'synthetic':
-    return [f'class_{i}' for i in range(int(config.data.num_classes))]
+    return [f'class_{i}' for i in range(int(data.num_classes))]
   if name == 'image_folder':
-    return list(image_folder.list_classes(config.data.data_dir, split))
+    return list(image_folder.list_classes(data.data_dir, split))
   if name == 'array_record':
-    return array_record.class_names(config.data.data_dir)
-  features = tf_loader.tfds_builder(config).info.features
+    return array_record.class_names(data.data_dir)
+  features = tf_loader.tfds_builder(data).info.features
   label = features['label'] if 'label' in features else None
   if not isinstance(label, lazy_tf.tfds.features.ClassLabel):
     raise ValueError(f'tfds dataset {name!r} has no ClassLabel feature \'label\' (its features: '
@@ -198,24 +200,24 @@ def class_names(config: ml_collections.ConfigDict, split: str) -> list[str]:
   return list(label.names)
 
 
-def check_label_splits(config: ml_collections.ConfigDict) -> list[str]:
+def check_label_splits(data: DataSpec) -> list[str]:
   """Fails fast (one-line ValueError naming the fix) unless probe labels mean the same class.
 
-  A probe fits on `config.data.train_split` and scores on `config.data.eval_split` by label id,
-  so both must have the same class names in the same order (else label i is one class in one
-  split and another in the other, and the accuracy is silently wrong), at least 2 classes, and
-  exactly `config.data.num_classes` of them (the classifier's width). Cheap: listings or
-  metadata, no images are read. Returns the class names in label order.
+  A probe fits on `data.train_split` and scores on `data.eval_split` by label id, so both must
+  have the same class names in the same order (else label i is one class in one split and
+  another in the other, and the accuracy is silently wrong), at least 2 classes, and exactly
+  `data.num_classes` of them (the classifier's width). Cheap: listings or metadata, no images
+  are read. Returns the class names in label order.
   """
-  d = config.data
-  train, evals = class_names(config, d.train_split), class_names(config, d.eval_split)
-  where_train = _split_location(config, d.train_split)
-  where_eval = _split_location(config, d.eval_split)
+  d = data
+  train, evals = class_names(data, d.train_split), class_names(data, d.eval_split)
+  where_train = _split_location(data, d.train_split)
+  where_eval = _split_location(data, d.eval_split)
   for where, names in ((where_train, train), (where_eval, evals)):
     if len(names) < 2:
       shown = ', '.join(repr(n) for n in names) or 'none'
       raise ValueError(f'{where} has {len(names)} class(es) ({shown}), but a classification probe '
-                       f'needs at least 2; {_two_classes_fix(config, where)}')
+                       f'needs at least 2; {_two_classes_fix(data, where)}')
   if train != evals:
     raise ValueError(f'The train and eval splits have different classes, so their label ids would '
                      f'not match: {_class_difference(train, evals, where_train, where_eval)}. '
@@ -228,18 +230,18 @@ def check_label_splits(config: ml_collections.ConfigDict) -> list[str]:
   return train
 
 
-def eval_resize_size(config: ml_collections.ConfigDict) -> int:
+def eval_resize_size(data: DataSpec) -> int:
   """Short side before the evaluation centre crop: round(eval_resize * image_size / 224).
 
-  `config.data.eval_resize` is read as the resize at 224 px, i.e. it fixes the crop fraction
+  `data.eval_resize` is read as the resize at 224 px, i.e. it fixes the crop fraction
   (224 / 256 = 0.875 by default) for every `image_size`: 256 at 224, 37 at 32, 512 at 448. A
   recipe at another resolution therefore needs no eval key of its own.
   """
-  size = config.data.image_size
-  resize = int(round(config.data.eval_resize * size / 224))
+  size = data.image_size
+  resize = int(round(data.eval_resize * size / 224))
   if resize < size:
     raise ValueError(
-        f'config.data.eval_resize={config.data.eval_resize} gives a short side of {resize} < '
+        f'config.data.eval_resize={data.eval_resize} gives a short side of {resize} < '
         f'image_size={size}: the centre crop would not fit. Set eval_resize >= 224 (it is the '
         'resize at 224 px; 256 is the usual 0.875 crop fraction).')
   return resize
@@ -277,34 +279,35 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
   return process_index, process_count
 
 
-def _loader(config: ml_collections.ConfigDict) -> str:
-  """config.data.loader (the default, 'grain', when a config lacks the key)."""
-  loader = config.data.get('loader', 'grain')
+def _loader(data: DataSpec) -> str:
+  """config.data.loader, checked."""
+  loader = data.loader
   if loader not in LOADERS:
     raise ValueError(f"config.data.loader={loader!r} is not one of {LOADERS}; set "
                      "--config.data.loader=grain (no TensorFlow) or tf.")
   return loader
 
 
-def _grain_eval_source(config: ml_collections.ConfigDict, split: str, count: int | None):
+def _grain_eval_source(data: DataSpec, split: str, count: int | None
+                       ) -> tuple[Any, np.ndarray]:
   """(source, the split positions of the evaluation in order), as the tf.data `_eval_source`:
   the first `count` examples, except an image folder's seeded random subset (sorted by class)."""
   if count is not None and count <= 0:
     raise ValueError(f'num_examples must be positive, got {count}.')
-  source = sources.grain_source(config, split)
+  source = sources.grain_source(data, split)
   n = len(source)
   index = np.arange(n)
   if count is not None and count < n:
-    if config.data.dataset == 'image_folder':
+    if data.dataset == 'image_folder':
       index = np.sort(np.random.default_rng(0).permutation(n)[:count])
     else:
       index = index[:count]
   return source, index
 
 
-def _check_data_config(config: ml_collections.ConfigDict) -> None:
-  d = config.data
-  if _loader(config) == 'tf':
+def _check_data_config(data: DataSpec) -> None:
+  d = data
+  if _loader(data) == 'tf':
     if d.dataset == 'array_record':
       raise ValueError("config.data.dataset='array_record' is read by the grain loader only; "
                        'set --config.data.loader=grain.')
@@ -326,24 +329,24 @@ def _check_data_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f'config.data.mean / std must have 3 entries with std > 0, got {d.mean} / {d.std}.')
   for key in ('color_jitter', 'grayscale', 'blur'):
-    if d[key] < 0:
-      raise ValueError(f'config.data.{key} must be >= 0, got {d[key]}.')
+    if getattr(d, key) < 0:
+      raise ValueError(f'config.data.{key} must be >= 0, got {getattr(d, key)}.')
 
 
-def _split_location(config: ml_collections.ConfigDict, split: str) -> str:
+def _split_location(data: DataSpec, split: str) -> str:
   """Where `split` is, for messages: its directory, or the tfds / synthetic split's name."""
-  name = config.data.dataset
+  name = data.dataset
   if name == 'image_folder':
-    return os.path.join(config.data.data_dir, split)
+    return os.path.join(data.data_dir, split)
   if name == 'synthetic':
     return f'split {split!r} of the synthetic dataset'
   if name == 'array_record':
-    return f'split {split!r} of the ArrayRecord dataset in {config.data.data_dir}'
+    return f'split {split!r} of the ArrayRecord dataset in {data.data_dir}'
   return f'split {split!r} of tfds dataset {name!r}'
 
 
-def _two_classes_fix(config: ml_collections.ConfigDict, where: str) -> str:
-  name = config.data.dataset
+def _two_classes_fix(data: DataSpec, where: str) -> str:
+  name = data.dataset
   if name == 'image_folder':
     return f'put the images of each class in their own sub-folder {where}/<class name>/.'
   if name == 'synthetic':

@@ -7,7 +7,7 @@ messages), decoding left to the augmentation:
   * any tfds name: `TfdsSource`, `tfds.data_source(name, split, data_dir=...)` (prepared as
     ArrayRecord; needs tensorflow-datasets, not TensorFlow).
   * 'synthetic': `SyntheticSource`, numpy noise images, a function of (seed, split, example id).
-`grain_source(config, split)` picks one from `config.data`.
+`grain_source(data, split)` picks one from the run's `DataSpec`.
 """
 
 from __future__ import annotations
@@ -16,16 +16,16 @@ import zlib
 from collections.abc import Sequence
 from typing import Any
 
-import ml_collections
 import numpy as np
 
 from cjepa_jax.data import array_record
 from cjepa_jax.data import image_folder
 from cjepa_jax.data import lazy_tf
+from cjepa_jax.data.spec import DataSpec
 
 
 # Size of every split of the 'synthetic' dataset except the training split, whose size is
-# `config.data.num_train_examples`.
+# `data.num_train_examples`.
 SYNTHETIC_EVAL_EXAMPLES = 10_000
 
 
@@ -101,10 +101,10 @@ class TfdsSource:
 class SyntheticSource:
   """`size` uint8 noise images [S, S, 3] with labels, a function of (seed, split, id)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, split: str, size: int):
-    self._seed, self._split = int(config.seed), zlib.crc32(split.encode())
-    self._image_size, self._classes, self._size = (int(config.data.image_size),
-                                                   int(config.data.num_classes), size)
+  def __init__(self, data: DataSpec, split: str, size: int):
+    self._seed, self._split = int(data.seed), zlib.crc32(split.encode())
+    self._image_size, self._classes, self._size = (int(data.image_size),
+                                                   int(data.num_classes), size)
 
   def __len__(self) -> int:
     return self._size
@@ -116,20 +116,21 @@ class SyntheticSource:
                 label=int(rng.integers(0, self._classes)), source=f'synthetic:{i}')
 
 
-def synthetic_size(config: ml_collections.ConfigDict, split: str) -> int:
+def synthetic_size(data: DataSpec, split: str) -> int:
   """Examples in `split` of the synthetic dataset: `data.num_train_examples` for the training
   split (it defines an epoch), `SYNTHETIC_EVAL_EXAMPLES` for any other."""
-  if split == config.data.train_split:
-    return int(config.data.num_train_examples)
+  if split == data.train_split:
+    return int(data.num_train_examples)
   return SYNTHETIC_EVAL_EXAMPLES
 
 
-def grain_source(config: ml_collections.ConfigDict, split: str):
+def grain_source(data: DataSpec, split: str
+                 ) -> ImageFolderSource | ArrayRecordSource | TfdsSource | SyntheticSource:
   """The random-access source of `split` (for 'synthetic' training: `SyntheticSource` of
   `SYNTHETIC_STREAM` examples)."""
-  name, data_dir = config.data.dataset, config.data.data_dir
+  name, data_dir = data.dataset, data.data_dir
   if name == 'synthetic':
-    return SyntheticSource(config, split, synthetic_size(config, split))
+    return SyntheticSource(data, split, synthetic_size(data, split))
   if name == 'image_folder':
     return ImageFolderSource(*image_folder.list_images(data_dir, split))
   if name == 'array_record':

@@ -15,9 +15,8 @@ import functools
 import math
 from collections.abc import Sequence
 
-import ml_collections
-
 from cjepa_jax.data.lazy_tf import tf
+from cjepa_jax.data.spec import DataSpec
 
 
 # Torchvision's RandomResizedCrop tries this many (scale, ratio) draws before its fallback.
@@ -50,8 +49,8 @@ def seed(base: tf.Tensor, *data) -> tf.Tensor:
   return base
 
 
-def base_seed(config: ml_collections.ConfigDict, process_index: int) -> tf.Tensor:
-  return tf.constant([config.seed, process_index], tf.int64)
+def base_seed(data: DataSpec, process_index: int) -> tf.Tensor:
+  return tf.constant([data.seed, process_index], tf.int64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -85,9 +84,9 @@ def _decode(encoded: tf.Tensor) -> tf.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 
-def train_preprocess(ex, *, config, aug_base):
+def train_preprocess(ex, *, data: DataSpec, aug_base):
   """Example -> dict(image=float32 [S, S, 3] normalised, ...), randomness seeded by position."""
-  d = config.data
+  d = data
   seeds = tf.unstack(tf.random.experimental.stateless_split(seed(aug_base, ex['pos']), 5))
   crop_fn = functools.partial(random_resized_crop_window, scale=d.crop_scale, ratio=d.crop_ratio,
                               seed=seeds[0])
@@ -106,7 +105,7 @@ def train_preprocess(ex, *, config, aug_base):
     image = _random_grayscale(image, d.grayscale, seeds[3])
   if d.blur > 0:
     image = _random_blur(image, d.blur, seeds[4])
-  return finish(ex, _normalize(image, config))
+  return finish(ex, _normalize(image, data))
 
 
 def random_resized_crop_window(height: tf.Tensor, width: tf.Tensor, *, scale: Sequence[float],
@@ -162,10 +161,10 @@ def _decode_and_crop(encoded, crop_fn):
   return tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
 
 
-def _normalize(image, config):
+def _normalize(image, data: DataSpec):
   """[0, 1] pixels -> (x - mean) / std per channel."""
-  mean = tf.constant(config.data.mean, tf.float32)
-  std = tf.constant(config.data.std, tf.float32)
+  mean = tf.constant(data.mean, tf.float32)
+  std = tf.constant(data.std, tf.float32)
   return (image - mean) / std
 
 
@@ -222,13 +221,13 @@ def _random_blur(image, p: float, seed, sigma_range=(0.1, 2.0)):
 # ------------------------------------------------------------------------------------------------
 
 
-def eval_preprocess(ex, *, config, resize: int):
+def eval_preprocess(ex, *, data: DataSpec, resize: int):
   """Example -> dict(image=float32 [S, S, 3] normalised, ...): the short side to `resize`, the
   centre crop of `image_size`; no randomness."""
   image = ex['pixels'] if 'pixels' in ex else _decode(_encoded(ex))  # Synthetic: no bytes.
-  image = _resize_short_side(image, resize, RESIZE_METHODS[config.data.interpolation])
-  image = _central_crop(image, config.data.image_size)
-  return finish(ex, _normalize(image / 255.0, config))
+  image = _resize_short_side(image, resize, RESIZE_METHODS[data.interpolation])
+  image = _central_crop(image, data.image_size)
+  return finish(ex, _normalize(image / 255.0, data))
 
 
 def _resize_short_side(image, size: int, method):

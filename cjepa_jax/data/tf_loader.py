@@ -1,11 +1,11 @@
-"""The tf.data loader (`config.data.loader = 'tf'`): tfds, an image folder or synthetic images.
+"""The tf.data loader (`data.loader = 'tf'`): tfds, an image folder or synthetic images.
 
 The package's only TensorFlow user with `tf_augment`; TensorFlow is imported on first use
 (`lazy_tf`), needs `pip install -e '.[tf]'`, and the grain loader never imports it.
 
-Sources (`config.data.dataset`):
+Sources (`data.dataset`):
   * any tfds name ('imagenet2012', 'imagenet2012_subset/1pct', 'cifar10', ...), read from
-    `config.data.data_dir` with `tfds.builder(name, data_dir=...)`; never downloads.
+    `data.data_dir` with `tfds.builder(name, data_dir=...)`; never downloads.
   * 'image_folder': `data_dir/<split>/<label>/<image>` (`image_folder`'s listing).
   * 'synthetic': random images and labels made in TensorFlow from the seed; no files.
 
@@ -46,7 +46,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
-import ml_collections
 import numpy as np
 
 from cjepa_jax.data import batching
@@ -55,6 +54,7 @@ from cjepa_jax.data import sources
 from cjepa_jax.data import tf_augment
 from cjepa_jax.data.lazy_tf import tf
 from cjepa_jax.data.lazy_tf import tfds
+from cjepa_jax.data.spec import DataSpec
 
 
 # tfds training reads the local split as this many contiguous chunks, interleaved at random per
@@ -62,21 +62,21 @@ from cjepa_jax.data.lazy_tf import tfds
 TFDS_READ_CHUNKS = 32
 
 
-def train_iterator(config: ml_collections.ConfigDict, *, start_step: int, local_batch: int,
+def train_iterator(data: DataSpec, *, start_step: int, local_batch: int,
                    process_index: int, process_count: int) -> Iterator[dict[str, Any]]:
   """Host-local training batches from step `start_step` on (see the module docstring).
 
   Yields dict(image=float32 [b, S, S, 3], label=int32 [b], data_skipped=int).
   """
-  ds = _train_source(config, start_step * local_batch, process_index, process_count)
+  ds = _train_source(data, start_step * local_batch, process_index, process_count)
   preprocess = functools.partial(
-      tf_augment.train_preprocess, config=config,
-      aug_base=tf_augment.seed(tf_augment.base_seed(config, process_index), tf_augment.AUGMENT))
-  ds = _decode_batches(ds, preprocess, config.data.image_size, local_batch)
-  return _host_batches(ds.prefetch(config.data.prefetch), fill_invalid=True)
+      tf_augment.train_preprocess, data=data,
+      aug_base=tf_augment.seed(tf_augment.base_seed(data, process_index), tf_augment.AUGMENT))
+  ds = _decode_batches(ds, preprocess, data.image_size, local_batch)
+  return _host_batches(ds.prefetch(data.prefetch), fill_invalid=True)
 
 
-def eval_iterator(config: ml_collections.ConfigDict, split: str, *, num_examples: int | None,
+def eval_iterator(data: DataSpec, split: str, *, num_examples: int | None,
                   resize: int, local_batch: int, process_index: int, process_count: int
                   ) -> Iterator[dict[str, Any]]:
   """One pass over `split` in file order, padded to the common batch count of every process.
@@ -84,9 +84,9 @@ def eval_iterator(config: ml_collections.ConfigDict, split: str, *, num_examples
   Yields dict(image [b, S, S, 3], label [b], valid [b], pos int32 [b] (-1 on padding),
   data_skipped).
   """
-  ds, total = _eval_source(config, split, num_examples, process_index, process_count)
-  size = config.data.image_size
-  preprocess = functools.partial(tf_augment.eval_preprocess, config=config, resize=resize)
+  ds, total = _eval_source(data, split, num_examples, process_index, process_count)
+  size = data.image_size
+  preprocess = functools.partial(tf_augment.eval_preprocess, data=data, resize=resize)
   ds = _decode_batches(ds, preprocess, size, local_batch)
   # Processes with fewer examples add all-padding batches: every process runs `steps` batches.
   steps = batching.eval_steps(total, process_count, local_batch)
@@ -94,7 +94,7 @@ def eval_iterator(config: ml_collections.ConfigDict, split: str, *, num_examples
   padding = padding.batch(local_batch).map(
       lambda b: dict(b, input_source=b['source'], num_inputs=0)).repeat()
   ds = ds.concatenate(padding).take(steps)
-  return _host_batches(ds.prefetch(config.data.prefetch), fill_invalid=False)
+  return _host_batches(ds.prefetch(data.prefetch), fill_invalid=False)
 
 
 def _split_id(split: str) -> int:
@@ -107,30 +107,30 @@ def _split_id(split: str) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def _train_source(config, start_pos: int, process_index: int,
+def _train_source(data: DataSpec, start_pos: int, process_index: int,
                   process_count: int) -> tf.data.Dataset:
   """Undecoded examples of one process, in training order, from stream position `start_pos` on."""
-  name = config.data.dataset
-  base = tf_augment.base_seed(config, process_index)
+  name = data.dataset
+  base = tf_augment.base_seed(data, process_index)
   if name == 'synthetic':
-    ds = _synthetic_train_source(config, start_pos, process_index, process_count)
+    ds = _synthetic_train_source(data, start_pos, process_index, process_count)
   else:
     if name == 'image_folder':
-      epoch_fn, n = _image_folder_epochs(config, base, process_index, process_count)
+      epoch_fn, n = _image_folder_epochs(data, base, process_index, process_count)
     else:
-      epoch_fn, n = _tfds_epochs(config, base, process_index, process_count)
+      epoch_fn, n = _tfds_epochs(data, base, process_index, process_count)
     if n == 0:
       raise ValueError(f'Process {process_index} of {process_count} has no training examples of '
-                       f'split {config.data.train_split!r}; use fewer processes or more data.')
+                       f'split {data.train_split!r}; use fewer processes or more data.')
     start_epoch, offset = divmod(start_pos, n)
     ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_fn)
     ds = ds.skip(offset)  # Before any decoding: on file names or encoded records.
   return ds
 
 
-def _image_folder_epochs(config, base, process_index, process_count):
+def _image_folder_epochs(data: DataSpec, base, process_index, process_count):
   """Per-epoch full permutation of this process's files of an image folder."""
-  paths, labels = image_folder.list_images(config.data.data_dir, config.data.train_split)
+  paths, labels = image_folder.list_images(data.data_dir, data.train_split)
   paths = paths[process_index::process_count]
   labels = labels[process_index::process_count]
   n = len(paths)
@@ -148,23 +148,23 @@ def _image_folder_epochs(config, base, process_index, process_count):
   return epoch, n
 
 
-def _tfds_epochs(config, base, process_index, process_count):
+def _tfds_epochs(data: DataSpec, base, process_index, process_count):
   """Per-epoch random interleave of contiguous chunks of the local tfds split, then a buffer.
 
   Reading several chunks at once stands in for tfds' file shuffling (whose seed must be a Python
   int and so cannot change per epoch inside one graph); ImageNet's records are additionally
   stored shuffled by tfds.
   """
-  builder = tfds_builder(config)
+  builder = tfds_builder(data)
   split = tfds.split_for_jax_process(
-      config.data.train_split, process_index=process_index, process_count=process_count)
+      data.train_split, process_index=process_index, process_count=process_count)
   n = int(tfds_read(builder, split).cardinality())
   k = max(1, min(TFDS_READ_CHUNKS, n))
   chunks = [tfds_read(builder, s) for s in tfds.even_splits(split, n=k)]
   sizes = [int(c.cardinality()) for c in chunks]
   n = sum(sizes)  # Equals the split size; under tfds.testing.mock_data each chunk is mocked.
   chunk_ids = tf.repeat(tf.range(k, dtype=tf.int64), sizes)
-  buffer = max(1, int(config.data.shuffle_buffer))
+  buffer = max(1, int(data.shuffle_buffer))
 
   def epoch(e):
     choice = tf.random.experimental.stateless_shuffle(
@@ -180,41 +180,41 @@ def _tfds_example(ex, pos):
   return dict(pos=pos, encoded=ex['image'], label=ex['label'], source=ex['tfds_id'])
 
 
-def _synthetic_train_source(config, start_pos, process_index, process_count):
+def _synthetic_train_source(data: DataSpec, start_pos, process_index, process_count):
   """Infinite stream; example p of process i is global example p * process_count + i."""
-  split_id = _split_id(config.data.train_split)
+  split_id = _split_id(data.train_split)
 
   def make(pos):
-    return _synthetic_example(config, split_id, pos * process_count + process_index, pos)
+    return _synthetic_example(data, split_id, pos * process_count + process_index, pos)
 
   return tf.data.Dataset.range(start_pos, np.iinfo(np.int64).max).map(make)
 
 
-def _synthetic_example(config, split_id: int, example_id, pos):
+def _synthetic_example(data: DataSpec, split_id: int, example_id, pos):
   """A uint8 noise image [S, S, 3] and a label, a function of (seed, split, example_id)."""
-  seed = tf_augment.seed(tf.constant([config.seed, split_id], tf.int64), tf_augment.SYNTHETIC,
+  seed = tf_augment.seed(tf.constant([data.seed, split_id], tf.int64), tf_augment.SYNTHETIC,
                          example_id)
   s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  size = config.data.image_size
+  size = data.image_size
   pixels = tf.random.stateless_uniform([size, size, 3], s1, 0, 256, dtype=tf.int32)
-  label = tf.random.stateless_uniform([], s2, 0, config.data.num_classes, dtype=tf.int32)
+  label = tf.random.stateless_uniform([], s2, 0, data.num_classes, dtype=tf.int32)
   return dict(pos=pos, pixels=tf.cast(pixels, tf.uint8), label=tf.cast(label, tf.int64),
               source=tf.strings.format('synthetic:{}', example_id))
 
 
-def _eval_source(config, split, count, process_index, process_count):
+def _eval_source(data: DataSpec, split, count, process_index, process_count):
   """(dataset in file order of this process's examples, total number of examples)."""
-  name = config.data.dataset
+  name = data.dataset
   if count is not None and count <= 0:
     raise ValueError(f'num_examples must be positive, got {count}.')
   if name == 'synthetic':
-    total = sources.synthetic_size(config, split)
+    total = sources.synthetic_size(data, split)
     total = total if count is None else min(count, total)
     split_id = _split_id(split)
     ids = tf.data.Dataset.range(process_index, total, process_count)
-    return ids.map(lambda i: _synthetic_example(config, split_id, i, i)), total
+    return ids.map(lambda i: _synthetic_example(data, split_id, i, i)), total
   if name == 'image_folder':
-    paths, labels = image_folder.list_images(config.data.data_dir, split)
+    paths, labels = image_folder.list_images(data.data_dir, split)
     index = np.arange(len(paths))
     if count is not None and count < len(paths):
       index = np.sort(np.random.default_rng(0).permutation(len(paths))[:count])
@@ -225,7 +225,7 @@ def _eval_source(config, split, count, process_index, process_count):
         pos=tf.constant(index, tf.int64), path=path, source=path,
         label=tf.constant([labels[i] for i in index], tf.int64)))
     return ds, total
-  builder = tfds_builder(config)
+  builder = tfds_builder(data)
   if count is not None:
     split = f'{split}[:{count}]'
   total = int(tfds_read(builder, split).cardinality())
@@ -240,9 +240,9 @@ def _eval_source(config, split, count, process_index, process_count):
   return ds, total
 
 
-def tfds_builder(config):
-  name = config.data.dataset
-  data_dir = config.data.data_dir or None
+def tfds_builder(data: DataSpec):
+  name = data.dataset
+  data_dir = data.data_dir or None
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError as e:

@@ -7,18 +7,20 @@ Every evaluator has one entry shape in every config (base.py), in big_vision's m
 Pretraining's monitors (the entries with every_steps > 0, on the EMA target encoder), the probe
 CLI (the entries `config.probes` lists, on one frozen checkpoint) and fine-tuning's evaluation
 (on the classifier; its best checkpoint kept by the training loop) all build them through
-`registry.py`.
+`registry.py`, from an `EvalsSpec` (`config.evals`, read once where the config enters) and the
+run's `DataSpec`.
 
 Modules, one per concept (nothing is imported here: importing the package costs nothing, and the
 trainer imports only what it runs):
 
-  base.py       The interface: `Type` (build, check, logged values, result entry, table rows),
-                `Context`, `Evaluator`, and the per-feature-kind helper.
+  base.py       The interface: `EvalsSpec` (the entries, frozen), `Type` (build, check, logged
+                values, result entry, table rows), `Context`, `Evaluator`, and the
+                per-feature-kind helper.
   registry.py   The types by name (`register`, one line each), `build`, `monitors` (what a
-                trainer runs, each on its own data subset), `periods`, `check`.
-  features.py   Restoring an encoder from a checkpoint (or `random`), pooled 'last' / 'last4'
-                features, their batch-sharded extraction to host arrays, and `FeatureCache`
-                (one extraction shared by every evaluator of a probe run).
+                trainer runs, each on its own data subset), `check`.
+  features.py   Restoring an encoder (`EncoderSource`: a checkpoint or `random`), pooled 'last'
+                / 'last4' features, their batch-sharded extraction to host arrays, and
+                `FeatureCache` (one extraction shared by every evaluator of a probe run).
   knn.py        'knn': DINO's weighted kNN vote over sharded training rows.
   linear.py     'linear': the linear probe, a vmapped (lr, wd) sweep chosen on held-out TRAIN
                 rows; it chooses the feature kind the others report.

@@ -285,17 +285,17 @@ def _check(name: str, o: base.Options) -> None:
 def _build(ctx: base.Context, o: base.Options) -> base.Evaluator:
   """{'tokens': `attentive_probe` result} on the final tokens."""
   heads = int(o.num_heads) or int(ctx.model.num_heads)
-  kinds, config, features = (features_lib.TOKENS,), ctx.config, ctx.features
+  kinds, data, features = (features_lib.TOKENS,), ctx.data, ctx.features
 
   def evaluate(params: Params) -> dict[str, Any]:
-    train_f, train_y = features.get(params, config.data.train_split, kinds)
-    test_f, test_y = features.get(params, config.data.eval_split, kinds)
+    train_f, train_y = features.get(params, data.train_split, kinds)
+    test_f, test_y = features.get(params, data.eval_split, kinds)
     return {features_lib.TOKENS: attentive_probe(
         train_f[features_lib.TOKENS], train_y, test_f[features_lib.TOKENS], test_y,
-        num_classes=int(config.data.num_classes), lrs=o.lrs, wds=o.wds, epochs=int(o.epochs),
+        num_classes=int(data.num_classes), lrs=o.lrs, wds=o.wds, epochs=int(o.epochs),
         batch_size=int(o.batch_size), holdout_fraction=float(o.holdout_fraction),
         num_queries=int(o.num_queries), num_heads=heads, mlp_ratio=float(o.mlp_ratio),
-        warmup_epochs=float(o.warmup_epochs), seed=int(config.seed), mesh=ctx.mesh,
+        warmup_epochs=float(o.warmup_epochs), seed=int(data.seed), mesh=ctx.mesh,
         progress=True)}
 
   return base.Evaluator(evaluate, kinds)
@@ -312,4 +312,14 @@ def _table_rows(name: str, r: dict[str, Any]) -> list[tuple[Any, ...]]:
            + (f' holdout={r["holdout_top1"]:.2f}' if r['holdout_top1'] is not None else ''))]
 
 
-TYPE = base.Type('attentive', _build, check=_check, entry=_entry, rows=_table_rows)
+def _card_rows(name: str, r: dict[str, Any]) -> list[tuple[str, ...]]:
+  del name
+  return [('attentive probe', features_lib.TOKENS, base.card_percent(r.get('top1')),
+           base.card_percent(r.get('top5')), '')]
+
+
+TYPE = base.Type('attentive', _build, check=_check, entry=_entry, rows=_table_rows,
+                 card_rows=_card_rows,
+                 card_protocol='attentive: a cross-attention pooling head trained on the frozen '
+                               'tokens, its lr and weight decay chosen on a held-out part of the '
+                               'train split')

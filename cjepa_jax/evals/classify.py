@@ -44,8 +44,8 @@ def _build(ctx: base.Context, o: base.Options) -> base.Evaluator:
 
   Every process reads its part; the sums are over the global batch (padded rows excluded).
   """
-  config, mesh = ctx.config, ctx.mesh
-  batch_size = int(o.eval_batch_size or config.batch_size)
+  data, mesh = ctx.data, ctx.mesh
+  batch_size = int(o.eval_batch_size or data.batch_size)
   sharding.check_batch_divisible(batch_size, mesh, jax.process_count())
   batch_sharding = sharding.batch_sharding(mesh)
   eval_step = jax.jit(make_eval_step(ctx.model), out_shardings=sharding.replicated(mesh))
@@ -54,7 +54,7 @@ def _build(ctx: base.Context, o: base.Options) -> base.Evaluator:
     from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
     totals = None
     for batch in input_pipeline.make_eval_iterator(
-        config, config.data.eval_split, batch_size=batch_size,
+        data, data.eval_split, batch_size=batch_size,
         num_examples=int(o.eval_examples) or None):
       batch.pop('data_skipped', None)
       batch.pop('pos', None)

@@ -1,7 +1,9 @@
 """The frozen encoder of an evaluation and its pooled features, on host as numpy.
 
-  restore_encoder(config, mesh)     (encoder, replicated params, info) that `config.pretrained`
-                                    names: a workdir, a checkpoint step directory, or `random`
+  EncoderSource.from_config(config) which encoder: `config.pretrained`, `encoder`, and the
+                                    `model.*` / `data.image_size` / `seed` of `random`.
+  restore_encoder(source, mesh)     (encoder, replicated params, info) that the source names: a
+                                    workdir, a checkpoint step directory, or `random`
                                     (= resolve_encoder + load_encoder_params, which fine-tuning
                                     also uses).
   pooled_features(...)              {'last': [B, D], 'last4': [B, n*D], 'tokens': [B, N, D]} of
@@ -23,6 +25,7 @@ Also the host <-> mesh helpers the probes share (`to_host`, `from_host`) and the
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 from typing import Any
 
 from absl import logging
@@ -38,6 +41,7 @@ import numpy as np
 from cjepa_jax.checkpoint import reading as ckpt_reading
 from cjepa_jax import metrics as metrics_lib
 from cjepa_jax import sharding
+from cjepa_jax.data.spec import DataSpec
 from cjepa_jax.models import jepa
 from cjepa_jax.models import vit
 
@@ -75,10 +79,30 @@ def _check_params(encoder: vit.Encoder, params: Params, image_size: int, where: 
         'and its config/ item disagree. Restore a checkpoint written by cjepa_jax.train.')
 
 
-def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[vit.Encoder, dict[str, Any]]:
-  """The encoder module that `config.pretrained` names, and where its weights are; reads no weights.
+@dataclasses.dataclass(frozen=True)
+class EncoderSource:
+  """Where an evaluation's or a fine-tuning's encoder comes from (read once from the config)."""
+  pretrained: str                 # A workdir, a step directory, a converted checkpoint, 'random'.
+  encoder: str = 'target'         # Of a pretraining checkpoint: 'target' (EMA) or 'context'.
+  model: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # `model.*` of 'random'.
+  image_size: int = 224           # The image size of 'random'.
+  seed: int = 0                   # Initialises 'random'.
 
-  `random`: the config's own `model.*` at `data.image_size`. A checkpoint (a workdir, its
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> EncoderSource:
+    """Reads `pretrained`, `encoder`, and what a `random` encoder is made of: `model.*`,
+    `data.image_size` and `seed` (a config that names a checkpoint may lack them)."""
+    model, data = config.get('model'), config.get('data')
+    return cls(config.pretrained, config.get('encoder', 'target'),
+               model.to_dict() if model is not None else {},
+               int(data.image_size) if data is not None else 0, config.get('seed', 0))
+
+
+def resolve_encoder(source: EncoderSource) -> tuple[vit.Encoder, dict[str, Any]]:
+  """The encoder module that `source.pretrained` names, and where its weights are; reads no
+  weights.
+
+  `random`: the source's own `model` at its `image_size`. A checkpoint (a workdir, its
   `checkpoints/` dir or one step directory) brings its saved model config (variant, depth,
   dtype, scan) and its pretraining `data.image_size`.
 
@@ -86,19 +110,29 @@ def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[vit.Encoder, dic
     (encoder, info) with info = dict(checkpoint=<step dir> or 'random', step=int or None,
     encoder='target' | 'context' | None, image_size=int, model=dict of the model config used).
   """
-  if config.pretrained == RANDOM:
-    model = config.model.to_dict()
-    image_size = int(config.data.image_size)
+  if source.pretrained == RANDOM:
+    model = dict(source.model)
+    image_size = int(source.image_size)
     info = dict(checkpoint=RANDOM, step=None, encoder=None)
   else:
-    root, step = ckpt_reading.resolve_checkpoint(config.pretrained)
+    root, step = ckpt_reading.resolve_checkpoint(source.pretrained)
     step_dir = str(epath.Path(root) / str(step))
     saved = ckpt_reading.load_config(step_dir)
     model = saved['model']
     image_size = int(saved['data']['image_size'])
-    which = config.encoder
+    which = source.encoder
+    if 'finetune_source' in saved and which != 'context':
+      # A fine-tuning checkpoint (cjepa-finetune) has one encoder, under params/encoder: the
+      # default `target` names pretraining's EMA copy, which it has not.
+      origin = saved['finetune_source'] or {}
+      raise ValueError(
+          f'{step_dir} is a fine-tuning checkpoint (cjepa-finetune): it has no EMA target encoder '
+          f'(--config.encoder={which}). Probe its fine-tuned encoder with --config.encoder='
+          'context, or the pretrained encoder it started from with --config.pretrained='
+          f'{origin.get("checkpoint") or "its pretraining workdir"}.')
     if 'finetune_source' in saved:
-      which = _finetuned_encoder(step_dir, saved, which)
+      logging.info('%s is a fine-tuning checkpoint: its fine-tuned encoder (params/encoder) is '
+                   'restored.', step_dir)
     elif which == 'target' and saved.get('use_ema', True) is False:
       # Pretrained without EMA: the target was the online encoder itself (no second copy).
       logging.info('%s was pretrained without EMA (use_ema=False): its target encoder is the '
@@ -110,36 +144,18 @@ def resolve_encoder(config: ml_collections.ConfigDict) -> tuple[vit.Encoder, dic
   return jepa.encoder_from_model_config(model), info
 
 
-def _finetuned_encoder(step_dir: str, saved: dict[str, Any], which: str) -> str:
-  """A fine-tuning checkpoint (cjepa-finetune) has one encoder, under params/encoder.
-
-  It is used with `encoder=context` (logged as the fine-tuned encoder); the default `target`
-  names the EMA copy of pretraining, which fine-tuning has not: refused in one line with both
-  ways forward.
-  """
-  if which == 'context':
-    logging.info('%s is a fine-tuning checkpoint: its fine-tuned encoder (params/encoder) is '
-                 'restored.', step_dir)
-    return which
-  source = (saved.get('finetune_source') or {}).get('checkpoint') or 'its pretraining workdir'
-  raise ValueError(
-      f'{step_dir} is a fine-tuning checkpoint (cjepa-finetune): it has no EMA target encoder '
-      f'(--config.encoder={which}). Probe its fine-tuned encoder with --config.encoder=context, '
-      f'or the pretrained encoder it started from with --config.pretrained={source}.')
-
-
-def load_encoder_params(config: ml_collections.ConfigDict, encoder: vit.Encoder,
-                        info: dict[str, Any], sharding_: jax.sharding.Sharding) -> Params:
+def load_encoder_params(seed: int, encoder: vit.Encoder, info: dict[str, Any],
+                        sharding_: jax.sharding.Sharding) -> Params:
   """The weights `resolve_encoder` located, placed with `sharding_`.
 
-  `random`: `encoder.init` with `config.seed` at `info['image_size']`; a checkpoint:
-  `ENCODER_KEYS[info['encoder']]` of its train state (`config.encoder`, or 'context' for a run
-  pretrained without EMA), checked against `encoder`'s shapes.
+  `random`: `encoder.init` with `seed` at `info['image_size']`; a checkpoint:
+  `ENCODER_KEYS[info['encoder']]` of its train state (the source's `encoder`, or 'context' for a
+  run pretrained without EMA), checked against `encoder`'s shapes.
   """
   if info['checkpoint'] == RANDOM:
     size = int(info['image_size'])
     images = jnp.zeros((1, size, size, 3), jnp.float32)
-    init = jax.jit(lambda: encoder.init(jax.random.key(config.seed), images)['params'],
+    init = jax.jit(lambda: encoder.init(jax.random.key(seed), images)['params'],
                    out_shardings=sharding_)
     return init()
   params = ckpt_reading.restore_subtree(info['checkpoint'], ENCODER_KEYS[info['encoder']],
@@ -148,20 +164,20 @@ def load_encoder_params(config: ml_collections.ConfigDict, encoder: vit.Encoder,
   return params
 
 
-def restore_encoder(config: ml_collections.ConfigDict, mesh: Mesh
+def restore_encoder(source: EncoderSource, mesh: Mesh
                     ) -> tuple[vit.Encoder, Params, dict[str, Any]]:
-  """The encoder and its parameters (replicated over `mesh`) that `config.pretrained` names.
+  """The encoder and its parameters (replicated over `mesh`) that `source.pretrained` names.
 
-  `random` initialises the probe config's `model.*` at `data.image_size` with `config.seed`; a
-  checkpoint brings its own model config and image size, and `config.encoder` picks
-  `ENCODER_KEYS[config.encoder]` from its train state (`resolve_encoder`,
+  `random` initialises the source's `model` at its `image_size` with its `seed`; a checkpoint
+  brings its own model config and image size, and `source.encoder` picks
+  `ENCODER_KEYS[source.encoder]` from its train state (`resolve_encoder`,
   `load_encoder_params`).
 
   Returns:
     (encoder, params, info), info as `resolve_encoder`'s.
   """
-  encoder, info = resolve_encoder(config)
-  return encoder, load_encoder_params(config, encoder, info, sharding.replicated(mesh)), info
+  encoder, info = resolve_encoder(source)
+  return encoder, load_encoder_params(source.seed, encoder, info, sharding.replicated(mesh)), info
 
 
 # ------------------------------------------------------------------------------------------------
@@ -220,14 +236,14 @@ def make_feature_fn(encoder: vit.Encoder, kinds: Sequence[str]
   return features
 
 
-def extract_features(feature_fn: Callable, params: Params, config: ml_collections.ConfigDict,
+def extract_features(feature_fn: Callable, params: Params, data: DataSpec,
                      split: str, *, mesh: Mesh, batch_size: int,
                      num_examples: int | None = None, progress: bool = False
                      ) -> tuple[Features, np.ndarray]:
   """One pass of the eval pipeline over `split`: (features {kind: [N, F]}, labels [N]) on host.
 
   The eval preprocessing (resize the short side, centre crop, normalise) at
-  `config.data.image_size`. Every process gets all N rows (gathered from the processes), in the
+  `data.image_size`. Every process gets all N rows (gathered from the processes), in the
   split's order whatever the number of processes; the padded rows of the last batch
   (`valid = False`) are dropped. One batch stays in flight while
   the previous one is fetched, so the device never waits for the host. 'tokens' are kept as
@@ -237,9 +253,9 @@ def extract_features(feature_fn: Callable, params: Params, config: ml_collection
   from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
   data_sharding = sharding.batch_sharding(mesh)
-  it = input_pipeline.make_eval_iterator(config, split, batch_size=batch_size,
+  it = input_pipeline.make_eval_iterator(data, split, batch_size=batch_size,
                                          num_examples=num_examples)
-  total = num_examples or (input_pipeline.num_examples(config, split) if progress else None)
+  total = num_examples or (input_pipeline.num_examples(data, split) if progress else None)
   chunks: list[dict[str, np.ndarray]] = []
   meter = metrics_lib.Progress(f'features of {split!r}', total, enabled=progress)
 
@@ -262,7 +278,7 @@ def extract_features(feature_fn: Callable, params: Params, config: ml_collection
   if pending is not None:
     fetch(pending)
   if not chunks or not sum(len(c['label']) for c in chunks):
-    raise ValueError(f'Split {split!r} of {config.data.dataset!r} gave no examples.')
+    raise ValueError(f'Split {split!r} of {data.dataset!r} gave no examples.')
   merged = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
   # Rows in split order, whatever the number of processes (each reads every P-th example, and
   # the gather concatenates the processes' parts): the seeded holdouts, minibatches and shot
@@ -283,14 +299,14 @@ class FeatureCache:
   parameters must never answer for new ones.
   """
 
-  def __init__(self, encoder: vit.Encoder, config: ml_collections.ConfigDict, mesh: Mesh, *,
+  def __init__(self, encoder: vit.Encoder, data: DataSpec, mesh: Mesh, *,
                batch_size: int, num_examples: Mapping[str, int | None] | None = None,
                progress: bool = False):
-    """`config` gives the data (its `data.*`, image size included); `num_examples`: per split
-    (absent or None: the whole split); `progress`: log extraction progress."""
+    """`data` gives the splits and their preprocessing (image size included); `num_examples`:
+    per split (absent or None: the whole split); `progress`: log extraction progress."""
     self.encoder = encoder
     self.progress = progress
-    self.config = config
+    self.data = data
     self.mesh = mesh
     self.batch_size = int(batch_size)
     self.num_examples = dict(num_examples or {})
@@ -299,13 +315,13 @@ class FeatureCache:
     self._cache: dict[tuple[str, tuple[str, ...]], tuple[Features, np.ndarray]] = {}
 
   @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict, mesh: Mesh, encoder: vit.Encoder
-                  ) -> FeatureCache:
-    """For a probe config: batches of `batch_size`; `train_examples` / `eval_examples` of the
-    train / eval split (0: all)."""
-    return cls(encoder, config, mesh, batch_size=config.batch_size, num_examples={
-        config.data.train_split: int(config.train_examples) or None,
-        config.data.eval_split: int(config.eval_examples) or None}, progress=True)
+  def for_probe(cls, encoder: vit.Encoder, data: DataSpec, mesh: Mesh, *, train_examples: int,
+                eval_examples: int) -> FeatureCache:
+    """A probe run's: batches of `data.batch_size`; `train_examples` / `eval_examples` of the
+    train / eval split (0: all); progress logged."""
+    return cls(encoder, data, mesh, batch_size=data.batch_size, num_examples={
+        data.train_split: int(train_examples) or None,
+        data.eval_split: int(eval_examples) or None}, progress=True)
 
   def feature_fn(self, kinds: Sequence[str]) -> Callable:
     """The jitted feature function of `kinds` (one per kinds, so one compile per shape)."""
@@ -330,7 +346,7 @@ class FeatureCache:
         return {k: feats[k] for k in kinds}, labels
     key = (split, kinds)
     self._cache[key] = extract_features(
-        self.feature_fn(kinds), params, self.config, split, mesh=self.mesh,
+        self.feature_fn(kinds), params, self.data, split, mesh=self.mesh,
         batch_size=self.batch_size, num_examples=self.num_examples.get(split),
         progress=self.progress)
     return self._cache[key]

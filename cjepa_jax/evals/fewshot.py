@@ -183,9 +183,9 @@ def _check(name: str, o: base.Options) -> None:
 def _build(ctx: base.Context, o: base.Options) -> base.Evaluator:
   """{kind: `fewshot_probe` result} per feature kind of the context."""
   return base.per_kind(ctx, functools.partial(
-      fewshot_probe, num_classes=int(ctx.config.data.num_classes),
+      fewshot_probe, num_classes=int(ctx.data.num_classes),
       shots=tuple(int(k) for k in o.shots), seeds=int(o.seeds), l2_reg=float(o.l2_reg),
-      seed=int(ctx.config.seed), mesh=ctx.mesh))
+      seed=int(ctx.data.seed), mesh=ctx.mesh))
 
 
 def _logged(out: base.Results) -> dict[str, Any]:
@@ -204,4 +204,18 @@ def _rows(name: str, e: dict[str, Any]) -> list[tuple[Any, ...]]:
           for k, top1 in e['top1'].items()]
 
 
-TYPE = base.Type('fewshot', _build, check=_check, logged=_logged, entry=_entry, rows=_rows)
+def _card_rows(name: str, e: dict[str, Any]) -> list[tuple[str, ...]]:
+  del name
+  rows = []
+  for shots, top1 in (e.get('top1') or {}).items():
+    std = (e.get('top1_std') or {}).get(shots)
+    rows.append((f'{shots}-shot ridge', e.get('features', ''), base.card_percent(top1), '',
+                 f'+- {base.card_percent(std)} over {e.get("seeds")} seeds'
+                 if std is not None else ''))
+  return rows
+
+
+TYPE = base.Type('fewshot', _build, check=_check, logged=_logged, entry=_entry, rows=_rows,
+                 card_rows=_card_rows,
+                 card_protocol="few-shot: ridge regression on k images per class, big_vision's "
+                               'fixed l2')

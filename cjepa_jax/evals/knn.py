@@ -134,7 +134,7 @@ def _check(name: str, o: base.Options) -> None:
 def _build(ctx: base.Context, o: base.Options) -> base.Evaluator:
   """{kind: `knn_probe` result} per feature kind of the context."""
   return base.per_kind(ctx, functools.partial(
-      knn_probe, num_classes=int(ctx.config.data.num_classes), k=int(o.k),
+      knn_probe, num_classes=int(ctx.data.num_classes), k=int(o.k),
       temperature=float(o.temperature), mesh=ctx.mesh))
 
 
@@ -154,4 +154,13 @@ def _rows(name: str, e: dict[str, Any]) -> list[tuple[Any, ...]]:
            kind, r['top1'], r['top5'], '') for kind, r in e['per_features'].items()]
 
 
-TYPE = base.Type('knn', _build, check=_check, logged=_logged, entry=_entry, rows=_rows)
+def _card_rows(name: str, e: dict[str, Any]) -> list[tuple[str, ...]]:
+  del name
+  return [(f'kNN (k={e.get("k")}, T={e.get("temperature")})', e.get('features', ''),
+           base.card_percent(e.get('top1')), base.card_percent(e.get('top5')), '')]
+
+
+TYPE = base.Type('knn', _build, check=_check, logged=_logged, entry=_entry, rows=_rows,
+                 card_rows=_card_rows,
+                 card_protocol='kNN: cosine similarity to every train image, the k nearest vote '
+                               'with weight exp(sim / T)')

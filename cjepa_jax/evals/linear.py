@@ -318,9 +318,9 @@ def check_options(name: str, o: base.Options) -> None:
 
 def probe_options(o: base.Options, ctx: base.Context) -> dict[str, Any]:
   """`linear_probe`'s keyword arguments from an entry (the low-shot probe's too)."""
-  return dict(num_classes=int(ctx.config.data.num_classes), lrs=o.lrs, wds=o.wds,
+  return dict(num_classes=int(ctx.data.num_classes), lrs=o.lrs, wds=o.wds,
               epochs=int(o.epochs), batch_size=o.batch_size,
-              holdout_fraction=o.holdout_fraction, retrain=o.retrain, seed=ctx.config.seed,
+              holdout_fraction=o.holdout_fraction, retrain=o.retrain, seed=ctx.data.seed,
               mesh=ctx.mesh)
 
 
@@ -349,5 +349,15 @@ def _rows(name: str, e: dict[str, Any]) -> list[tuple[Any, ...]]:
           for kind, r in e['per_features'].items()]
 
 
+def _card_rows(name: str, e: dict[str, Any]) -> list[tuple[str, ...]]:
+  del name
+  return [('linear', e.get('features', ''), base.card_percent(e.get('top1')),
+           base.card_percent(e.get('top5')),
+           f'lr {base.card_number(e.get("best_lr"))}, wd {base.card_number(e.get("best_wd"))}')]
+
+
 TYPE = base.Type('linear', _build, check=check_options, entry=_entry, rows=_rows,
-                 choose=_choose)
+                 choose=_choose, card_rows=_card_rows,
+                 card_protocol='linear: a softmax classifier on standardised pre-extracted '
+                               'features (Adam, cosine lr), its lr and weight decay chosen on a '
+                               'held-out part of the train split')

@@ -23,7 +23,7 @@ def _check(name: str, o: base.Options) -> None:
 
 def _build(ctx: base.Context, o: base.Options) -> base.Evaluator:
   """{kind: {'1%': linear result, ...}} per feature kind of the context."""
-  num_classes, seed = int(ctx.config.data.num_classes), int(ctx.config.seed)
+  num_classes, seed = int(ctx.data.num_classes), int(ctx.data.seed)
   options = linear.probe_options(o, ctx)
 
   def probe(train_x, train_y, test_x, test_y):
@@ -52,4 +52,13 @@ def _rows(name: str, e: dict[str, Any]) -> list[tuple[Any, ...]]:
           for label, r in e['fractions'].items()]
 
 
-TYPE = base.Type('lowshot', _build, check=_check, entry=_entry, rows=_rows)
+def _card_rows(name: str, e: dict[str, Any]) -> list[tuple[str, ...]]:
+  del name
+  return [(f'linear, {label} labels', e.get('features', ''), base.card_percent(f.get('top1')),
+           base.card_percent(f.get('top5')), f'{f.get("num_train", "?")} examples')
+          for label, f in (e.get('fractions') or {}).items()]
+
+
+TYPE = base.Type('lowshot', _build, check=_check, entry=_entry, rows=_rows, card_rows=_card_rows,
+                 card_protocol='low-shot: the linear probe fitted on a class-balanced fraction of '
+                               'the train labels')

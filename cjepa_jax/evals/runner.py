@@ -4,8 +4,12 @@
                             the table, and `workdir/probe_results.json` (every accuracy in
                             percent, marked `"unit": "percent"`: evals/units.py).
   check_config(config)      ValueError naming the key for a bad probe config.
-  evaluator_names(config)   the entries of `config.evals` that `config.probes` lists (unknown
-                            names: ValueError).
+  evaluator_names(evals, probes)
+                            the entries of `evals` that `config.probes` lists (unknown names:
+                            ValueError).
+
+`run` is where a probe config enters: it is read there once, into the data's, the encoder's and
+the evaluators' specs that everything below takes.
 
 Each evaluator's entry in the results and its table rows are its type's (`base.Type.entry`,
 `.rows`): nothing here knows an evaluator by name.
@@ -17,6 +21,7 @@ features are extracted once, into the `FeatureCache` every evaluator reads.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any
@@ -27,6 +32,8 @@ import ml_collections
 
 from cjepa_jax import distributed
 from cjepa_jax import sharding
+from cjepa_jax.data.spec import DataSpec
+from cjepa_jax.evals import base
 from cjepa_jax.evals import features as features_lib
 from cjepa_jax.evals import registry
 from cjepa_jax.evals import units
@@ -34,10 +41,11 @@ from cjepa_jax.evals import units
 RESULTS_FILE = 'probe_results.json'
 
 
-def evaluator_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The entries of `config.evals` that `config.probes` lists ('linear,knn,...'), in order, once."""
-  known = tuple(sorted(registry.entries(config)))
-  listed = [n.strip() for n in str(config.get('probes', '')).split(',') if n.strip()]
+def evaluator_names(evals: base.EvalsSpec, probes: str) -> tuple[str, ...]:
+  """The entries of `evals` that `probes` lists ('linear,knn,...': `config.probes`), in order,
+  once."""
+  known = tuple(sorted(evals.entries))
+  listed = [n.strip() for n in str(probes).split(',') if n.strip()]
   if not listed:
     raise ValueError(f'config.probes is empty: list evaluators from {", ".join(known)}.')
   unknown = [n for n in listed if n not in known]
@@ -52,7 +60,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not config.pretrained:
     raise ValueError('Set --config.pretrained to a pretraining workdir, a checkpoint step '
                      'directory (DIR/checkpoints/<step>) or `random` (the baseline).')
-  names = evaluator_names(config)
+  evals = base.EvalsSpec.from_config(config)
+  names = evaluator_names(evals, config.get('probes', ''))
   if config.encoder not in features_lib.ENCODER_KEYS:
     raise ValueError(f'config.encoder={config.encoder!r}: use one of '
                      f'{sorted(features_lib.ENCODER_KEYS)}.')
@@ -61,7 +70,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f'{features_lib.FEATURE_CHOICES}.')
   if config.train_examples < 0 or config.eval_examples < 0:
     raise ValueError('config.train_examples / eval_examples must be >= 0 (0 = the whole split).')
-  registry.check(config, names)
+  registry.check(evals, names)
 
 
 def _row(name: str, kind: str, top1: float, top5: float | None, extra: str = '') -> str:
@@ -102,29 +111,32 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from cjepa_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top  (TF: host only)
 
   check_config(config)
-  names = evaluator_names(config)
+  evals, data = base.EvalsSpec.from_config(config), DataSpec.from_config(config)
+  names = evaluator_names(evals, config.get('probes', ''))
   # Before restoring or extracting anything: mismatched class folders would give silently wrong
   # accuracies, and a listing is all it takes to find out.
-  input_pipeline.check_label_splits(config)
-  mesh = sharding.make_mesh(config)
-  sharding.check_batch_divisible(config.batch_size, mesh, jax.process_count())
-  encoder, params, info = features_lib.restore_encoder(config, mesh)
-  data_config = config.copy_and_resolve_references()
-  data_config.data.image_size = info['image_size']  # The resolution the encoder was trained at.
-  if info['image_size'] != config.data.image_size:
+  input_pipeline.check_label_splits(data)
+  mesh = sharding.make_mesh(sharding.MeshSpec.from_config(config))
+  sharding.check_batch_divisible(data.batch_size, mesh, jax.process_count())
+  encoder, params, info = features_lib.restore_encoder(
+      features_lib.EncoderSource.from_config(config), mesh)
+  if info['image_size'] != data.image_size:
     logging.info('Using the checkpoint\'s image size %d (the probe config says %d).',
-                 info['image_size'], config.data.image_size)
-  kinds = features_lib.feature_kinds(config.features)
-  features = features_lib.FeatureCache.from_config(data_config, mesh, encoder)
-  entries = registry.entries(config)
+                 info['image_size'], data.image_size)
+  kinds = features_lib.feature_kinds(evals.features)
+  # The features at the resolution the encoder was trained at.
+  features = features_lib.FeatureCache.for_probe(
+      encoder, dataclasses.replace(data, image_size=info['image_size']), mesh,
+      train_examples=evals.train_examples, eval_examples=evals.eval_examples)
+  entries = evals.entries
   types = {name: registry.type_of(name, entries[name]) for name in names}
-  evaluators = {name: registry.build(name, config, mesh, encoder, features=features)
+  evaluators = {name: registry.build(name, evals, data, mesh, encoder, features=features)
                 for name in names}
   # Extracted here, once, for every evaluator: the union of the kinds they read.
   union = tuple(k for k in features_lib.ALL_KINDS
                 if k in kinds or any(k in ev.kinds for ev in evaluators.values()))
-  _, train_y = features.get(params, config.data.train_split, union)
-  _, test_y = features.get(params, config.data.eval_split, union)
+  _, train_y = features.get(params, data.train_split, union)
+  _, test_y = features.get(params, data.eval_split, union)
   logging.info('Features %s: %d train / %d test examples.', union, len(train_y), len(test_y))
 
   meta = {
@@ -134,9 +146,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       'encoder': info['encoder'],
       'model': info['model'],
       'image_size': info['image_size'],
-      'dataset': config.data.dataset,
-      'train_split': config.data.train_split,
-      'eval_split': config.data.eval_split,
+      'dataset': data.dataset,
+      'train_split': data.train_split,
+      'eval_split': data.eval_split,
       'num_train': int(len(train_y)),
       'num_test': int(len(test_y)),
       'config': json.loads(config.to_json_best_effort()),

@@ -1,10 +1,12 @@
 """The JEPA model bundle: every module of a run built from a config, and the one fit check.
 
 Training, probing, fine-tuning, the reference-checkpoint converter and the benchmarks all build
-their models here, from a live `ml_collections.ConfigDict` or from the `model.*` dict saved with a
-checkpoint, so one variant string means one parameter tree everywhere:
+their models here, from a `ModelSpec` (the config's `model.*`, `mask.*` and VICReg projector,
+read and checked once) or from the `model.*` dict saved with a checkpoint, so one variant string
+means one parameter tree everywhere:
 
-  build_models(config)           Models(encoder, predictor, projector, mask_spec, image_size).
+  ModelSpec.from_config(config)  what the models of a pretraining run are; raises naming the key.
+  build_models(spec)             Models(encoder, predictor, projector, mask_spec, image_size).
   encoder_from_model_config(m)   an Encoder from `config.model` or a checkpoint's saved `model`.
   abstract_*_params(...)         ShapeDtypeStructs of a module's params (nothing allocated).
   tree_mismatch(tree, abstract)  the first difference between a parameter tree and a model's, or
@@ -95,26 +97,55 @@ def encoder_from_model_config(model: Mapping[str, Any]) -> vit.Encoder:
                      scan=bool(model.get('scan', False)))
 
 
-def build_models(config: ml_collections.ConfigDict) -> Models:
-  """Builds encoder, predictor, optional projector and mask spec from the config."""
-  vit.parse_variant(config.model.variant)  # First: a bad variant explains the rest.
-  spec = masks_lib.MaskSpec.from_config(config)
-  dtype = compute_dtype(config.model.dtype)
-  attention = check_attention(config.model.attention, dtype)
-  common = dict(dtype=dtype, remat_policy=config.model.remat_policy, scan=config.model.scan,
-                attention_impl=attention)
-  encoder = vit.Encoder(variant=config.model.variant, depth=config.model.depth or None, **common)
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """The modules of a pretraining run: `config.model.*`, the masks, the 'blocks' projector."""
+  variant: str
+  depth: int                    # > 0 overrides the variant's depth.
+  dtype: str                    # A key of DTYPES.
+  remat_policy: str
+  scan: bool
+  attention: str
+  pred_depth: int
+  pred_width: int
+  image_size: int
+  mask: masks_lib.MaskSpec
+  projector: str | None         # VICReg 'blocks' mode's projector widths; None: no projector.
+  projector_norm: str
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> ModelSpec:
+    """Reads and checks `model.*`, `mask.*`, `data.image_size` and `vicreg.*` (the projector).
+
+    Raises:
+      ValueError: one line naming the key (a bad variant first: it explains the rest).
+    """
+    m, v = config.model, config.vicreg
+    vit.parse_variant(m.variant)
+    check_attention(m.attention, compute_dtype(m.dtype))
+    if v.mode not in ('context', 'blocks'):
+      raise ValueError(f"config.vicreg.mode={v.mode!r}: use 'context' or 'blocks'.")
+    blocks = v.weight > 0 and v.mode == 'blocks'
+    return cls(m.variant, m.depth, m.dtype, m.remat_policy, m.scan, m.attention, m.pred_depth,
+               m.pred_width, int(config.data.image_size), masks_lib.MaskSpec.from_config(config),
+               v.projector if blocks else None, v.projector_norm)
+
+
+def build_models(spec: ModelSpec) -> Models:
+  """Builds encoder, predictor, optional projector and mask spec of `spec`."""
+  dtype = compute_dtype(spec.dtype)
+  common = dict(dtype=dtype, remat_policy=spec.remat_policy, scan=spec.scan,
+                attention_impl=spec.attention)
+  encoder = vit.Encoder(variant=spec.variant, depth=spec.depth or None, **common)
   enc = encoder.spec  # Raises a ValueError naming the valid sizes for an unknown variant.
   predictor = predictor_lib.Predictor(
-      embed_dim=enc['width'], num_heads=enc['num_heads'], grid=(spec.grid_h, spec.grid_w),
-      width=config.model.pred_width, depth=config.model.pred_depth, **common)
+      embed_dim=enc['width'], num_heads=enc['num_heads'],
+      grid=(spec.mask.grid_h, spec.mask.grid_w), width=spec.pred_width, depth=spec.pred_depth,
+      **common)
   projector = None
-  if config.vicreg.weight > 0 and config.vicreg.mode == 'blocks':
-    projector = projector_lib.Projector(spec=config.vicreg.projector,
-                                        norm=config.vicreg.projector_norm)
-  elif config.vicreg.mode not in ('context', 'blocks'):
-    raise ValueError(f"config.vicreg.mode={config.vicreg.mode!r}: use 'context' or 'blocks'.")
-  return Models(encoder, predictor, projector, spec, int(config.data.image_size))
+  if spec.projector is not None:
+    projector = projector_lib.Projector(spec=spec.projector, norm=spec.projector_norm)
+  return Models(encoder, predictor, projector, spec.mask, spec.image_size)
 
 
 def abstract_encoder_params(encoder: vit.Encoder, image_size: int) -> Params:
