@@ -41,6 +41,7 @@ from cjepa_jax.checkpoint import layout as ckpt_layout
 from cjepa_jax.checkpoint import manager as ckpt_manager
 from cjepa_jax.checkpoint import reading as ckpt_reading
 from cjepa_jax.data import input_pipeline
+from cjepa_jax.data.spec import DataSpec
 from cjepa_jax import optim
 from cjepa_jax import sharding as sharding_lib
 from cjepa_jax import train_step as step_lib
@@ -190,7 +191,7 @@ def test_each_process_feeds_its_own_disjoint_part(job):
     recorded = np.load(f'{job.record_prefix}{i}.npz')
     assert recorded['image'].shape == (2, 8, SIZE, SIZE, 3)  # 2 steps x local batch 16 / 2.
     # What the trainer fed is exactly this process's part of the pipeline.
-    expected = input_pipeline.make_train_iterator(config, process_index=i, process_count=2)
+    expected = input_pipeline.make_train_iterator(DataSpec.from_config(config), process_index=i, process_count=2)
     for step in range(2):
       batch = next(expected)
       np.testing.assert_array_equal(recorded['image'][step], batch['image'])

@@ -183,7 +183,7 @@ def test_two_processes_finetune_as_one_job(tmp_path, pretrained, data_dir):
   encoder = jepa.encoder_from_model_config(saved['model'])
   config = ml_collections.ConfigDict({k: v for k, v in saved.items() if k != 'finetune_source'})
   config.mesh.data, config.mesh.fsdp = 1, 1
-  mesh = sharding_lib.make_mesh(config, jax.devices()[:1])
+  mesh = sharding_lib.make_mesh(sharding_lib.MeshSpec.from_config(config), jax.devices()[:1])
   run = finetune_step.setup(finetune_step.StepSpec.from_config(config), mesh, encoder)
   ckpt = ckpt_manager.Checkpointer(str(workdir))
   try:
