@@ -11,6 +11,10 @@ linear probes of 73.7% (B/16; I-JEPA 72.9%) and 78.1% (L/16; I-JEPA 77.5%). No o
 exists: `vicreg.mode` picks one of the two readings of where VICReg applies (cjepa_jax/losses.py).
 The paper gives no predictor size; we use I-JEPA's (384 wide, 12 deep).
 
+On TPU v5p (compiled ahead of time with cjepa-compile, not run; BENCHMARKS.md), by the
+compiler's estimate, data parallel and no remat: B/16 fits v5p-8 (64.6 GiB a chip, MFU ~38%);
+L/16 fits v5p-8 with 1% of HBM free, so use v5p-16 (50.7 GiB a chip, ~0.34 s a step, MFU ~44%).
+
 Data: tfds `imagenet2012` as tfds prepares it by default (TFRecord), local or on GCS, read by
 tf.data (`data.loader='tf'`, set here; needs `pip install -e '.[tf]'`). Without TensorFlow:
 prepare it as ArrayRecord once (`tfds build imagenet2012 --file_format=array_record`) on a local

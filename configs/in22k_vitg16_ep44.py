@@ -11,7 +11,8 @@ replicated, and the compiler estimates ~0.28 s a step (MFU ~39%); FSDP over 8 ch
 (`--config.mesh.fsdp=8`, this recipe's earlier advice) cuts that memory to 44.5 GiB but gathers
 ~94 GiB of weights per chip and step: ~0.40 s, ~27%. Keep fsdp for chips with less HBM, or for
 the smallest slice: on v5p-32 data parallelism needs 100.0 GiB and does not fit, while
-`--config.mesh.fsdp=8` fits (87.6 GiB; estimated ~0.63 s a step, ~35%).
+`--config.mesh.fsdp=8` fits (87.6 GiB; estimated ~0.63 s a step, ~35%); with
+`--config.accum_steps=2` as well it fits v5p-16 (89.1 GiB).
 """
 
 from cjepa_jax import config as config_lib
