@@ -447,9 +447,9 @@ STATE_SHAPING = ('model.variant', 'model.depth', 'model.pred_depth', 'model.pred
 # (accum_steps: how the batch is split to fit the chips, like the mesh; for I-JEPA the step is
 # the same to float rounding, see train_step.py.)
 RESUME_FREE = ('stop_at_step', 'log_every_steps', 'ckpt_every_steps', 'keep_ckpts',
-               'keep_every_steps', 'peak_tflops', 'init_from', 'allow_config_change', 'mesh.data', 'mesh.fsdp',
-               'model.remat_policy', 'model.attention', 'data.data_dir', 'data.prefetch',
-               'accum_steps', 'data.workers')
+               'keep_every_steps', 'peak_tflops', 'init_from', 'allow_config_change', 'mesh.data',
+               'mesh.fsdp', 'model.remat_policy', 'model.attention', 'data.data_dir',
+               'data.prefetch', 'accum_steps', 'data.workers')
 # One start's switch, not part of the run: free to change on resume too.
 RESUME_FREE += ('force_unlock',)
 

@@ -33,7 +33,6 @@ a resumed run first drops what an interrupted one logged past its checkpoint.
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from typing import Any

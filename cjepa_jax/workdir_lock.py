@@ -48,11 +48,11 @@ import datetime
 import errno
 import json
 import os
+import shutil
 import socket
 import sys
 import threading
 import time
-import shutil
 import uuid
 from typing import Any
 

@@ -23,6 +23,7 @@ import pytest
 from cjepa_jax import flops as flops_lib
 from cjepa_jax.models import jepa
 from multiprocess_utils import TEST_XLA_CPU_FLAGS
+from multiprocess_utils import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / 'benchmarks' / 'step.py'
@@ -57,8 +58,8 @@ def test_cli_json_line_on_eight_devices_without_tensorflow():
              "assert 'cjepa_jax.data.input_pipeline' not in sys.modules")
   # Backend optimisation level 0 makes XLA's CPU compile ~40% cheaper; this test checks the
   # JSON contract, not the speed.
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=(
-      '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0'))
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'{xla_flags(8)} --xla_backend_optimization_level=0')
   proc = subprocess.run([sys.executable, '-c', wrapper, str(SCRIPT)] + CLI_ARGS, cwd=REPO,
                         env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

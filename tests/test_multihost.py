@@ -191,7 +191,8 @@ def test_each_process_feeds_its_own_disjoint_part(job):
     recorded = np.load(f'{job.record_prefix}{i}.npz')
     assert recorded['image'].shape == (2, 8, SIZE, SIZE, 3)  # 2 steps x local batch 16 / 2.
     # What the trainer fed is exactly this process's part of the pipeline.
-    expected = input_pipeline.make_train_iterator(DataSpec.from_config(config), process_index=i, process_count=2)
+    expected = input_pipeline.make_train_iterator(DataSpec.from_config(config), process_index=i,
+                                                  process_count=2)
     for step in range(2):
       batch = next(expected)
       np.testing.assert_array_equal(recorded['image'][step], batch['image'])
